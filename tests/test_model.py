@@ -1,0 +1,133 @@
+"""The decoder around the FFN: layer scan, remat, causality, variant equivalences, parameter counts."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vffn_jax import train_lib
+from vffn_jax.config import ModelConfig, load_config
+from vffn_jax.model import Transformer
+
+SMALL = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=4, d_ff=64, n_experts=4, top_k=2, max_depth=3)
+
+
+def small(ffn="versatile", **kw):
+    return ModelConfig(**{**SMALL, "ffn": ffn, **kw})
+
+
+def tokens(shape=(2, 12), seed=0):
+    return jax.random.randint(jax.random.key(seed), shape, 0, SMALL["vocab_size"])
+
+
+def build(cfg, seed=0):
+    return nnx.split(Transformer(cfg, nnx.Rngs(seed)))
+
+
+def apply(graphdef, state, toks, **kw):
+    return jax.jit(lambda st, t: nnx.merge(graphdef, st)(t, **kw))(state, toks)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_scanned_layers_equal_unrolled(train):
+    cfg = small()
+    g, st = build(cfg)
+    g2, _ = build(dataclasses.replace(cfg, scan_layers=False))
+    kw = dict(train=train, tau=1.0, rng=jax.random.key(3)) if train else {}
+    (a, aux_a), (b, aux_b) = apply(g, st, tokens(), **kw), apply(g2, st, tokens(), **kw)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(aux_a["depth"], aux_b["depth"])
+
+
+def test_scan_compiles_one_layer_body():
+    cfg = small(n_layers=6)
+    g, st = build(cfg)
+    hlo = jax.jit(lambda s, t: nnx.merge(g, s)(t)[0]).lower(st, tokens()).as_text()
+    # one layer body inside a loop: the number of attention dot_generals does not scale with n_layers
+    g2, st2 = build(dataclasses.replace(cfg, n_layers=2))
+    hlo2 = jax.jit(lambda s, t: nnx.merge(g2, s)(t)[0]).lower(st2, tokens()).as_text()
+    assert hlo.count("dot_general") == hlo2.count("dot_general")
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_equals_no_remat(policy):
+    cfg = small()
+    g, st = build(cfg)
+    g2, _ = build(dataclasses.replace(cfg, remat=policy, remat_loops=True))
+    toks = tokens()
+
+    def loss(graphdef):
+        def f(state):
+            logits, _ = nnx.merge(graphdef, state)(toks, train=True, tau=1.0, rng=jax.random.key(1))
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+        return jax.jit(jax.value_and_grad(f))
+
+    (l1, g1), (l2, g2_) = loss(g)(st), loss(g2)(st)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2_)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("ffn", ["versatile", "dense", "depth_only"])
+def test_causality(ffn):
+    """Changing token t changes no logit before t (also with the batch-wide while_loop at inference)."""
+    g, st = build(small(ffn))
+    toks = tokens((1, 12))
+    t = 7
+    changed = toks.at[0, t].set((toks[0, t] + 5) % SMALL["vocab_size"])
+    a, _ = apply(g, st, toks)
+    b, _ = apply(g, st, changed)
+    np.testing.assert_allclose(a[:, :t], b[:, :t], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(a[:, t:], b[:, t:])
+
+
+def test_causality_via_gradients():
+    """d(hidden at position 4) / d(input embeddings) is zero for every later position (training mode)."""
+    g, st = build(small())
+    x = jnp.take(st["embed"][...], tokens((1, 10)), axis=0)
+
+    def out_at_4(x_btd):
+        h, _ = nnx.merge(g, st)._run_layers(x_btd, train=True, tau=1.0, rng=jax.random.key(0))
+        return h[0, 4].sum()
+
+    per_pos = np.abs(np.asarray(jax.jit(jax.grad(out_at_4))(x))).sum(-1)[0]
+    assert np.all(per_pos[5:] == 0) and np.all(per_pos[:5] > 0)
+
+
+def test_kloop_one_and_width_only_single_expert_equal_dense():
+    g, st = build(small("dense"))
+    want, _ = apply(g, st, tokens())
+    gk, _ = build(small("kloop", n_loops=1))
+    np.testing.assert_allclose(apply(gk, st, tokens())[0], want, rtol=1e-6, atol=1e-6)
+    width = Transformer(small("width_only", n_experts=1, top_k=1), nnx.Rngs(1))
+    nnx.update(width, st)  # shared weights from the dense model; the router is the only other param
+    np.testing.assert_allclose(apply(*nnx.split(width), tokens())[0], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale,expected", [("354m", 354_712_576), ("720m", 720_812_544), ("1.2b", 1_212_741_632)])
+def test_paper_parameter_counts(scale, expected):
+    dense = train_lib.describe(train_lib.setup(load_config(scale, "dense")))
+    assert dense["params_total"] == expected == dense["params_analytic"]
+    vers = train_lib.describe(train_lib.setup(load_config(scale, "versatile")))
+    m = load_config(scale, "versatile").model
+    assert vers["params_total"] - expected == m.n_layers * m.d_model * (m.n_experts + m.max_depth)
+
+
+def test_sharded_forward_equals_single_device():
+    cfg = load_config("tiny", "versatile", {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4,
+                                            "model.d_ff": 128, "train.batch_size": 8, "train.seq_len": 16,
+                                            "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    outs = []
+    for devices, mesh_over in ((jax.devices()[:1], {"data": 1, "fsdp": 1, "tensor": 1}), (jax.devices(), None)):
+        c = cfg if mesh_over is None else dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **mesh_over))
+        s = train_lib.setup(c, devices)
+        _, params, _ = train_lib.init_params(c.model, s.mesh, 0)
+        step = train_lib.make_eval_step(s.graphdef, c, s.mesh, s.param_shardings)
+        batch = np.asarray(jax.random.randint(jax.random.key(0), (8, 17), 0, 257))
+        outs.append(jax.device_get(step(params, train_lib.global_batch(batch, s.mesh))))
+        if mesh_over is None:
+            assert len(params["lm_head"][...].sharding.device_set) == 8
+    np.testing.assert_allclose(outs[0]["ce_sum"], outs[1]["ce_sum"], rtol=1e-5)
+    np.testing.assert_allclose(outs[0]["depth_hist"], outs[1]["depth_hist"])

@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Train a VersatileFFN (or baseline) language model. Re-running the same command resumes.
+
+Examples:
+  python train.py --config tiny --workdir runs/tiny
+  python train.py --config 354m --variant dense --dry-run --json
+  python train.py --config tiny --variant kloop --set model.n_loops=2 --set train.steps=50 --workdir runs/k2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vffn_jax import config as config_lib
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny",
+                   help=f"scale preset {config_lib.available('scales')} or a path to a JSON config "
+                        "(e.g. a run's saved config.json). Default: tiny")
+    p.add_argument("--variant", default=None,
+                   help=f"FFN variant preset {config_lib.available('variants')}. Default: versatile "
+                        "(for a JSON --config: the file's own model.ffn)")
+    p.add_argument("--workdir", help="run directory: checkpoints/, metrics.jsonl, tb/ (TensorBoard), config.json. "
+                                     "Required unless --dry-run")
+    p.add_argument("--steps", type=int, help="total training steps (shorthand for --set train.steps=N)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set model.d_model=256 --set train.lr=1e-3 "
+                        "(repeatable; unknown keys are an error)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the model abstractly (no weights), print parameter counts, FLOPs per token, "
+                        "the mesh and every parameter's sharding, then exit")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print one JSON object instead of text")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to the workdir)")
+    return p
+
+
+def resolve_config(args) -> config_lib.Config:
+    overrides = config_lib.parse_set_args(args.overrides)
+    if args.steps is not None:
+        overrides["train.steps"] = args.steps
+    is_file = args.config.endswith(".json")
+    variant = args.variant if args.variant or is_file else "versatile"
+    return config_lib.load_config(args.config, variant, overrides)
+
+
+def print_dry_run(info: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{info['scale']} / {info['variant']} (ffn={info['ffn']})")
+    print(f"  params total          {info['params_total']:>16,}")
+    print(f"  params non-embedding  {info['params_non_embedding']:>16,}")
+    print(f"  FLOPs/token train     {info['flops_per_token_train']:>16,.0f}")
+    depth = info["inference_depth_assumed"]
+    suffix = f" (at {depth} loops)" if depth else ""
+    print(f"  FLOPs/token inference {info['flops_per_token_inference']:>16,.0f}{suffix}")
+    print(f"  tokens per step       {info['tokens_per_batch']:>16,}")
+    print(f"  mesh                  {info['mesh']} on {info['devices']}")
+    print("  parameter shardings:")
+    for name, entry in info["shardings"].items():
+        print(f"    {name:<32} {str(tuple(entry['shape'])):<24} {entry['spec']}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        from vffn_jax import train_lib  # imports jax: after argument errors are reported
+
+        if args.dry_run:
+            print_dry_run(train_lib.describe(train_lib.setup(cfg)), args.json)
+            return 0
+        if not args.workdir:
+            raise config_lib.ConfigError("--workdir is required to train (where checkpoints and metrics go)")
+        summary = train_lib.train(cfg, args.workdir, progress=not args.no_progress)
+    except (config_lib.ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a diverged run or a checkpoint mismatch: say what and where, no traceback wall
+        from vffn_jax.checkpoint import CheckpointMismatchError
+        from vffn_jax.train_lib import TrainingDivergedError
+
+        if isinstance(e, (TrainingDivergedError, CheckpointMismatchError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        raise
+    ev = summary["eval"]
+    print(f"done: step {summary['step']}  held-out loss {ev['loss']:.4f}  ppl {ev['perplexity']:.2f}"
+          + (f"  mean depth {ev['mean_depth']:.2f}" if "mean_depth" in ev else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Orbax checkpoints: params, optimizer state, step and the grain iterator, saved asynchronously.
+
+Items are saved separately (`params`, `opt_state`, `data`) so evaluation restores params only.
+Restores always target the *current* mesh's shardings, so a run resumes on another device count.
+Orbax writes each step to a temporary folder and renames it when complete: a kill mid-save
+leaves the earlier steps intact and restore ignores the unfinished one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vffn_jax.config import RunConfig
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's parameter shapes or names don't match the configured model."""
+
+
+def checkpoint_dir(workdir: str | Path) -> Path:
+    return Path(workdir).resolve() / "checkpoints"
+
+
+def make_manager(workdir: str | Path, run: RunConfig | None = None, *, read_only: bool = False) -> ocp.CheckpointManager:
+    run = run or RunConfig()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=run.keep_ckpts,
+        enable_async_checkpointing=run.async_checkpointing and not read_only,
+        read_only=read_only,
+        create=not read_only,
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, params, opt_state, data_iter=None, *, force: bool = False) -> bool:
+    items = {"params": ocp.args.StandardSave(params), "opt_state": ocp.args.StandardSave(opt_state)}
+    if data_iter is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def abstract_with_shardings(tree, shardings):
+    """ShapeDtypeStructs carrying the target shardings: Orbax restores (and reshards) into them."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape) for path, leaf in flat}
+
+
+def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
+    """Raises CheckpointMismatchError naming the first parameter whose shape or presence differs."""
+    try:
+        meta = manager.item_metadata(step)["params"]
+    except Exception:  # metadata is advisory: restore itself still fails loudly on a mismatch
+        return
+    if meta is None:
+        return
+    saved = _flat_shapes(meta)
+    wanted = _flat_shapes(abstract_params)
+    where = f"checkpoint {checkpoint_dir(manager.directory.parent)} step {step}"
+    for name, shape in wanted.items():
+        if name not in saved:
+            raise CheckpointMismatchError(
+                f"{where} has no parameter {name!r} (the config's model.ffn or shapes differ from the run that "
+                "saved it); evaluate with the run's own config.json, or start a new --workdir")
+        if tuple(saved[name]) != shape:
+            raise CheckpointMismatchError(
+                f"{where}: parameter {name!r} has shape {tuple(saved[name])} but the config builds {shape}; "
+                "use the run's own config.json or a fresh --workdir")
+    extra = sorted(set(saved) - set(wanted))
+    if extra:
+        raise CheckpointMismatchError(f"{where} has parameters the config does not build: {extra[:5]}")
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state=None, data_iter=None):
+    """Restores params (and optimizer state and the data iterator when given) into the given shardings."""
+    check_compatible(manager, step, abstract_params)
+    items = {"params": ocp.args.StandardRestore(abstract_params)}
+    if abstract_opt_state is not None:
+        items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+    if data_iter is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["params"], restored.get("opt_state") if abstract_opt_state is not None else None
+
+
+def latest_step(workdir: str | Path) -> int | None:
+    path = checkpoint_dir(workdir)
+    if not path.exists():
+        return None
+    return make_manager(workdir, read_only=True).latest_step()
+
+
+def all_steps(workdir: str | Path) -> list[int]:
+    path = checkpoint_dir(workdir)
+    if not path.exists():
+        return []
+    return sorted(int(s) for s in np.asarray(make_manager(workdir, read_only=True).all_steps()))

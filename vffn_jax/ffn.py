@@ -1,0 +1,245 @@
+"""Pure FFN math over params dicts: dense SwiGLU, K-loop, and VersatileFFN (SPEC §2–§3).
+
+Every function takes `x [..., d]`, the residual stream after attention, and returns
+`(y [..., d], aux)` where `y` is the new residual stream: the FFN's residual is part of one loop,
+`FFN(z) = z + act(z) W_down`. Param keys: `norm_scale [d]`, `w_gate [d,f]`, `w_up [d,f]`,
+`w_down [f,d]`, plus `expert_router [d,E]` and/or `depth_router [d,L]` where the variant routes.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, jax.Array]
+Aux = dict[str, jax.Array]
+
+
+def rms_norm(x, scale, eps: float = 1e-6):
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def _cast(params: Params, dtype) -> Params:
+    if dtype is None:
+        return params
+    return {k: v.astype(dtype) for k, v in params.items()}
+
+
+def swiglu_hidden(params: Params, z, eps: float = 1e-6):
+    """`act(z) = silu(n W_gate) * (n W_up)` with `n = norm(z)`: the hidden activation `[..., f]`."""
+    n = rms_norm(z, params["norm_scale"], eps)
+    return jax.nn.silu(n @ params["w_gate"]) * (n @ params["w_up"])
+
+
+def ffn_loop(params: Params, z, eps: float = 1e-6):
+    """One full loop with its residual: `FFN(z) = z + act(z) W_down`."""
+    return z + swiglu_hidden(params, z, eps) @ params["w_down"]
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def dense_ffn(params: Params, x, *, dtype=None, eps: float = 1e-6, **_) -> tuple[jax.Array, Aux]:
+    return ffn_loop(_cast(params, dtype or x.dtype), x, eps), {}
+
+
+def kloop_ffn(params: Params, x, *, n_loops: int, dtype=None, eps: float = 1e-6, **_) -> tuple[jax.Array, Aux]:
+    """The dense FFN applied K times, `x <- FFN(x)` (SPEC §5 kloop-K)."""
+    p = _cast(params, dtype or x.dtype)
+    y, _ = jax.lax.scan(lambda z, _: (ffn_loop(p, z, eps), None), x, None, length=n_loops)
+    return y, {}
+
+
+# --------------------------------------------------------------------------- width path
+
+
+def expert_gates(expert_logits, top_k: int):
+    """Top-k over the E logits, softmax over the selected ones only; returns dense gates `[..., E]` and indices."""
+    top_logits, top_idx = jax.lax.top_k(expert_logits, top_k)
+    weights = jax.nn.softmax(top_logits, axis=-1)
+    gates = jnp.sum(jax.nn.one_hot(top_idx, expert_logits.shape[-1], dtype=weights.dtype) * weights[..., None], axis=-2)
+    return gates, top_idx
+
+
+def width_from_hidden(params: Params, x, hidden, gates):
+    """`x + (m * act(x)) W_down`, where the mask `m` holds each expert's gate on its slice of units.
+
+    Equal to `sum_j w_j FFN_{idx_j}(x)` because the gates sum to 1 and slices are disjoint (SPEC §3).
+    """
+    n_experts = gates.shape[-1]
+    f = hidden.shape[-1]
+    hidden_e = hidden.reshape(*hidden.shape[:-1], n_experts, f // n_experts)
+    masked = (hidden_e * gates[..., None].astype(hidden.dtype)).reshape(hidden.shape)
+    return x + masked @ params["w_down"]
+
+
+def router_stats(expert_logits, top_idx, n_experts: int) -> Aux:
+    """Switch balance loss `E * sum_i f_i P_i`, z-loss, expert load and router entropy (f32)."""
+    logits = expert_logits.astype(jnp.float32).reshape(-1, n_experts)
+    probs = jax.nn.softmax(logits, axis=-1)
+    slots = jax.nn.one_hot(top_idx.reshape(-1), n_experts, dtype=jnp.float32)
+    load = jnp.mean(slots, axis=0)  # f_i: fraction of token-slots routed to expert i
+    mean_prob = jnp.mean(probs, axis=0)  # P_i
+    return {
+        "balance_loss": n_experts * jnp.sum(jax.lax.stop_gradient(load) * mean_prob),
+        "z_loss": jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2),
+        "expert_load": load,
+        "router_entropy": jnp.mean(-jnp.sum(probs * jnp.log(probs + 1e-9), axis=-1)),
+    }
+
+
+def width_ffn(params: Params, x, *, n_experts: int, top_k: int, dtype=None, eps: float = 1e-6, **_):
+    """Width-only ablation: virtual experts only (alpha = 1)."""
+    p = _cast(params, dtype or x.dtype)
+    expert_logits = x.astype(jnp.float32) @ params["expert_router"].astype(jnp.float32)
+    gates, top_idx = expert_gates(expert_logits, top_k)
+    y = width_from_hidden(p, x, swiglu_hidden(p, x, eps), gates)
+    return y, router_stats(expert_logits, top_idx, n_experts)
+
+
+# --------------------------------------------------------------------------- depth path
+
+
+def straight_through_gumbel(logits, tau, rng):
+    """Hard one-hot forward, gradient of `softmax((logits + G) / tau)` (SPEC §2 training)."""
+    gumbel = jax.random.gumbel(rng, logits.shape, jnp.float32)
+    soft = jax.nn.softmax((logits + gumbel) / tau, axis=-1)
+    hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits.shape[-1], dtype=soft.dtype)
+    return hard + (soft - jax.lax.stop_gradient(soft))  # exactly `hard` in the forward pass
+
+
+def depth_train(p: Params, y1, loop_weights, *, eps: float, remat_loops: bool):
+    """`sum_l g_l y_l` over all L loops, accumulated in the scan carry (no stack of L outputs)."""
+    step = lambda z: ffn_loop(p, z, eps)
+    if remat_loops:
+        step = jax.checkpoint(step)
+
+    def body(carry, g_l):
+        y, acc = carry
+        y = step(y)
+        return (y, acc + g_l[..., None].astype(y.dtype) * y), None
+
+    acc = loop_weights[..., 0, None].astype(y1.dtype) * y1
+    rest = jnp.moveaxis(loop_weights[..., 1:], -1, 0)
+    (_, acc), _ = jax.lax.scan(body, (y1, acc), rest)
+    return acc
+
+
+def depth_infer(p: Params, y1, depth, *, eps: float):
+    """`y_depth` per token with a while_loop that stops at the batch's deepest token (inference only)."""
+    deepest = jnp.max(depth)
+
+    def cond(state):
+        return state[0] < deepest
+
+    def body(state):
+        loop, y = state
+        new = ffn_loop(p, y, eps)
+        return loop + 1, jnp.where((loop + 1 <= depth)[..., None], new, y)
+
+    _, y = jax.lax.while_loop(cond, body, (jnp.asarray(1, depth.dtype), y1))
+    return y
+
+
+def depth_choice(depth_logits, *, train: bool, tau, rng):
+    """Loop weights `g [..., L]` (straight-through in training) and the chosen depth 1..L per token."""
+    max_depth = depth_logits.shape[-1]
+    if train:
+        if rng is None:
+            raise ValueError("train=True needs an rng for the Gumbel noise of the depth router")
+        g = straight_through_gumbel(depth_logits, tau, rng)
+    else:
+        g = jax.nn.one_hot(jnp.argmax(depth_logits, axis=-1), max_depth, dtype=jnp.float32)
+    depth = jnp.argmax(g, axis=-1).astype(jnp.int32) + 1
+    return g, depth
+
+
+def _depth_and_alpha(p, x, hidden, depth_logits, *, train, tau, rng, eps, remat_loops):
+    max_depth = depth_logits.shape[-1]
+    g, depth = depth_choice(depth_logits, train=train, tau=tau, rng=rng)
+    y1 = x + hidden @ p["w_down"]
+    if train:
+        x_depth = depth_train(p, y1, g, eps=eps, remat_loops=remat_loops)
+        expected_loops = jnp.sum(g * jnp.arange(1, max_depth + 1, dtype=g.dtype), axis=-1)
+    else:
+        x_depth = depth_infer(p, y1, depth, eps=eps)
+        expected_loops = depth.astype(jnp.float32)
+    alpha = (max_depth - expected_loops) / max_depth  # the depth router's second gradient path
+    aux = {"depth": depth, "alpha": alpha,
+           "depth_entropy": jnp.mean(-jnp.sum(jax.nn.softmax(depth_logits) * jax.nn.log_softmax(depth_logits), -1))}
+    return x_depth, alpha, aux
+
+
+def depth_ffn(params: Params, x, *, max_depth: int, train: bool = False, tau=1.0, rng=None,
+              dtype=None, eps: float = 1e-6, remat_loops: bool = False, **_):
+    """Depth-only ablation: learned per-token loop count, no width path (alpha forced to 0)."""
+    p = _cast(params, dtype or x.dtype)
+    depth_logits = x.astype(jnp.float32) @ params["depth_router"].astype(jnp.float32)
+    assert depth_logits.shape[-1] == max_depth, (depth_logits.shape, max_depth)
+    x_depth, _, aux = _depth_and_alpha(p, x, swiglu_hidden(p, x, eps), depth_logits, train=train, tau=tau,
+                                       rng=rng, eps=eps, remat_loops=remat_loops)
+    aux["alpha"] = jnp.zeros_like(aux["alpha"])
+    return x_depth, aux
+
+
+# --------------------------------------------------------------------------- VersatileFFN
+
+
+def versatile_ffn(params: Params, x, *, n_experts: int, top_k: int, max_depth: int, train: bool = False,
+                  tau=1.0, rng=None, dtype=None, eps: float = 1e-6, remat_loops: bool = False, **_):
+    """VersatileFFN (SPEC §2): `(1 - alpha) * x_depth + alpha * x_width`, alpha from the token's depth.
+
+    The width path reuses loop 1's hidden activation, so it costs one extra down-projection.
+    aux: `depth [...] int32` (1..L), `alpha [...]`, `expert_load [E]`, `balance_loss`, `z_loss`,
+    `router_entropy`, `depth_entropy`.
+    """
+    if params["expert_router"].shape[-1] != n_experts or params["depth_router"].shape[-1] != max_depth:
+        raise ValueError(f"router shapes {params['expert_router'].shape}, {params['depth_router'].shape} "
+                         f"do not match n_experts={n_experts}, max_depth={max_depth}")
+    p = _cast(params, dtype or x.dtype)
+    x32 = x.astype(jnp.float32)
+    expert_logits = x32 @ params["expert_router"].astype(jnp.float32)
+    depth_logits = x32 @ params["depth_router"].astype(jnp.float32)
+    hidden = swiglu_hidden(p, x, eps)
+
+    gates, top_idx = expert_gates(expert_logits, top_k)
+    x_width = width_from_hidden(p, x, hidden, gates)
+    x_depth, alpha, aux = _depth_and_alpha(p, x, hidden, depth_logits, train=train, tau=tau, rng=rng,
+                                           eps=eps, remat_loops=remat_loops)
+    a = alpha[..., None].astype(x.dtype)
+    y = (1 - a) * x_depth + a * x_width
+    return y, {**aux, **router_stats(expert_logits, top_idx, n_experts)}
+
+
+# --------------------------------------------------------------------------- registry (the seam for `moe`)
+
+
+def param_shapes(kind: str, d: int, f: int, n_experts: int, max_depth: int) -> dict[str, tuple[tuple[int, ...], tuple]]:
+    """Parameter name -> (shape, logical axis names) for an FFN kind."""
+    shapes = {
+        "norm_scale": ((d,), ("embed",)),
+        "w_gate": ((d, f), ("embed", "mlp")),
+        "w_up": ((d, f), ("embed", "mlp")),
+        "w_down": ((f, d), ("mlp", "embed")),
+    }
+    if kind in ("width_only", "versatile"):
+        shapes["expert_router"] = ((d, n_experts), ("embed", None))
+    if kind in ("depth_only", "versatile"):
+        shapes["depth_router"] = ((d, max_depth), ("embed", None))
+    return shapes
+
+
+FFN_FUNCTIONS: dict[str, Callable[..., tuple[jax.Array, Aux]]] = {
+    "dense": dense_ffn,
+    "kloop": kloop_ffn,
+    "width_only": width_ffn,
+    "depth_only": depth_ffn,
+    "versatile": versatile_ffn,
+}
+
+
+def apply_ffn(kind: str, params: Params, x, **kwargs: Any) -> tuple[jax.Array, Aux]:
+    return FFN_FUNCTIONS[kind](params, x, **kwargs)

@@ -1,0 +1,73 @@
+"""Run output for people and tools: a progress bar, a JSONL metrics file and TensorBoard events."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+class MetricLogger:
+    """Appends `{"step": s, ...}` rows to `metrics.jsonl` and scalars to TensorBoard (`tb/`).
+
+    On resume, rows past the restored step are dropped so curves never hold a step twice.
+    """
+
+    def __init__(self, workdir: str | Path, *, enabled: bool = True, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+
+        self.tb = SummaryWriter(str(Path(workdir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, step: int, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **row}) + "\n")
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and value is not None:
+                self.tb.add_scalar(key, value, step)
+            elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+                for i, v in enumerate(value):  # per-layer values, e.g. nothing nested deeper
+                    self.tb.add_scalar(f"{key}/{i}", v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Progress:
+    """tqdm bar over steps with loss, tokens/s and the ETA tqdm computes."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+                        unit="step", mininterval=1.0)
+        self.last = initial
+
+    def update(self, step: int, row: dict[str, Any]) -> None:
+        self.bar.update(step - self.last)
+        self.last = step
+        postfix = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_sec']:,.0f}"}
+        if "mean_depth" in row:
+            postfix["depth"] = f"{row['mean_depth']:.2f}"
+        if row.get("mfu"):
+            postfix["mfu"] = f"{100 * row['mfu']:.1f}%"
+        self.bar.set_postfix(postfix, refresh=False)
+        if self.bar.disable:
+            return
+        if not sys.stderr.isatty():  # keep a readable trail in logs where the bar can't redraw
+            self.bar.write(f"step {step}/{self.bar.total} " + " ".join(f"{k}={v}" for k, v in postfix.items()))
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,343 @@
+"""Model state, optimizer, the jitted train/eval steps, and the training loop.
+
+State is split NNX-style: a static `graphdef` and a pytree of parameters (`nnx.State`). The step
+is a pure `jax.jit` function of (params, opt_state, batch, step) with explicit shardings; the
+Gumbel temperature and the noise key are pure functions of the step, so resume is exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from vffn_jax import checkpoint as ckpt
+from vffn_jax import flops as flops_lib
+from vffn_jax import sharding as shd
+from vffn_jax.config import Config, ConfigError, ModelConfig, TrainConfig, config_from_dict, tau_at, validate
+from vffn_jax.model import Transformer
+from vffn_jax.run_log import MetricLogger, Progress
+
+
+class TrainingDivergedError(RuntimeError):
+    """Loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------- model state
+
+
+def abstract_model(model_cfg: ModelConfig, seed: int = 0):
+    """(graphdef, abstract params) without materialising any weight."""
+    return nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(seed))))
+
+
+def init_params(model_cfg: ModelConfig, mesh, seed: int = 0):
+    """Abstract-first init: eval_shape -> shardings -> jitted init that writes each shard in place."""
+    graphdef, abstract = abstract_model(model_cfg, seed)
+    shardings = shd.state_shardings(abstract, mesh)
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def init():
+        return nnx.state(Transformer(model_cfg, nnx.Rngs(seed)))
+
+    return graphdef, init(), shardings
+
+
+def lr_schedule(train: TrainConfig) -> optax.Schedule:
+    warmup = int(round(train.warmup_frac * train.steps))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=train.lr, warmup_steps=warmup,
+        decay_steps=max(train.steps, warmup + 1), end_value=train.lr * train.final_lr_frac)
+
+
+def _decay_mask(params):
+    """Weight decay on matrices, not on norm scales (SPEC §4)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any("norm" in str(getattr(k, "key", k)) for k in path), params)
+
+
+def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(train.grad_clip),
+        optax.adamw(lr_schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
+                    weight_decay=train.weight_decay, mask=_decay_mask),
+    )
+
+
+# --------------------------------------------------------------------------- loss and steps
+
+
+def forward_loss(graphdef, params, batch, cfg: Config, *, train: bool, tau=1.0, rng=None):
+    """Cross-entropy (+ balance/z losses in training); returns (total, (ce, aux))."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    logits, aux = nnx.merge(graphdef, params)(inputs, train=train, tau=tau, rng=rng)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    total = ce
+    if "balance_loss" in aux:
+        total = total + cfg.train.balance_coef * aux["balance_loss"].mean()
+        total = total + cfg.train.z_loss_coef * aux["z_loss"].mean()
+    return total, (ce, aux)
+
+
+def summarize_aux(aux: dict[str, jax.Array], max_depth: int) -> dict[str, jax.Array]:
+    """Scalars (and small per-layer arrays) for logging from the stacked per-layer aux."""
+    out = {}
+    if "depth" in aux:
+        depth = aux["depth"]  # [layers, B, T]
+        out["mean_depth"] = depth.mean()
+        out["mean_alpha"] = aux["alpha"].mean()
+        out["depth_hist"] = jax.nn.one_hot(depth - 1, max_depth).mean(axis=(1, 2))  # [layers, L]
+        out["depth_entropy"] = aux["depth_entropy"].mean()
+    if "expert_load" in aux:
+        load = aux["expert_load"]  # [layers, E]
+        out["expert_load"] = load
+        out["expert_load_max_over_mean"] = (load.max(-1) / load.mean(-1)).mean()
+        out["expert_load_cv"] = (load.std(-1) / load.mean(-1)).mean()
+        out["router_entropy"] = aux["router_entropy"].mean()
+        out["balance_loss"] = aux["balance_loss"].mean()
+        out["z_loss"] = aux["z_loss"].mean()
+    return out
+
+
+def make_train_step(graphdef, tx, cfg: Config, mesh, param_shardings, opt_shardings):
+    rep = shd.replicated(mesh)
+    base_key = jax.random.key(cfg.train.seed + 1)
+
+    def step_fn(params, opt_state, batch, step):
+        tau = tau_at(step, cfg.train)
+        rng = jax.random.fold_in(base_key, step)
+        grad_fn = jax.value_and_grad(forward_loss, argnums=1, has_aux=True)
+        (loss, (ce, aux)), grads = grad_fn(graphdef, params, batch, cfg, train=True, tau=tau, rng=rng)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": ce, "total_loss": loss, "grad_norm": optax.global_norm(grads), "tau": tau,
+                   "lr": lr_schedule(cfg.train)(step), **summarize_aux(aux, cfg.model.max_depth)}
+        return params, opt_state, metrics
+
+    with shd.axis_rules():
+        return jax.jit(step_fn,
+                       in_shardings=(param_shardings, opt_shardings, shd.batch_sharding(mesh), rep),
+                       out_shardings=(param_shardings, opt_shardings, rep),
+                       donate_argnums=(0, 1))
+
+
+def make_eval_step(graphdef, cfg: Config, mesh, param_shardings):
+    """Inference-mode forward: summed CE, token count and the depth/expert statistics of one batch."""
+
+    def eval_fn(params, batch):
+        _, (ce, aux) = forward_loss(graphdef, params, batch, cfg, train=False)
+        n_tokens = batch[:, 1:].size
+        return {"ce_sum": ce * n_tokens, "tokens": jnp.asarray(n_tokens, jnp.float32),
+                **summarize_aux(aux, cfg.model.max_depth)}
+
+    return jax.jit(eval_fn, in_shardings=(param_shardings, shd.batch_sharding(mesh)), out_shardings=shd.replicated(mesh))
+
+
+def global_batch(local_batch: np.ndarray, mesh) -> jax.Array:
+    """Assembles the global batch from each process's rows."""
+    return jax.make_array_from_process_local_data(shd.batch_sharding(mesh), local_batch)
+
+
+def evaluate(eval_step, params, batches, mesh) -> dict[str, Any]:
+    """Averages eval-step outputs over batches: loss, perplexity and the routing statistics."""
+    totals: dict[str, Any] = {}
+    n = 0
+    for local in batches:
+        out = jax.device_get(eval_step(params, global_batch(local, mesh)))
+        n += 1
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
+    if n == 0:
+        raise ValueError("no evaluation batches: the held-out split is empty")
+    loss = float(totals.pop("ce_sum") / totals.pop("tokens"))
+    result = {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0)))}
+    for k, v in totals.items():
+        v = v / n
+        result[k] = v.tolist() if np.ndim(v) else float(v)
+    return result
+
+
+# --------------------------------------------------------------------------- set-up shared by train and eval
+
+
+@dataclasses.dataclass
+class Setup:
+    cfg: Config
+    mesh: Any
+    graphdef: Any
+    abstract_params: Any
+    param_shardings: Any
+
+
+def setup(cfg: Config, devices=None) -> Setup:
+    devices = devices if devices is not None else jax.devices()
+    validate(cfg, n_devices=len(devices))
+    mesh = shd.make_mesh(cfg.mesh, devices)
+    graphdef, abstract = abstract_model(cfg.model, cfg.train.seed)
+    return Setup(cfg, mesh, graphdef, abstract, shd.state_shardings(abstract, mesh))
+
+
+def param_name(path) -> str:
+    """`layers/ffn/w_gate` for a state leaf's key path."""
+    return jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
+
+
+def describe(s: Setup) -> dict[str, Any]:
+    """What `--dry-run` prints: parameter counts, FLOPs per token, mesh and every parameter's sharding."""
+    cfg = s.cfg
+    counts = flops_lib.count_params(s.abstract_params)
+    flat = jax.tree_util.tree_flatten_with_path(s.param_shardings)[0]
+    shapes = jax.tree.leaves(s.abstract_params)
+    expected_depth = (cfg.model.max_depth + 1) / 2
+    return {
+        "scale": cfg.scale, "variant": cfg.variant, "ffn": cfg.model.ffn,
+        **counts,
+        "params_analytic": flops_lib.analytic_params(cfg.model),
+        "flops_per_token_train": flops_lib.flops_per_token(cfg.model, cfg.train.seq_len, train=True),
+        "flops_per_token_inference": flops_lib.flops_per_token(cfg.model, cfg.train.seq_len, train=False,
+                                                               mean_depth=expected_depth),
+        "inference_depth_assumed": expected_depth if cfg.model.ffn in ("versatile", "depth_only") else None,
+        "tokens_per_batch": cfg.train.batch_size * cfg.train.seq_len,
+        "mesh": dict(zip(s.mesh.axis_names, (int(x) for x in s.mesh.devices.shape))),
+        "devices": f"{len(s.mesh.devices.flat)} x {jax.devices()[0].device_kind}",
+        "shardings": {param_name(p): {"shape": list(a.shape), "spec": str(sh.spec)} for (p, sh), a in zip(flat, shapes)},
+    }
+
+
+# --------------------------------------------------------------------------- the training loop
+
+
+def _prepare_workdir(cfg: Config, workdir: Path, is_main: bool) -> None:
+    """Saves the resolved config; refuses to resume a run whose model differs from this config."""
+    path = workdir / "config.json"
+    if path.exists():
+        saved = config_from_dict(json.loads(path.read_text()))
+        if saved.model != cfg.model:
+            diff = {k: (getattr(saved.model, k), getattr(cfg.model, k)) for k in saved.model.__dataclass_fields__
+                    if getattr(saved.model, k) != getattr(cfg.model, k)}
+            raise ConfigError(f"{workdir} holds a run with a different model (saved vs now: {diff}); "
+                              "re-run with the same flags to resume, or use a new --workdir")
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(cfg.to_json())
+        tmp.replace(path)
+
+
+def train(cfg: Config, workdir: str | Path, *, devices=None, progress: bool = True) -> dict[str, Any]:
+    """Trains (or resumes) `cfg` in `workdir`; returns a summary with the final held-out metrics."""
+    from vffn_jax import data as data_lib  # tfds/grain import lazily: dry runs and eval-only imports stay light
+
+    workdir = Path(workdir)
+    is_main = jax.process_index() == 0
+    s = setup(cfg, devices)
+    _prepare_workdir(cfg, workdir, is_main)
+    tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer {cfg.data.tokenizer!r} has {tokenizer.vocab_size} tokens but "
+                          f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
+
+    tx = make_optimizer(cfg.train)
+    abstract_opt = jax.eval_shape(tx.init, s.abstract_params)
+    opt_shardings = shd.state_shardings(abstract_opt, s.mesh)
+    data_it = data_lib.make_batch_iterator(
+        cfg.data, "train", seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size, seed=cfg.data.shuffle_seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    eval_data = data_lib.eval_batches(
+        cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size, n_batches=cfg.run.eval_batches,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+    manager = ckpt.make_manager(workdir, cfg.run)
+    start = manager.latest_step()
+    if start is None:
+        _, params, _ = init_params(cfg.model, s.mesh, cfg.train.seed)
+        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+        start = 0
+    else:
+        params, opt_state = ckpt.restore(
+            manager, start, ckpt.abstract_with_shardings(s.abstract_params, s.param_shardings),
+            ckpt.abstract_with_shardings(abstract_opt, opt_shardings), data_it)
+
+    train_step = make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_shardings)
+    eval_step = make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)
+    info = describe(s)
+    flops_train = info["flops_per_token_train"]
+    peak = flops_lib.peak_flops_per_device()
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    logger = MetricLogger(workdir, enabled=is_main, resume_step=start)
+    bar = Progress(total=cfg.train.steps, initial=start, enabled=is_main and progress)
+    if is_main:
+        print(f"vffn_jax: {cfg.scale}/{cfg.variant} ffn={cfg.model.ffn} params={info['params_total']:,} "
+              f"mesh={info['mesh']} steps {start}->{cfg.train.steps} workdir={workdir}", flush=True)
+
+    last_saved = start
+    window: list[dict] = []
+    t_window = time.perf_counter()
+    pending = None  # the previous step's metrics: checked one step late so dispatch stays ahead
+    step = start
+    try:
+        while step < cfg.train.steps:
+            batch = global_batch(next(data_it), s.mesh)
+            params, opt_state, metrics = train_step(params, opt_state, batch, jnp.asarray(step, jnp.int32))
+            if pending is not None:
+                _check_finite(*pending, last_saved)
+                window.append(pending[1])
+            pending = (step + 1, metrics)
+            step += 1
+            if step % cfg.run.log_every == 0 or step == cfg.train.steps:
+                _check_finite(*pending, last_saved)
+                window.append(pending[1])
+                pending = None
+                elapsed = time.perf_counter() - t_window
+                row = _window_summary(jax.device_get(window))
+                tps = len(window) * tokens_per_step / max(elapsed, 1e-9)
+                row.update(tokens_per_sec=tps, mfu=flops_lib.mfu(tps, flops_train, len(s.mesh.devices.flat), peak))
+                logger.log(step, row)
+                bar.update(step, row)
+                window, t_window = [], time.perf_counter()
+            if step % cfg.run.ckpt_every == 0 or step == cfg.train.steps:
+                if pending is not None:
+                    _check_finite(*pending, last_saved)
+                ckpt.save(manager, step, params, opt_state, data_it, force=step == cfg.train.steps)
+                last_saved = step
+            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != cfg.train.steps:
+                logger.log(step, _prefixed("eval", evaluate(eval_step, params, eval_data, s.mesh)))
+                t_window = time.perf_counter()
+    finally:
+        manager.wait_until_finished()
+        bar.close()
+    final = evaluate(eval_step, params, eval_data, s.mesh)
+    logger.log(step, _prefixed("eval", final))
+    logger.close()
+    return {"step": step, "eval": final, **{k: info[k] for k in ("params_total", "params_non_embedding")}}
+
+
+def _check_finite(step: int, metrics, last_saved: int) -> None:
+    loss, gnorm = jax.device_get((metrics["total_loss"], metrics["grad_norm"]))
+    if not (np.isfinite(loss) and np.isfinite(gnorm)):
+        raise TrainingDivergedError(
+            f"loss={loss} grad_norm={gnorm} at step {step}: training stopped. The last good checkpoint "
+            f"(step {last_saved}) is kept; lower train.lr or raise train.warmup_frac before resuming.")
+
+
+def _window_summary(window: list[dict]) -> dict[str, Any]:
+    """Mean over the logging window; per-layer arrays are kept as lists."""
+    row = {}
+    for key in window[0]:
+        values = np.mean([np.asarray(m[key], np.float64) for m in window], axis=0)
+        row[key] = values.tolist() if np.ndim(values) else float(values)
+    row["loss_last"] = float(window[-1]["loss"])
+    return row
+
+
+def _prefixed(prefix: str, d: dict) -> dict:
+    return {f"{prefix}/{k}": v for k, v in d.items()}
