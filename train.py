@@ -87,7 +87,9 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 3
         raise
-    ev = summary["eval"]
+    ev = summary["eval"] or {}
+    if not ev:
+        return 0
     print(f"done: step {summary['step']}  held-out loss {ev['loss']:.4f}  ppl {ev['perplexity']:.2f}"
           + (f"  mean depth {ev['mean_depth']:.2f}" if "mean_depth" in ev else ""))
     return 0

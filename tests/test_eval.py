@@ -158,3 +158,32 @@ def test_config_checkpoint_mismatch(run, tmp_path, capsys):
     assert eval_cli.main(["--workdir", str(copy), "--no-plot"]) == 3
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "parameter" in err and "Traceback" not in err
+
+
+def test_dense_has_no_depth_keys(run, tmp_path):
+    """A dense checkpoint (initial weights, saved directly): no depth/expert keys, the plot is skipped."""
+    from vffn_jax import checkpoint as ckpt
+    from vffn_jax import flops
+
+    cfg = config_lib.load_config("tiny", "dense", {**TINY, "data.cache_dir": str(run.parent / "cache")})
+    workdir = tmp_path / "dense"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(cfg.to_json())
+    s = train_lib.setup(cfg, jax.devices()[:1])
+    _, params, _ = train_lib.init_params(cfg.model, s.mesh, cfg.train.seed)
+    manager = ckpt.make_manager(workdir, cfg.run)
+    ckpt.save(manager, 1, params, {"count": np.zeros((), np.int32)}, force=True)  # eval never reads it
+    manager.wait_until_finished()
+
+    out = eval_lib.evaluate_run(workdir, devices=jax.devices()[:1], n_batches=1)
+    assert out["ffn"] == "dense" and out["eval_batches"] == 1 and out["step"] == 1
+    assert np.log(256) - 1 < out["loss"] < np.log(384) + 1  # near-uniform predictions at init
+    for key in ("depth_hist", "mean_depth", "mean_alpha", "expert_load", "router_entropy", "inference_flops_depth"):
+        assert key not in out, key
+    assert out["depth_plot"] is None and "no depth router" in out["depth_plot_note"]
+    assert not (workdir / eval_lib.PLOT_NAME).exists()
+    assert out["flops_per_token_inference"] == flops.flops_per_token(cfg.model, 32, train=False)
+    import eval as eval_cli
+
+    text = eval_cli.format_report(out)
+    assert "loops per token" not in text and "expert load" not in text and "no depth router" in text

@@ -119,7 +119,7 @@ def make_train_step(graphdef, tx, cfg: Config, mesh, param_shardings, opt_shardi
         (loss, (ce, aux)), grads = grad_fn(graphdef, params, batch, cfg, train=True, tau=tau, rng=rng)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": ce, "total_loss": loss, "grad_norm": optax.global_norm(grads), "tau": tau,
+        metrics = {"loss": ce, "total_loss": loss, "grad_norm": optax.tree.norm(grads), "tau": tau,
                    "lr": lr_schedule(cfg.train)(step), **summarize_aux(aux, cfg.model.max_depth)}
         return params, opt_state, metrics
 
@@ -233,8 +233,13 @@ def _prepare_workdir(cfg: Config, workdir: Path, is_main: bool) -> None:
         tmp.replace(path)
 
 
-def train(cfg: Config, workdir: str | Path, *, devices=None, progress: bool = True) -> dict[str, Any]:
-    """Trains (or resumes) `cfg` in `workdir`; returns a summary with the final held-out metrics."""
+def train(cfg: Config, workdir: str | Path, *, devices=None, progress: bool = True,
+          stop_at: int | None = None) -> dict[str, Any]:
+    """Trains (or resumes) `cfg` in `workdir`; returns a summary with the final held-out metrics.
+
+    `stop_at` ends this invocation after that step (checkpointed), as a preemption would; re-running
+    continues the same schedule to `cfg.train.steps`.
+    """
     from vffn_jax import data as data_lib  # tfds/grain import lazily: dry runs and eval-only imports stay light
 
     workdir = Path(workdir)
@@ -284,8 +289,9 @@ def train(cfg: Config, workdir: str | Path, *, devices=None, progress: bool = Tr
     t_window = time.perf_counter()
     pending = None  # the previous step's metrics: checked one step late so dispatch stays ahead
     step = start
+    end = min(cfg.train.steps, stop_at) if stop_at else cfg.train.steps
     try:
-        while step < cfg.train.steps:
+        while step < end:
             batch = global_batch(next(data_it), s.mesh)
             params, opt_state, metrics = train_step(params, opt_state, batch, jnp.asarray(step, jnp.int32))
             if pending is not None:
@@ -293,7 +299,7 @@ def train(cfg: Config, workdir: str | Path, *, devices=None, progress: bool = Tr
                 window.append(pending[1])
             pending = (step + 1, metrics)
             step += 1
-            if step % cfg.run.log_every == 0 or step == cfg.train.steps:
+            if step % cfg.run.log_every == 0 or step == end:
                 _check_finite(*pending, last_saved)
                 window.append(pending[1])
                 pending = None
@@ -304,10 +310,10 @@ def train(cfg: Config, workdir: str | Path, *, devices=None, progress: bool = Tr
                 logger.log(step, row)
                 bar.update(step, row)
                 window, t_window = [], time.perf_counter()
-            if step % cfg.run.ckpt_every == 0 or step == cfg.train.steps:
+            if step % cfg.run.ckpt_every == 0 or step == end:
                 if pending is not None:
                     _check_finite(*pending, last_saved)
-                ckpt.save(manager, step, params, opt_state, data_it, force=step == cfg.train.steps)
+                ckpt.save(manager, step, params, opt_state, data_it, force=step == end)
                 last_saved = step
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != cfg.train.steps:
                 logger.log(step, _prefixed("eval", evaluate(eval_step, params, eval_data, s.mesh)))
@@ -315,8 +321,10 @@ def train(cfg: Config, workdir: str | Path, *, devices=None, progress: bool = Tr
     finally:
         manager.wait_until_finished()
         bar.close()
-    final = evaluate(eval_step, params, eval_data, s.mesh)
-    logger.log(step, _prefixed("eval", final))
+    final = None
+    if step == cfg.train.steps:
+        final = evaluate(eval_step, params, eval_data, s.mesh)
+        logger.log(step, _prefixed("eval", final))
     logger.close()
     return {"step": step, "eval": final, **{k: info[k] for k in ("params_total", "params_non_embedding")}}
 

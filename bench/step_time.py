@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Time the jitted training step of versatile, dense and kloop (K=4) at the same shape, in one run.
+
+Measures `train_lib.make_train_step` only: random token batches already on the devices, no data
+pipeline, no checkpointing, no logging. Every variant is compiled and warmed up first; then the
+variants are timed in interleaved rounds (round r runs --steps steps of each variant in turn), so
+machine noise (other processes on a shared CPU) hits all of them alike. Each step is timed to
+completion (`block_until_ready`); the table reports the median over all rounds.
+
+Columns: median step time, tokens/s, measured time ratio vs dense, analytic training-FLOP ratio vs
+dense (`flops.flops_per_token(..., train=True)`: matmuls only), and their quotient (time ratio / FLOP
+ratio: 1.0 means the variant's extra FLOPs cost exactly their share of time; the target for
+versatile is <= 1.1). On small shapes the non-matmul work (norms, softmax, attention, routing) and
+per-op overheads are a large share of a step, so the quotient is only meaningful where matmuls
+dominate: use --set to try larger shapes.
+
+Examples:
+  python bench/step_time.py
+  python bench/step_time.py --set model.d_model=256 --set model.d_ff=1024 --set train.seq_len=256 --steps 3
+  python bench/step_time.py --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: the repo root holds vffn_jax
+
+from vffn_jax import config as config_lib  # noqa: E402
+
+VARIANTS = (("dense", {}), ("versatile", {}), ("kloop", {"model.n_loops": 4}))
+TARGET = 1.1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny",
+                   help=f"scale preset {config_lib.available('scales')} or a JSON config path; the same shape is "
+                        "used for every variant. Default: tiny")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field for all variants, e.g. --set model.d_model=256 "
+                        "--set train.batch_size=8 (repeatable). kloop's K is 4 unless you set model.n_loops")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant per round. Default: 5")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (dense, versatile, kloop, repeat). "
+                                                          "Default: 3")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after compiling. Default: 2")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return p
+
+
+def prepare(cfg, n_batches: int = 2):
+    """(jitted step, params, opt_state, device batches, setup, compile seconds) for one variant."""
+    import jax
+    import numpy as np
+
+    from vffn_jax import sharding as shd
+    from vffn_jax import train_lib
+
+    s = train_lib.setup(cfg)
+    tx = train_lib.make_optimizer(cfg.train)
+    _, params, _ = train_lib.init_params(cfg.model, s.mesh, cfg.train.seed)
+    opt_shardings = shd.state_shardings(jax.eval_shape(tx.init, s.abstract_params), s.mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    step = train_lib.make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_shardings)
+    rng = np.random.default_rng(cfg.train.seed)
+    batches = [jax.device_put(rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1),
+                                           dtype=np.int32), shd.batch_sharding(s.mesh)) for _ in range(n_batches)]
+    t0 = time.perf_counter()
+    compiled = step.lower(params, opt_state, batches[0], jax.numpy.asarray(0, jax.numpy.int32)).compile()
+    return compiled, params, opt_state, batches, s, time.perf_counter() - t0
+
+
+def run(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from vffn_jax import flops as flops_lib
+
+    base = config_lib.parse_set_args(args.overrides)
+    states = {}
+    for name, extra in VARIANTS:
+        cfg = config_lib.load_config(args.config, name, {**extra, **base})
+        compiled, params, opt_state, batches, s, compile_s = prepare(cfg)
+        states[name] = {"cfg": cfg, "step": compiled, "params": params, "opt": opt_state, "batches": batches,
+                        "compile_s": compile_s, "times": [], "n": 0, "setup": s}
+
+    counters = [jnp.asarray(i, jnp.int32) for i in range(args.warmup + args.rounds * args.steps)]
+
+    def run_steps(st, n: int, record: bool):
+        for _ in range(n):
+            i = st["n"]
+            t0 = time.perf_counter()
+            st["params"], st["opt"], metrics = st["step"](st["params"], st["opt"], st["batches"][i % len(st["batches"])],
+                                                          counters[i])
+            jax.block_until_ready((st["params"], st["opt"], metrics))
+            if record:
+                st["times"].append(time.perf_counter() - t0)
+            st["n"] += 1
+
+    for st in states.values():
+        run_steps(st, args.warmup, record=False)
+    for _ in range(args.rounds):
+        for st in states.values():
+            run_steps(st, args.steps, record=True)
+
+    dense = states["dense"]
+    d_time = statistics.median(dense["times"])
+    d_flops = flops_lib.flops_per_token(dense["cfg"].model, dense["cfg"].train.seq_len, train=True)
+    rows = []
+    for name, st in states.items():
+        cfg = st["cfg"]
+        med = statistics.median(st["times"])
+        tokens = cfg.train.batch_size * cfg.train.seq_len
+        fpt = flops_lib.flops_per_token(cfg.model, cfg.train.seq_len, train=True)
+        time_ratio, flop_ratio = med / d_time, fpt / d_flops
+        rows.append({
+            "variant": name if name != "kloop" else f"kloop-{cfg.model.n_loops}", "ffn": cfg.model.ffn,
+            "median_step_s": med, "min_step_s": min(st["times"]), "tokens_per_s": tokens / med,
+            "time_ratio_vs_dense": time_ratio, "flop_ratio_vs_dense": flop_ratio,
+            "time_over_flop_ratio": time_ratio / flop_ratio, "flops_per_token_train": fpt,
+            "achieved_gflops": fpt * tokens / med / 1e9, "compile_s": st["compile_s"], "samples": len(st["times"]),
+        })
+    m, t = dense["cfg"].model, dense["cfg"].train
+    s = dense["setup"]
+    versatile = next(r for r in rows if r["ffn"] == "versatile")
+    return {
+        "config": args.config, "overrides": args.overrides,
+        "shape": {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
+                  "vocab_size": m.vocab_size, "batch_size": t.batch_size, "seq_len": t.seq_len, "dtype": m.dtype,
+                  "n_experts": m.n_experts, "top_k": m.top_k, "max_depth": m.max_depth},
+        "devices": f"{len(s.mesh.devices.flat)} x {jax.devices()[0].device_kind}",
+        "mesh": dict(zip(s.mesh.axis_names, (int(x) for x in s.mesh.devices.shape))),
+        "rounds": args.rounds, "steps_per_round": args.steps,
+        "rows": rows,
+        "versatile_time_over_flop_ratio": versatile["time_over_flop_ratio"],
+        "target": TARGET, "meets_target": versatile["time_over_flop_ratio"] <= TARGET,
+    }
+
+
+def print_table(r: dict) -> None:
+    sh = r["shape"]
+    print(f"train-step time: {r['config']} {' '.join(r['overrides'])}".rstrip())
+    print(f"  shape d_model={sh['d_model']} n_layers={sh['n_layers']} d_ff={sh['d_ff']} vocab={sh['vocab_size']} "
+          f"batch {sh['batch_size']} x {sh['seq_len']} tokens, {sh['dtype']}; versatile E={sh['n_experts']} "
+          f"k={sh['top_k']} L={sh['max_depth']}")
+    print(f"  {r['devices']} mesh {r['mesh']}; {r['rounds']} interleaved rounds x {r['steps_per_round']} steps, "
+          "median per variant")
+    print()
+    print(f"  {'variant':<10} {'step ms':>9} {'min ms':>8} {'tokens/s':>10} {'GFLOP/s':>8} {'time/dense':>11} "
+          f"{'FLOPs/dense':>12} {'time/FLOPs':>11} {'compile s':>10}")
+    for row in r["rows"]:
+        print(f"  {row['variant']:<10} {1e3 * row['median_step_s']:>9.1f} {1e3 * row['min_step_s']:>8.1f} "
+              f"{row['tokens_per_s']:>10,.0f} {row['achieved_gflops']:>8.1f} {row['time_ratio_vs_dense']:>11.2f} "
+              f"{row['flop_ratio_vs_dense']:>12.2f} {row['time_over_flop_ratio']:>11.2f} {row['compile_s']:>10.1f}")
+    print()
+    verdict = "meets" if r["meets_target"] else "MISSES"
+    print(f"  versatile: (measured time ratio) / (FLOP ratio) = {r['versatile_time_over_flop_ratio']:.2f}, "
+          f"{verdict} the target <= {r['target']}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
+        print("error: --steps and --rounds must be >= 1, --warmup >= 0", file=sys.stderr)
+        return 2
+    try:
+        result = run(args)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
