@@ -44,11 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field for all variants, e.g. --set model.d_model=256 "
                         "--set train.batch_size=8 (repeatable). kloop's K is 4 unless you set model.n_loops")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per variant per round. Default: 5")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per variant per round. Default: 2")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (dense, versatile, kloop, repeat). "
                                                           "Default: 3")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after compiling. Default: 2")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant after compiling. Default: 1")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--no-cache", action="store_true",
+                   help="do not use the persistent compilation cache (.jax_cache/ in the repo root, shared with the "
+                        "tests); with it, reruns skip most of the compile time (the 'compile s' column then shows "
+                        "the time to load the cached executable)")
     return p
 
 
@@ -164,6 +168,11 @@ def print_table(r: dict) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.no_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(Path(__file__).resolve().parent.parent / ".jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
         print("error: --steps and --rounds must be >= 1, --warmup >= 0", file=sys.stderr)
         return 2

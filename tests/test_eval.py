@@ -3,6 +3,7 @@ the JSON CLI, the depth plot, and the error messages. One tiny run is trained on
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -91,7 +92,9 @@ def test_single_device_equals_eight(run, result):
 
 
 def test_cli_json_and_plot(run, result):
-    proc = subprocess.run([sys.executable, "eval.py", "--workdir", str(run), "--json"], cwd=REPO,
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(REPO / ".jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}  # the same compile cache as conftest's
+    proc = subprocess.run([sys.executable, "eval.py", "--workdir", str(run), "--json"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)

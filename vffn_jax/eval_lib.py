@@ -118,7 +118,10 @@ def check_params_match(workdir: str | Path, step: int, abstract_params) -> None:
     path = ckpt.checkpoint_dir(workdir) / str(step) / "params"
     if not path.is_dir():
         raise FileNotFoundError(f"{path} not found: checkpoint step {step} has no params item")
-    meta = ocp.StandardCheckpointer().metadata(path)
+    try:
+        meta = ocp.StandardCheckpointer().metadata(path)
+    except Exception:  # unreadable metadata: restore itself still fails loudly (converted in evaluate_run)
+        return
     tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
     if tree is None:
         return  # no readable metadata: restore itself still fails loudly (converted below)
@@ -128,7 +131,7 @@ def check_params_match(workdir: str | Path, step: int, abstract_params) -> None:
                 for p, leaf in jax.tree_util.tree_flatten_with_path(t)[0]}
 
     saved, wanted = flat(tree), flat(abstract_params)
-    where = f"checkpoint {path.parent} (saved by this run's training)"
+    where = f"checkpoint {path.parent}"
     for name, shape in wanted.items():
         if name not in saved:
             raise ckpt.CheckpointMismatchError(
