@@ -50,32 +50,41 @@ def abstract_with_shardings(tree, shardings):
 
 def _flat_shapes(tree) -> dict[str, tuple]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape) for path, leaf in flat}
+    return {jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value"): tuple(leaf.shape)
+            for path, leaf in flat}
+
+
+def saved_param_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple] | None:
+    """Parameter name -> shape as saved at `step`, from the `params` item's own metadata (None if unreadable)."""
+    path = Path(manager.directory) / str(step) / "params"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} not found: checkpoint step {step} has no params item")
+    try:
+        meta = ocp.StandardCheckpointer().metadata(path)
+    except Exception:  # unreadable metadata: restore itself still fails loudly
+        return None
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
+    return None if tree is None else _flat_shapes(tree)
 
 
 def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
     """Raises CheckpointMismatchError naming the first parameter whose shape or presence differs."""
-    try:
-        meta = manager.item_metadata(step)["params"]
-    except Exception:  # metadata is advisory: restore itself still fails loudly on a mismatch
+    saved = saved_param_shapes(manager, step)
+    if saved is None:
         return
-    if meta is None:
-        return
-    saved = _flat_shapes(meta)
     wanted = _flat_shapes(abstract_params)
-    where = f"checkpoint {checkpoint_dir(manager.directory.parent)} step {step}"
+    where = f"checkpoint {Path(manager.directory) / str(step)}"
+    fix = "use the run's own config.json (train.py --config WORKDIR/config.json) or a fresh --workdir"
     for name, shape in wanted.items():
         if name not in saved:
             raise CheckpointMismatchError(
-                f"{where} has no parameter {name!r} (the config's model.ffn or shapes differ from the run that "
-                "saved it); evaluate with the run's own config.json, or start a new --workdir")
+                f"{where} has no parameter {name!r} (model.ffn or the shapes differ from the run that saved it); {fix}")
         if tuple(saved[name]) != shape:
             raise CheckpointMismatchError(
-                f"{where}: parameter {name!r} has shape {tuple(saved[name])} but the config builds {shape}; "
-                "use the run's own config.json or a fresh --workdir")
+                f"{where}: parameter {name!r} has shape {tuple(saved[name])} but the config builds {shape}; {fix}")
     extra = sorted(set(saved) - set(wanted))
     if extra:
-        raise CheckpointMismatchError(f"{where} has parameters the config does not build: {extra[:5]}")
+        raise CheckpointMismatchError(f"{where} has parameters the config does not build: {extra[:5]}; {fix}")
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state=None, data_iter=None):

@@ -105,49 +105,6 @@ def fit_to_devices(cfg: Config, n_devices: int) -> tuple[Config, int, list[str]]
     return cfg, batch, notes
 
 
-def check_params_match(workdir: str | Path, step: int, abstract_params) -> None:
-    """CheckpointMismatchError naming the first parameter whose presence or shape differs from the config.
-
-    Reads the `params` item's own metadata: `checkpoint.check_compatible` goes through
-    `manager.item_metadata`, which returns None for items of a manager without registered handlers
-    (a fresh read-only manager), so it cannot catch a mismatch here.
-    """
-    import jax
-    import orbax.checkpoint as ocp
-
-    path = ckpt.checkpoint_dir(workdir) / str(step) / "params"
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} not found: checkpoint step {step} has no params item")
-    try:
-        meta = ocp.StandardCheckpointer().metadata(path)
-    except Exception:  # unreadable metadata: restore itself still fails loudly (converted in evaluate_run)
-        return
-    tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
-    if tree is None:
-        return  # no readable metadata: restore itself still fails loudly (converted below)
-
-    def flat(t):
-        return {jax.tree_util.keystr(p, simple=True, separator="/").removesuffix("/value"): tuple(leaf.shape)
-                for p, leaf in jax.tree_util.tree_flatten_with_path(t)[0]}
-
-    saved, wanted = flat(tree), flat(abstract_params)
-    where = f"checkpoint {path.parent}"
-    for name, shape in wanted.items():
-        if name not in saved:
-            raise ckpt.CheckpointMismatchError(
-                f"{where} has no parameter {name!r} that {Path(workdir) / 'config.json'} builds (model.ffn or "
-                "the shapes in config.json differ from the run that saved it); restore the run's original config.json")
-        if saved[name] != shape:
-            raise ckpt.CheckpointMismatchError(
-                f"{where}: parameter {name!r} has shape {saved[name]} but {Path(workdir) / 'config.json'} builds "
-                f"{shape}; config.json was edited or belongs to another run: restore the original")
-    extra = sorted(set(saved) - set(wanted))
-    if extra:
-        raise ckpt.CheckpointMismatchError(
-            f"{where} has parameters {Path(workdir) / 'config.json'} does not build: {extra[:5]}; "
-            "restore the run's original config.json")
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -174,16 +131,9 @@ def evaluate_run(workdir: str | Path, *, step: int | None = None, n_batches: int
         raise ConfigError(f"number of eval batches must be >= 1, got {n_batches}")
 
     s = train_lib.setup(cfg, devices)
-    check_params_match(workdir, step, s.abstract_params)
     manager = ckpt.make_manager(workdir, cfg.run, read_only=True)
-    try:
-        params, _ = ckpt.restore(manager, step, ckpt.abstract_with_shardings(s.abstract_params, s.param_shardings),
-                                 abstract_opt_state=None, data_iter=None)
-    except ValueError as e:  # Orbax's shape/structure errors, should the metadata check have been skipped
-        if "not compatible with the stored shape" in str(e) or "structure" in str(e).lower():
-            raise ckpt.CheckpointMismatchError(f"checkpoint step {step} in {ckpt.checkpoint_dir(workdir)} does not "
-                                               f"match {workdir / 'config.json'}: {e}") from None
-        raise
+    try:  # params only: never the optimizer state or the data iterator
+        params, _ = ckpt.restore(manager, step, ckpt.abstract_with_shardings(s.abstract_params, s.param_shardings))
     finally:
         manager.close()
 

@@ -101,7 +101,7 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
+        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab_in", "embed"), cfg)
 
         @nnx.split_rngs(splits=cfg.n_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -116,7 +116,8 @@ class Transformer(nnx.Module):
         """Returns f32 logits `[B, T, V]` and the per-layer FFN aux, stacked on a leading layer axis."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        h = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dtype)
+        table = constrain(self.embed[...], "vocab_in", "act_embed")  # gathered whole, like any FSDP weight
+        h = constrain(jnp.take(table, tokens_bt, axis=0).astype(dtype), "act_batch", "act_seq", "act_embed")
         h, aux = self._run_layers(h, train=train, tau=tau, rng=rng)
         h = ffn_lib.rms_norm(h, self.final_norm[...], cfg.norm_eps)
         logits = jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)

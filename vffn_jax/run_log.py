@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,12 @@ class Progress:
     """tqdm bar over steps with loss, tokens/s and the ETA tqdm computes."""
 
     def __init__(self, total: int, initial: int = 0, enabled: bool = True):
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
-                        unit="step", mininterval=1.0)
-        self.last = initial
+        self.enabled = enabled
+        self.interactive = sys.stderr.isatty()  # in a log file, print plain lines instead of redrawing a bar
+        self.bar = tqdm(total=total, initial=initial, disable=not (enabled and self.interactive), file=sys.stderr,
+                        dynamic_ncols=True, unit="step", mininterval=1.0)
+        self.total, self.initial, self.last = total, initial, initial
+        self.start = time.perf_counter()
 
     def update(self, step: int, row: dict[str, Any]) -> None:
         self.bar.update(step - self.last)
@@ -64,10 +68,11 @@ class Progress:
         if row.get("mfu"):
             postfix["mfu"] = f"{100 * row['mfu']:.1f}%"
         self.bar.set_postfix(postfix, refresh=False)
-        if self.bar.disable:
-            return
-        if not sys.stderr.isatty():  # keep a readable trail in logs where the bar can't redraw
-            self.bar.write(f"step {step}/{self.bar.total} " + " ".join(f"{k}={v}" for k, v in postfix.items()))
+        if self.enabled and not self.interactive:
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / max(step - self.initial, 1) * (self.total - step)
+            fields = " ".join(f"{k}={v}" for k, v in postfix.items())
+            print(f"step {step}/{self.total} {fields} eta={tqdm.format_interval(eta)}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self.bar.close()

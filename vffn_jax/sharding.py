@@ -6,6 +6,8 @@ or the mesh shape, never model code.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from flax import nnx
@@ -21,7 +23,8 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),  # ZeRO-3 style: weights sharded over the fsdp axis, gathered per layer
     ("mlp", "tensor"),  # FFN hidden units; E % tensor == 0 keeps each virtual expert on one device
     ("heads", "tensor"),
-    ("vocab", "tensor"),
+    ("vocab", "tensor"),  # output projection columns
+    ("vocab_in", None),  # input embedding rows: a gather over a vocab-sharded table makes XLA replicate it
     ("layers", None),  # the scanned layer axis
     ("head_dim", None),
     # activations
@@ -74,3 +77,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def on_mesh(fn, mesh: Mesh):
+    """Runs (and traces) `fn` under `jax.set_mesh(mesh)`, so `constrain` sees the mesh."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped

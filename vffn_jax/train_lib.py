@@ -123,11 +123,10 @@ def make_train_step(graphdef, tx, cfg: Config, mesh, param_shardings, opt_shardi
                    "lr": lr_schedule(cfg.train)(step), **summarize_aux(aux, cfg.model.max_depth)}
         return params, opt_state, metrics
 
-    with shd.axis_rules():
-        return jax.jit(step_fn,
-                       in_shardings=(param_shardings, opt_shardings, shd.batch_sharding(mesh), rep),
-                       out_shardings=(param_shardings, opt_shardings, rep),
-                       donate_argnums=(0, 1))
+    return shd.on_mesh(jax.jit(step_fn,
+                               in_shardings=(param_shardings, opt_shardings, shd.batch_sharding(mesh), rep),
+                               out_shardings=(param_shardings, opt_shardings, rep),
+                               donate_argnums=(0, 1)), mesh)
 
 
 def make_eval_step(graphdef, cfg: Config, mesh, param_shardings):
@@ -139,7 +138,8 @@ def make_eval_step(graphdef, cfg: Config, mesh, param_shardings):
         return {"ce_sum": ce * n_tokens, "tokens": jnp.asarray(n_tokens, jnp.float32),
                 **summarize_aux(aux, cfg.model.max_depth)}
 
-    return jax.jit(eval_fn, in_shardings=(param_shardings, shd.batch_sharding(mesh)), out_shardings=shd.replicated(mesh))
+    return shd.on_mesh(jax.jit(eval_fn, in_shardings=(param_shardings, shd.batch_sharding(mesh)),
+                               out_shardings=shd.replicated(mesh)), mesh)
 
 
 def global_batch(local_batch: np.ndarray, mesh) -> jax.Array:
