@@ -79,12 +79,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def on_mesh(fn, mesh: Mesh):
-    """Runs (and traces) `fn` under `jax.set_mesh(mesh)`, so `constrain` sees the mesh."""
+class on_mesh:
+    """A jitted function that is traced, lowered and called under `jax.set_mesh(mesh)`, so the
+    logical activation constraints (`constrain`) see the mesh. Supports `.lower(...)` for AOT use."""
 
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with jax.set_mesh(mesh):
-            return fn(*args, **kwargs)
+    def __init__(self, jitted, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+        functools.update_wrapper(self, jitted)
 
-    return wrapped
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args, **kwargs)
