@@ -131,3 +131,16 @@ def test_sharded_forward_equals_single_device():
             assert len(params["lm_head"][...].sharding.device_set) == 8
     np.testing.assert_allclose(outs[0]["ce_sum"], outs[1]["ce_sum"], rtol=1e-5)
     np.testing.assert_allclose(outs[0]["depth_hist"], outs[1]["depth_hist"])
+
+
+def test_bf16_compute_with_f32_params():
+    g, st = build(small("dense"))
+    g16, _ = build(small("dense", dtype="bfloat16"))
+    want, _ = apply(g, st, tokens())
+    got, _ = apply(g16, st, tokens())
+    assert got.dtype == jnp.float32  # the output projection accumulates in f32
+    np.testing.assert_allclose(got, want, atol=0.05)
+    gv, stv = build(small("versatile", dtype="bfloat16"))
+    assert {x.dtype for x in jax.tree.leaves(stv)} == {jnp.dtype(jnp.float32)}
+    logits, aux = apply(gv, stv, tokens(), train=True, tau=1.0, rng=jax.random.key(0))
+    assert np.all(np.isfinite(logits)) and aux["depth"].min() >= 1
