@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         if not args.workdir:
             raise config_lib.ConfigError("--workdir is required to train (where checkpoints and metrics go)")
         summary = train_lib.train(cfg, args.workdir, progress=not args.no_progress)
-    except (config_lib.ConfigError, FileNotFoundError) as e:
+    except (config_lib.ConfigError, FileNotFoundError, ModuleNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # a diverged run or a checkpoint mismatch: say what and where, no traceback wall

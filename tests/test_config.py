@@ -54,7 +54,7 @@ def test_tau_schedule_is_pure_function_of_step():
     assert float(tau_at(30000, train)) == pytest.approx(0.1)
 
 
-def test_cli_errors_are_clear_and_help_explains_flags():
+def test_cli_errors_are_clear_and_help_explains_flags(tmp_path):
     bad = subprocess.run([sys.executable, "train.py", "--config", "tiny", "--set", "model.top_k=12", "--dry-run"],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "model.top_k=12" in bad.stderr and "Traceback" not in bad.stderr
@@ -64,6 +64,12 @@ def test_cli_errors_are_clear_and_help_explains_flags():
     missing = subprocess.run([sys.executable, "train.py", "--workdir", "/tmp/x", "--set",
                               "data.path=/no/such/corpus.txt", "--steps", "1"], cwd=ROOT, capture_output=True, text=True)
     assert missing.returncode == 2 and "/no/such/corpus.txt" in missing.stderr
+    corpus = Path(tmp_path) / "corpus.txt"
+    corpus.write_text("too short for one sequence")
+    short = subprocess.run([sys.executable, "train.py", "--workdir", str(tmp_path / "run"), "--set", f"data.path={corpus}",
+                            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--steps", "1"],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert short.returncode == 2 and "too few to hold out" in short.stderr and "Traceback" not in short.stderr
     helptext = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
     for flag in ("--config", "--variant", "--workdir", "--steps", "--set", "--dry-run", "--json"):
         assert flag in helptext

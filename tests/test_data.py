@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from vffn_jax import data as data_lib
-from vffn_jax.config import DataConfig
+from vffn_jax.config import ConfigError, DataConfig
 from vffn_jax.data import (eval_batches, load_tokenizer, main, make_batch_iterator, prepare_default_corpus,
                            token_split)
 
@@ -175,7 +175,7 @@ def test_failed_tokenisation_leaves_no_cache(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:50]) + json.dumps({"body": "x"}) + "\n")
     cfg = DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"), holdout_fraction=0.1)
-    with pytest.raises(KeyError, match="data.text_field"):
+    with pytest.raises(ConfigError, match="data.text_field"):
         token_split(cfg, "validation")
     assert list((tmp_path / "cache" / "tokens").iterdir()) == []
 

