@@ -66,9 +66,8 @@ def prepare(cfg, n_batches: int = 2):
 
     s = train_lib.setup(cfg)
     tx = train_lib.make_optimizer(cfg.train)
-    _, params, _ = train_lib.init_params(cfg.model, s.mesh, cfg.train.seed)
-    opt_shardings = shd.state_shardings(jax.eval_shape(tx.init, s.abstract_params), s.mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    _, opt_shardings = train_lib.opt_state_shardings(tx, s)
+    params, opt_state = train_lib.init_train_state(s, tx, opt_shardings)
     step = train_lib.make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_shardings)
     rng = np.random.default_rng(cfg.train.seed)
     batches = [jax.device_put(rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1),

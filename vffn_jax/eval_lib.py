@@ -17,8 +17,8 @@ Device adaptation (the run may have been trained on another device count):
     (a prefix of the same split). `result["notes"]` says when either adaptation happened.
 
 Routing statistics are means over the evaluated tokens. Expert-load max/mean and CV are computed
-per layer from the load aggregated over all evaluated tokens (the training log's `eval/expert_load_cv`
-averages per-batch values instead, which reads slightly higher on few tokens), then averaged over layers.
+per layer from the load aggregated over all evaluated tokens (`train_lib.load_balance`, as training's
+`eval/` rows do), then averaged over layers.
 """
 from __future__ import annotations
 
@@ -174,9 +174,8 @@ def evaluate_run(workdir: str | Path, *, step: int | None = None, n_batches: int
         })
     if "expert_load" in raw:
         load = np.asarray(raw["expert_load"], np.float64)  # [layers, E]: fraction of token-slots per expert
-        mean = load.mean(-1)
-        max_over_mean = load.max(-1) / mean
-        cv = load.std(-1) / mean
+        balance = train_lib.load_balance(load)
+        max_over_mean, cv = balance["max_over_mean"], balance["cv"]
         result.update({
             "n_experts": m.n_experts, "top_k": m.top_k,
             "expert_load_per_layer": load.tolist(),

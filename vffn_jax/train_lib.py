@@ -52,6 +52,18 @@ def init_params(model_cfg: ModelConfig, mesh, seed: int = 0):
     return graphdef, init(), shardings
 
 
+def opt_state_shardings(tx: optax.GradientTransformation, s: "Setup"):
+    """(abstract optimizer state, its shardings): moments follow their parameters' logical axes."""
+    abstract_opt = jax.eval_shape(tx.init, s.abstract_params)
+    return abstract_opt, shd.state_shardings(abstract_opt, s.mesh)
+
+
+def init_train_state(s: "Setup", tx: optax.GradientTransformation, opt_shardings):
+    """Fresh (params, opt_state), each shard written in place on its device."""
+    _, params, _ = init_params(s.cfg.model, s.mesh, s.cfg.train.seed)
+    return params, jax.jit(tx.init, out_shardings=opt_shardings)(params)
+
+
 def lr_schedule(train: TrainConfig) -> optax.Schedule:
     warmup = int(round(train.warmup_frac * train.steps))
     return optax.warmup_cosine_decay_schedule(
@@ -100,12 +112,26 @@ def summarize_aux(aux: dict[str, jax.Array], max_depth: int) -> dict[str, jax.Ar
     if "expert_load" in aux:
         load = aux["expert_load"]  # [layers, E]
         out["expert_load"] = load
-        out["expert_load_max_over_mean"] = (load.max(-1) / load.mean(-1)).mean()
-        out["expert_load_cv"] = (load.std(-1) / load.mean(-1)).mean()
         out["router_entropy"] = aux["router_entropy"].mean()
         out["balance_loss"] = aux["balance_loss"].mean()
         out["z_loss"] = aux["z_loss"].mean()
     return out
+
+
+def load_balance(load_le) -> dict[str, np.ndarray]:
+    """Per-layer max/mean and coefficient of variation of the expert load `[layers, E]` (host side,
+    from the load aggregated over a logging window or an evaluation, so train and eval agree)."""
+    load = np.asarray(load_le, np.float64)
+    mean = load.mean(-1)
+    return {"max_over_mean": load.max(-1) / mean, "cv": load.std(-1) / mean}
+
+
+def _with_load_balance(row: dict[str, Any]) -> dict[str, Any]:
+    if "expert_load" in row:
+        stats = load_balance(row["expert_load"])
+        row["expert_load_max_over_mean"] = float(stats["max_over_mean"].mean())
+        row["expert_load_cv"] = float(stats["cv"].mean())
+    return row
 
 
 def make_train_step(graphdef, tx, cfg: Config, mesh, param_shardings, opt_shardings):
@@ -163,7 +189,7 @@ def evaluate(eval_step, params, batches, mesh) -> dict[str, Any]:
     for k, v in totals.items():
         v = v / n
         result[k] = v.tolist() if np.ndim(v) else float(v)
-    return result
+    return _with_load_balance(result)
 
 
 # --------------------------------------------------------------------------- set-up shared by train and eval
@@ -252,8 +278,7 @@ def train(cfg: Config, workdir: str | Path, *, devices=None, progress: bool = Tr
                           f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
 
     tx = make_optimizer(cfg.train)
-    abstract_opt = jax.eval_shape(tx.init, s.abstract_params)
-    opt_shardings = shd.state_shardings(abstract_opt, s.mesh)
+    abstract_opt, opt_shardings = opt_state_shardings(tx, s)
     data_it = data_lib.make_batch_iterator(
         cfg.data, "train", seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size, seed=cfg.data.shuffle_seed,
         process_index=jax.process_index(), process_count=jax.process_count())
@@ -264,8 +289,7 @@ def train(cfg: Config, workdir: str | Path, *, devices=None, progress: bool = Tr
     manager = ckpt.make_manager(workdir, cfg.run)
     start = manager.latest_step()
     if start is None:
-        _, params, _ = init_params(cfg.model, s.mesh, cfg.train.seed)
-        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+        params, opt_state = init_train_state(s, tx, opt_shardings)
         start = 0
     else:
         params, opt_state = ckpt.restore(
@@ -287,22 +311,24 @@ def train(cfg: Config, workdir: str | Path, *, devices=None, progress: bool = Tr
     last_saved = start
     window: list[dict] = []
     t_window = time.perf_counter()
-    pending = None  # the previous step's metrics: checked one step late so dispatch stays ahead
+    unchecked = None  # (step, metrics) not yet checked for NaN: checked one step late so dispatch stays ahead
     step = start
     end = min(cfg.train.steps, stop_at) if stop_at else cfg.train.steps
     try:
         while step < end:
             batch = global_batch(next(data_it), s.mesh)
             params, opt_state, metrics = train_step(params, opt_state, batch, jnp.asarray(step, jnp.int32))
-            if pending is not None:
-                _check_finite(*pending, last_saved)
-                window.append(pending[1])
-            pending = (step + 1, metrics)
             step += 1
-            if step % cfg.run.log_every == 0 or step == end:
-                _check_finite(*pending, last_saved)
-                window.append(pending[1])
-                pending = None
+            if unchecked is not None:
+                _check_finite(*unchecked, last_saved)
+            unchecked = (step, metrics)
+            window.append(metrics)
+            at_log = step % cfg.run.log_every == 0 or step == end
+            at_ckpt = step % cfg.run.ckpt_every == 0 or step == end
+            if at_log or at_ckpt:  # never log or save a step before its loss is known to be finite
+                _check_finite(*unchecked, last_saved)
+                unchecked = None
+            if at_log:
                 elapsed = time.perf_counter() - t_window
                 row = _window_summary(jax.device_get(window))
                 tps = len(window) * tokens_per_step / max(elapsed, 1e-9)
@@ -310,9 +336,7 @@ def train(cfg: Config, workdir: str | Path, *, devices=None, progress: bool = Tr
                 logger.log(step, row)
                 bar.update(step, row)
                 window, t_window = [], time.perf_counter()
-            if step % cfg.run.ckpt_every == 0 or step == end:
-                if pending is not None:
-                    _check_finite(*pending, last_saved)
+            if at_ckpt:
                 ckpt.save(manager, step, params, opt_state, data_it, force=step == end)
                 last_saved = step
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != cfg.train.steps:
@@ -344,7 +368,7 @@ def _window_summary(window: list[dict]) -> dict[str, Any]:
         values = np.mean([np.asarray(m[key], np.float64) for m in window], axis=0)
         row[key] = values.tolist() if np.ndim(values) else float(values)
     row["loss_last"] = float(window[-1]["loss"])
-    return row
+    return _with_load_balance(row)
 
 
 def _prefixed(prefix: str, d: dict) -> dict:
