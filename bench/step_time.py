@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "Default: 3")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant after compiling. Default: 1")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--moe", action="store_true",
+                   help="also time the moe baseline. Its FLOPs count k of E experts (model FLOPs, 1.25x dense FFN for "
+                        "8-choose-2) but the dense dispatch runs all E (2x), so expect time/FLOPs well above 1")
     p.add_argument("--no-cache", action="store_true",
                    help="do not use the persistent compilation cache (.jax_cache/ in the repo root, shared with the "
                         "tests); with it, reruns skip most of the compile time (the 'compile s' column then shows "
@@ -85,7 +88,7 @@ def run(args) -> dict:
 
     base = config_lib.parse_set_args(args.overrides)
     states = {}
-    for name, extra in VARIANTS:
+    for name, extra in VARIANTS + ((("moe", {}),) if args.moe else ()):
         cfg = config_lib.load_config(args.config, name, {**extra, **base})
         compiled, params, opt_state, batches, s, compile_s = prepare(cfg)
         states[name] = {"cfg": cfg, "step": compiled, "params": params, "opt": opt_state, "batches": batches,

@@ -25,7 +25,7 @@ def test_scale_and_variant_compose():
     ({"model.ffn": "nope"}, "model.ffn"),
     ({"model.d_modle": 3}, "unknown config key 'model.d_modle'"),
     ({"train.lr": "fast"}, "train.lr"),
-    ({"mesh.data": -1, "mesh.fsdp": -1}, "at most one mesh axis"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, "at most one of"),
 ])
 def test_invalid_configs_name_the_field(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace("(", r"\(")):
@@ -85,3 +85,19 @@ def test_dry_run_json_reports_counts_and_shardings():
     assert info["params_non_embedding"] == 354_712_576 - 2 * 50304 * 1024
     assert info["shardings"]["layers/ffn/w_gate"]["spec"] == "P(None, 'fsdp', 'tensor')"
     assert info["flops_per_token_train"] > 6 * info["params_non_embedding"]
+
+
+@pytest.mark.parametrize("variant", ["moe", "versatile_avg"])
+def test_new_variants_follow_the_expert_rules(variant):
+    assert load_config("tiny", variant).model.ffn == variant
+    with pytest.raises(ConfigError, match=r"model\.n_experts"):
+        load_config("tiny", variant, {"model.d_ff": 500})  # f % E != 0
+    with pytest.raises(ConfigError, match=r"model\.top_k"):
+        load_config("tiny", variant, {"model.top_k": 9})
+    with pytest.raises(ConfigError, match=r"train\.init_step"):
+        load_config("tiny", variant, {"train.init_step": 3})  # a step without a source
+    if variant == "moe":  # each expert's f/E hidden units are sharded over tensor: 512/8 = 64 units
+        validate(load_config("tiny", "moe", {"mesh.data": 2, "mesh.tensor": 4}), n_devices=8)
+        with pytest.raises(ConfigError, match=r"mesh\.tensor=4 must divide each moe expert"):
+            validate(load_config("tiny", "moe", {"model.d_ff": 48, "model.n_experts": 8, "mesh.data": 2,
+                                                 "mesh.tensor": 4, "model.vocab_size": 512}), n_devices=8)

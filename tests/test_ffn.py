@@ -57,8 +57,9 @@ def np_width(p, x_token, n_experts, top_k):
     return sum(w_j * np_expert(p, x_token, i, n_experts) for w_j, i in zip(w, idx))
 
 
-def np_versatile(p, x, n_experts, top_k, depths=None):
-    """Per-token reference; `depths` forces the loop count (e.g. the one sampled in training)."""
+def np_versatile(p, x, n_experts, top_k, depths=None, fixed_alpha=None):
+    """Per-token reference; `depths` forces the loop count (e.g. the one sampled in training);
+    `fixed_alpha` replaces the depth-derived gate (the versatile_avg ablation)."""
     p = {k: np.asarray(v, np.float64) for k, v in p.items()}
     x = np.asarray(x, np.float64)
     flat = x.reshape(-1, x.shape[-1])
@@ -69,7 +70,7 @@ def np_versatile(p, x, n_experts, top_k, depths=None):
         y = xt
         for _ in range(depth):
             y = np_loop(p, y)
-        alpha = (max_depth - depth) / max_depth
+        alpha = (max_depth - depth) / max_depth if fixed_alpha is None else fixed_alpha
         out.append((1 - alpha) * y + alpha * np_width(p, xt, n_experts, top_k))
     return np.stack(out).reshape(x.shape)
 
@@ -228,3 +229,77 @@ def test_remat_loops_and_bf16_agree_with_reference():
     y16, _ = ffn.versatile_ffn(p, x.astype(jnp.bfloat16), n_experts=E, top_k=K, max_depth=L, dtype=jnp.bfloat16)
     assert y16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y16, np.float32), y32, rtol=0.1, atol=0.15)
+
+
+# ---------------------------------------------------------------- versatile_avg and the moe baseline
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_versatile_avg_is_half_width_half_depth(train):
+    p = make_params()
+    x = inputs()
+    kw = dict(train=True, tau=1.0, rng=jax.random.key(7)) if train else {}
+    y, aux = ffn.apply_ffn("versatile_avg", p, x, n_experts=E, top_k=K, max_depth=L, **kw)
+    depth = np.asarray(aux["depth"])
+    assert len(np.unique(depth)) > 1, "test inputs should exercise several depths"
+    if not train:  # the depth router still decides the depth: argmax of its logits at inference
+        np.testing.assert_array_equal(depth, np.argmax(np.asarray(x @ p["depth_router"]), -1) + 1)
+    np.testing.assert_allclose(y, np_versatile(p, x, E, K, depths=depth, fixed_alpha=0.5), rtol=2e-4, atol=2e-4)
+    np.testing.assert_array_equal(aux["alpha"], 0.5)
+    assert {"expert_load", "balance_loss", "depth_entropy"} <= set(aux)
+
+
+def moe_params(seed=0, d=D, f=F, n_experts=E, router_scale=1.0):
+    p = {k: v for k, v in make_params(seed, d, f, n_experts, router_scale=router_scale).items() if k != "depth_router"}
+    ks = jax.random.split(jax.random.key(seed + 100), 3)
+    h = f // n_experts
+    p["expert_w_gate"] = 0.3 * jax.random.normal(ks[0], (n_experts, d, h))
+    p["expert_w_up"] = 0.3 * jax.random.normal(ks[1], (n_experts, d, h))
+    p["expert_w_down"] = 0.3 * jax.random.normal(ks[2], (n_experts, h, d))
+    return p
+
+
+def np_moe(p, x, n_experts, top_k):
+    """Per token: dense SwiGLU + sum over the top-k experts (softmax over the selected logits) of each
+    real expert's own SwiGLU; one residual."""
+    p = {k: np.asarray(v, np.float64) for k, v in p.items()}
+    out = []
+    for xt in np.asarray(x, np.float64).reshape(-1, x.shape[-1]):
+        n = np_rms(xt, p["norm_scale"])
+        y = np_loop(p, xt)
+        logits = xt @ p["expert_router"]
+        idx = np.argsort(-logits)[:top_k]
+        w = np.exp(logits[idx] - logits[idx].max())
+        for w_j, i in zip(w / w.sum(), idx):
+            y = y + w_j * (np_silu(n @ p["expert_w_gate"][i]) * (n @ p["expert_w_up"][i])) @ p["expert_w_down"][i]
+        out.append(y)
+    return np.stack(out).reshape(x.shape)
+
+
+@pytest.mark.parametrize("n_experts,top_k", [(8, 2), (4, 1), (4, 4)])
+def test_moe_equals_per_token_per_expert_reference(n_experts, top_k):
+    p = moe_params(n_experts=n_experts)
+    x = inputs()
+    y, aux = ffn.apply_ffn("moe", p, x, n_experts=n_experts, top_k=top_k, max_depth=L, train=True, rng=None)
+    np.testing.assert_allclose(y, np_moe(p, x, n_experts, top_k), rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(np.sum(aux["expert_load"]), 1.0, rtol=1e-6)
+    assert {"balance_loss", "z_loss", "router_entropy"} <= set(aux) and "depth" not in aux
+    shapes = ffn.param_shapes("moe", D, F, n_experts, L)
+    assert {k: v[0] for k, v in shapes.items()} == {k: tuple(v.shape) for k, v in p.items()}
+
+
+def test_moe_gradients_reach_router_and_every_expert():
+    p = moe_params(router_scale=0.1)
+    x = inputs(shape=(4, 16, D))
+
+    def loss(params):
+        y, aux = ffn.moe_ffn(params, x, n_experts=E, top_k=K)
+        return jnp.sum(y ** 2) + aux["balance_loss"]
+
+    grads = jax.jit(jax.grad(loss))(p)
+    for name, g in grads.items():
+        assert np.all(np.isfinite(g)), name
+        assert float(jnp.abs(g).sum()) > 1e-6, f"no gradient reaches {name}"
+    for name in ("expert_w_gate", "expert_w_up", "expert_w_down"):  # each expert got tokens, so each learns
+        per_expert = np.abs(np.asarray(grads[name])).reshape(E, -1).sum(-1)
+        assert np.all(per_expert > 0), (name, per_expert)

@@ -7,6 +7,7 @@ leaves the earlier steps intact and restore ignores the unfinished one.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grain
@@ -93,10 +94,39 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params, abstract
     items = {"params": ocp.args.StandardRestore(abstract_params)}
     if abstract_opt_state is not None:
         items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-    if data_iter is not None:
+    same_processes = data_iter is not None and _data_state_file(manager, step, jax.process_index(), jax.process_count()).exists()
+    if same_processes:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
+    if data_iter is not None and not same_processes:
+        _restore_data_state_elsewhere(manager, step, data_iter)
     return restored["params"], restored.get("opt_state") if abstract_opt_state is not None else None
+
+
+def _data_state_file(manager: ocp.CheckpointManager, step: int, index: int, count: int) -> Path:
+    return Path(manager.directory) / str(step) / "data" / f"process_{index}-of-{count}.json"
+
+
+def _restore_data_state_elsewhere(manager: ocp.CheckpointManager, step: int, data_iter) -> None:
+    """Resume the data stream on a different number of processes than the run that saved it.
+
+    Each process saved its own grain iterator state. A global batch is a pure function of its index
+    whatever the process count (`data.batch_dataset`), so every process's position is the number of
+    global batches consumed, the same in each saved state: any saved in-process state restores here.
+    """
+    saved = sorted((Path(manager.directory) / str(step) / "data").glob("process_*-of-*.json"))
+    where = Path(manager.directory) / str(step) / "data"
+    if not saved:
+        raise FileNotFoundError(f"{where} holds no data-iterator state (process_*-of-*.json); the checkpoint is "
+                                "incomplete: resume from an earlier step or delete this one")
+    states = [json.loads(f.read_text()) for f in saved]
+    saved_count = saved[0].stem.rsplit("-of-", 1)[1]
+    if any(set(st) != {"next_index"} for st in states) or len({st["next_index"] for st in states}) != 1:
+        raise CheckpointMismatchError(
+            f"the data-iterator state in {where} was saved by {saved_count} process(es) in a form that does not "
+            f"carry over to {jax.process_count()} (e.g. with data.num_workers > 0). Resume with {saved_count} "
+            "process(es), or set data.num_workers=0 in the original run before changing the process count")
+    data_iter.set_state(states[0])
 
 
 def latest_step(workdir: str | Path) -> int | None:

@@ -14,7 +14,10 @@ from typing import Any, get_type_hints
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-FFN_KINDS = ("dense", "kloop", "width_only", "depth_only", "versatile")
+FFN_KINDS = ("dense", "kloop", "width_only", "depth_only", "versatile", "versatile_avg", "moe")
+EXPERT_KINDS = ("width_only", "versatile", "versatile_avg", "moe")  # have an expert router (top-k of E)
+VIRTUAL_EXPERT_KINDS = ("width_only", "versatile", "versatile_avg")  # experts are slices of the shared FFN
+DEPTH_KINDS = ("depth_only", "versatile", "versatile_avg")  # have a depth router (1..L loops per token)
 REMAT_POLICIES = ("none", "full", "dots")
 
 
@@ -71,6 +74,11 @@ class TrainConfig:
     balance_coef: float = 1e-5  # Switch load-balance loss on the virtual-expert router
     z_loss_coef: float = 0.0  # router z-loss (off by default)
     seed: int = 0
+    # continued pretraining (SPEC §4): start from another run's params (a workdir, its checkpoints/ or
+    # checkpoints/<step>); shared weights copied, new ones (routers, experts) fresh, optimizer and step reset.
+    # Ignored when this run's workdir already has checkpoints (it resumes).
+    init_from: str = ""
+    init_step: int = -1  # the source's checkpoint step (-1 = its latest)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,11 +96,28 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axis sizes; one may be -1 (filled with the remaining devices)."""
+    """Device mesh axis sizes, inside a slice (ICI) and across slices (DCN).
+
+    Each mesh axis spans `ici * dcn` devices. One ICI size may be -1 (filled with the devices of a
+    slice left over) and one DCN size may be -1 (filled with the slices left over). DCN sizes above 1
+    build a hybrid mesh (`mesh_utils.create_hybrid_device_mesh`): slices are TPU slices, or processes
+    on platforms without slices. Put `data` (or `fsdp`) across slices; `tensor` belongs inside one.
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+
+    @property
+    def ici(self) -> tuple[int, int, int]:
+        return (self.data, self.fsdp, self.tensor)
+
+    @property
+    def dcn(self) -> tuple[int, int, int]:
+        return (self.dcn_data, self.dcn_fsdp, self.dcn_tensor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,33 +255,57 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 # --------------------------------------------------------------------------- validation
 
 
+_ICI_NAMES = ("mesh.data", "mesh.fsdp", "mesh.tensor")
+_DCN_NAMES = ("mesh.dcn_data", "mesh.dcn_fsdp", "mesh.dcn_tensor")
+
+
 def _check_mesh_sizes(mesh: MeshConfig) -> None:
-    sizes = [mesh.data, mesh.fsdp, mesh.tensor]
-    if sizes.count(-1) > 1:
-        raise ConfigError("at most one mesh axis may be -1 (auto); set the others explicitly")
-    for name, size in zip(("mesh.data", "mesh.fsdp", "mesh.tensor"), sizes):
-        if size == 0 or size < -1:
-            raise ConfigError(f"{name}={size}: axis sizes must be positive or -1 (auto)")
+    for names, sizes in ((_ICI_NAMES, mesh.ici), (_DCN_NAMES, mesh.dcn)):
+        if list(sizes).count(-1) > 1:
+            raise ConfigError(f"at most one of {names} may be -1 (auto); set the others explicitly")
+        for name, size in zip(names, sizes):
+            if size == 0 or size < -1:
+                raise ConfigError(f"{name}={size}: axis sizes must be positive or -1 (auto)")
 
 
-def resolve_mesh_shape(mesh: MeshConfig, n_devices: int) -> tuple[int, int, int]:
-    """Axis sizes with the -1 axis filled in, checked against the device count."""
-    _check_mesh_sizes(mesh)
-    sizes = [mesh.data, mesh.fsdp, mesh.tensor]
-    names = ["mesh.data", "mesh.fsdp", "mesh.tensor"]
+def _fill(sizes: tuple[int, ...], names: tuple[str, ...], total: int, what: str) -> tuple[int, ...]:
+    sizes = list(sizes)
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if n_devices % fixed:
-            raise ConfigError(f"mesh: {n_devices} devices are not divisible by the fixed axes' product {fixed}; change {names}")
-        sizes[sizes.index(-1)] = n_devices // fixed
-    if math.prod(sizes) != n_devices:
+        if total % fixed:
+            raise ConfigError(f"mesh: {total} {what} are not divisible by the fixed sizes' product {fixed}; "
+                              f"change {list(names)}")
+        sizes[sizes.index(-1)] = total // fixed
+    if math.prod(sizes) != total:
         raise ConfigError(
-            f"mesh {dict(zip(names, sizes))} has {math.prod(sizes)} devices but {n_devices} are available; "
+            f"mesh {dict(zip(names, sizes))} spans {math.prod(sizes)} {what} but there are {total}; "
             "set one axis to -1 or make the product match")
-    return tuple(sizes)  # type: ignore[return-value]
+    return tuple(sizes)
 
 
-def validate(cfg: Config, n_devices: int | None = None) -> None:
+def resolve_mesh_shapes(mesh: MeshConfig, n_devices: int, n_slices: int | None = None):
+    """(ici_shape, dcn_shape) with the -1 sizes filled in. `n_slices` defaults to the DCN product
+    when no DCN size is -1 (one slice when DCN is all 1s)."""
+    _check_mesh_sizes(mesh)
+    if n_slices is None:
+        if -1 in mesh.dcn:
+            raise ConfigError("a -1 among mesh.dcn_* needs the number of slices, known only on the devices")
+        n_slices = math.prod(mesh.dcn)
+    if n_devices % n_slices:
+        raise ConfigError(f"mesh: {n_devices} devices do not split into {n_slices} equal slices; "
+                          f"change {list(_DCN_NAMES)}")
+    dcn = _fill(mesh.dcn, _DCN_NAMES, n_slices, "slices")
+    ici = _fill(mesh.ici, _ICI_NAMES, n_devices // n_slices, "devices per slice")
+    return ici, dcn
+
+
+def resolve_mesh_shape(mesh: MeshConfig, n_devices: int, n_slices: int | None = None) -> tuple[int, int, int]:
+    """The global (data, fsdp, tensor) sizes: ICI x DCN per axis, checked against the device count."""
+    ici, dcn = resolve_mesh_shapes(mesh, n_devices, n_slices)
+    return tuple(i * d for i, d in zip(ici, dcn))  # type: ignore[return-value]
+
+
+def validate(cfg: Config, n_devices: int | None = None, n_slices: int | None = None) -> None:
     """Raises ConfigError naming the field and the fix for any inconsistent setting."""
     m, t = cfg.model, cfg.train
     if m.ffn not in FFN_KINDS:
@@ -270,16 +319,16 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
         raise ConfigError(f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; pick heads so d_model % n_heads == 0")
     if m.head_dim % 2:
         raise ConfigError(f"head dim d_model/n_heads={m.head_dim} must be even for RoPE; change model.n_heads or model.d_model")
-    if m.ffn in ("width_only", "versatile"):
+    if m.ffn in EXPERT_KINDS:
         if m.n_experts < 1:
             raise ConfigError(f"model.n_experts={m.n_experts} must be >= 1")
         if m.d_ff % m.n_experts:
             raise ConfigError(
                 f"model.d_ff={m.d_ff} is not divisible by model.n_experts={m.n_experts} (f % E != 0); "
-                "virtual experts are equal slices of the hidden units: pick E dividing d_ff")
+                "experts are equal slices of (moe: have 1/E of) the hidden units: pick E dividing d_ff")
         if not 1 <= m.top_k <= m.n_experts:
             raise ConfigError(f"model.top_k={m.top_k} must be in 1..model.n_experts={m.n_experts}")
-    if m.ffn in ("depth_only", "versatile") and m.max_depth < 1:
+    if m.ffn in DEPTH_KINDS and m.max_depth < 1:
         raise ConfigError(f"model.max_depth={m.max_depth} must be >= 1 (the number of FFN loops L)")
     if m.ffn == "kloop" and m.n_loops < 1:
         raise ConfigError(f"model.n_loops={m.n_loops} must be >= 1 (K of the kloop baseline)")
@@ -288,6 +337,9 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
             raise ConfigError(f"model.{name}={getattr(m, name)!r}: choose float32, bfloat16 or float16")
     if t.steps < 1 or t.batch_size < 1 or t.seq_len < 1:
         raise ConfigError("train.steps, train.batch_size and train.seq_len must be >= 1")
+    if t.init_step < -1 or (t.init_step != -1 and not t.init_from):
+        raise ConfigError(f"train.init_step={t.init_step}: a checkpoint step >= 0 (or -1 = latest) of the "
+                          "run named by train.init_from (--init-from DIR); set both or neither")
     if not 0 <= t.warmup_frac < 1:
         raise ConfigError(f"train.warmup_frac={t.warmup_frac} must be in [0, 1)")
     if not 0 < t.tau_end <= t.tau_start or not 0 < t.tau_decay <= 1:
@@ -298,7 +350,7 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
     if cfg.run.ckpt_every < 1 or cfg.run.keep_ckpts < 1 or cfg.run.log_every < 1:
         raise ConfigError("run.ckpt_every, run.keep_ckpts and run.log_every must be >= 1")
     if n_devices is not None:
-        data, fsdp, tensor = resolve_mesh_shape(cfg.mesh, n_devices)
+        data, fsdp, tensor = resolve_mesh_shape(cfg.mesh, n_devices, n_slices)
         if t.batch_size % (data * fsdp):
             raise ConfigError(
                 f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "
@@ -307,10 +359,17 @@ def validate(cfg: Config, n_devices: int | None = None) -> None:
             raise ConfigError(
                 f"mesh.tensor={tensor} must divide model.d_ff={m.d_ff}, model.n_heads={m.n_heads} "
                 f"and model.vocab_size={m.vocab_size}")
-        if m.ffn in ("width_only", "versatile") and tensor > 1 and m.n_experts % tensor and tensor % m.n_experts:
+        if m.ffn in VIRTUAL_EXPERT_KINDS and m.n_experts % tensor:
+            # f is sharded over tensor in contiguous blocks: E % T == 0 puts E/T whole experts on each device
             raise ConfigError(
-                f"model.n_experts={m.n_experts} and mesh.tensor={tensor}: virtual experts must align with "
-                "tensor shards (E a multiple of the tensor size, or the tensor size a multiple of E)")
+                f"model.n_experts={m.n_experts} is not divisible by the tensor-parallel size {tensor} "
+                f"(mesh.tensor x mesh.dcn_tensor): each virtual expert's hidden units must live on one device. "
+                f"Use a tensor size dividing {m.n_experts}, or set model.n_experts to a multiple of {tensor}")
+        if m.ffn == "moe" and (m.d_ff // m.n_experts) % tensor:
+            raise ConfigError(
+                f"mesh.tensor={tensor} must divide each moe expert's hidden width model.d_ff/model.n_experts="
+                f"{m.d_ff // m.n_experts} (expert hidden units are sharded over tensor); "
+                "change mesh.tensor or model.n_experts")
 
 
 def tau_at(step, train: TrainConfig):

@@ -35,8 +35,8 @@ from vffn_jax import config as config_lib
 from vffn_jax.config import Config, ConfigError, MeshConfig
 
 PLOT_NAME = "depth_per_layer.png"
-DEPTH_KINDS = ("versatile", "depth_only")
-EXPERT_KINDS = ("versatile", "width_only")
+DEPTH_KINDS = ("versatile", "depth_only", "versatile_avg")
+EXPERT_KINDS = ("versatile", "width_only", "versatile_avg", "moe")
 
 
 class StepNotFoundError(FileNotFoundError):

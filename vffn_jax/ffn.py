@@ -1,9 +1,10 @@
-"""Pure FFN math over params dicts: dense SwiGLU, K-loop, and VersatileFFN (SPEC §2–§3).
+"""Pure FFN math over params dicts: dense SwiGLU, K-loop, MoE, and VersatileFFN (SPEC §2–§3, §5).
 
 Every function takes `x [..., d]`, the residual stream after attention, and returns
 `(y [..., d], aux)` where `y` is the new residual stream: the FFN's residual is part of one loop,
 `FFN(z) = z + act(z) W_down`. Param keys: `norm_scale [d]`, `w_gate [d,f]`, `w_up [d,f]`,
-`w_down [f,d]`, plus `expert_router [d,E]` and/or `depth_router [d,L]` where the variant routes.
+`w_down [f,d]`, plus `expert_router [d,E]` and/or `depth_router [d,L]` where the variant routes,
+and for `moe` the stacked real experts `expert_w_gate/expert_w_up [E,d,f/E]`, `expert_w_down [E,f/E,d]`.
 """
 from __future__ import annotations
 
@@ -189,12 +190,15 @@ def depth_ffn(params: Params, x, *, max_depth: int, train: bool = False, tau=1.0
 
 
 def versatile_ffn(params: Params, x, *, n_experts: int, top_k: int, max_depth: int, train: bool = False,
-                  tau=1.0, rng=None, dtype=None, eps: float = 1e-6, remat_loops: bool = False, **_):
+                  tau=1.0, rng=None, dtype=None, eps: float = 1e-6, remat_loops: bool = False,
+                  fixed_alpha: float | None = None, **_):
     """VersatileFFN (SPEC §2): `(1 - alpha) * x_depth + alpha * x_width`, alpha from the token's depth.
 
     The width path reuses loop 1's hidden activation, so it costs one extra down-projection.
-    aux: `depth [...] int32` (1..L), `alpha [...]`, `expert_load [E]`, `balance_loss`, `z_loss`,
-    `router_entropy`, `depth_entropy`.
+    `fixed_alpha` replaces the difficulty-aware gate by a constant (the `versatile_avg` ablation);
+    the depth router still picks each token's depth, and then gets gradient through `g` only.
+    aux: `depth [...] int32` (1..L), `alpha [...]` (the gate actually used), `expert_load [E]`,
+    `balance_loss`, `z_loss`, `router_entropy`, `depth_entropy`.
     """
     if params["expert_router"].shape[-1] != n_experts or params["depth_router"].shape[-1] != max_depth:
         raise ValueError(f"router shapes {params['expert_router'].shape}, {params['depth_router'].shape} "
@@ -209,12 +213,44 @@ def versatile_ffn(params: Params, x, *, n_experts: int, top_k: int, max_depth: i
     x_width = width_from_hidden(p, x, hidden, gates)
     x_depth, alpha, aux = _depth_and_alpha(p, x, hidden, depth_logits, train=train, tau=tau, rng=rng,
                                            eps=eps, remat_loops=remat_loops)
+    if fixed_alpha is not None:
+        alpha = aux["alpha"] = jnp.full_like(alpha, fixed_alpha)
     a = alpha[..., None].astype(x.dtype)
     y = (1 - a) * x_depth + a * x_width
     return y, {**aux, **router_stats(expert_logits, top_idx, n_experts)}
 
 
-# --------------------------------------------------------------------------- registry (the seam for `moe`)
+def versatile_avg_ffn(params: Params, x, **kwargs):
+    """Ablation (paper Table 3, SPEC §5): both paths averaged 0.5/0.5 instead of the difficulty-aware gate."""
+    return versatile_ffn(params, x, fixed_alpha=0.5, **kwargs)
+
+
+# --------------------------------------------------------------------------- MoE baseline
+
+
+def moe_ffn(params: Params, x, *, n_experts: int, top_k: int, dtype=None, eps: float = 1e-6, **_):
+    """The paper's MoE baseline (SPEC §5): the dense SwiGLU kept plus E real SwiGLU experts of width f/E.
+
+    `y = x + act(x) W_down + sum_j w_j act_{idx_j}(x) W_down^{idx_j}`: one residual, like one loop of
+    the FFN (because the top-k weights sum to 1 this equals `sum_j w_j (FFN(x) + expert_{idx_j}(x))`).
+    The experts share the FFN's norm; the router reads `x` like the width router, top-k then softmax
+    over the selected logits, the same balance/z losses and statistics. Dense dispatch: every expert
+    runs on every token as one einsum over the stacked `[E, d, f/E]` weights, weighted by the gates
+    (0 for unselected experts), so no gather/scatter or ragged shapes.
+    """
+    p = _cast(params, dtype or x.dtype)
+    expert_logits = x.astype(jnp.float32) @ params["expert_router"].astype(jnp.float32)
+    gates, top_idx = expert_gates(expert_logits, top_k)
+    n = rms_norm(x, p["norm_scale"], eps)
+    dense_out = (jax.nn.silu(n @ p["w_gate"]) * (n @ p["w_up"])) @ p["w_down"]
+    hidden = (jax.nn.silu(jnp.einsum("...d,edh->...eh", n, p["expert_w_gate"]))
+              * jnp.einsum("...d,edh->...eh", n, p["expert_w_up"]))
+    hidden = hidden * gates[..., None].astype(hidden.dtype)
+    expert_out = jnp.einsum("...eh,ehd->...d", hidden, p["expert_w_down"])
+    return x + dense_out + expert_out, router_stats(expert_logits, top_idx, n_experts)
+
+
+# --------------------------------------------------------------------------- registry
 
 
 def param_shapes(kind: str, d: int, f: int, n_experts: int, max_depth: int) -> dict[str, tuple[tuple[int, ...], tuple]]:
@@ -225,10 +261,14 @@ def param_shapes(kind: str, d: int, f: int, n_experts: int, max_depth: int) -> d
         "w_up": ((d, f), ("embed", "mlp")),
         "w_down": ((f, d), ("mlp", "embed")),
     }
-    if kind in ("width_only", "versatile"):
+    if kind in ("width_only", "versatile", "versatile_avg", "moe"):
         shapes["expert_router"] = ((d, n_experts), ("embed", None))
-    if kind in ("depth_only", "versatile"):
+    if kind in ("depth_only", "versatile", "versatile_avg"):
         shapes["depth_router"] = ((d, max_depth), ("embed", None))
+    if kind == "moe":  # E real experts of width f/E, stacked: shard like the dense FFN (d on fsdp, hidden on tensor)
+        shapes["expert_w_gate"] = ((n_experts, d, f // n_experts), ("expert", "embed", "mlp"))
+        shapes["expert_w_up"] = ((n_experts, d, f // n_experts), ("expert", "embed", "mlp"))
+        shapes["expert_w_down"] = ((n_experts, f // n_experts, d), ("expert", "mlp", "embed"))
     return shapes
 
 
@@ -238,6 +278,8 @@ FFN_FUNCTIONS: dict[str, Callable[..., tuple[jax.Array, Aux]]] = {
     "width_only": width_ffn,
     "depth_only": depth_ffn,
     "versatile": versatile_ffn,
+    "versatile_avg": versatile_avg_ffn,
+    "moe": moe_ffn,
 }
 
 

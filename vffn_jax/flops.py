@@ -4,7 +4,9 @@ Conventions: a matmul of [m,k]x[k,n] costs 2mkn; training = 3x forward (backward
 rematerialisation is not counted, as in the usual MFU definition). Attention scores count the
 full T x T product (PaLM's convention). The FFN counts what this implementation runs: the width
 path is a dense masked down-projection (+2df), the depth path runs every loop in training and
-`depth` loops per token at inference.
+`depth` loops per token at inference. Exception, `moe`: its k routed experts of E are counted (the
+model FLOPs a sparse dispatch runs, 1.25x dense for 8-choose-2) although the dense dispatch here
+executes all E (2x dense), so its MFU is model-FLOPs utilisation.
 """
 from __future__ import annotations
 
@@ -49,12 +51,14 @@ def analytic_params(cfg: ModelConfig) -> int:
     """Closed form of the parameter count (must agree with count_params; SPEC §4 table)."""
     d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
     per_layer = 4 * d * d + 3 * d * f + 2 * d + router_width(cfg) * d
+    if cfg.ffn == "moe":
+        per_layer += 3 * d * f  # E real experts of f/E hidden units each: E * 3 * d * f/E
     return 2 * v * d + cfg.n_layers * per_layer + d
 
 
 def router_width(cfg: ModelConfig) -> int:
-    return {"width_only": cfg.n_experts, "depth_only": cfg.max_depth,
-            "versatile": cfg.n_experts + cfg.max_depth}.get(cfg.ffn, 0)
+    return {"width_only": cfg.n_experts, "depth_only": cfg.max_depth, "moe": cfg.n_experts,
+            "versatile": cfg.n_experts + cfg.max_depth, "versatile_avg": cfg.n_experts + cfg.max_depth}.get(cfg.ffn, 0)
 
 
 def ffn_forward_flops(cfg: ModelConfig, *, train: bool, mean_depth: float | None = None) -> float:
@@ -63,9 +67,11 @@ def ffn_forward_flops(cfg: ModelConfig, *, train: bool, mean_depth: float | None
     loop = 6 * d * f  # gate, up and down projections
     routers = 2 * d * router_width(cfg)
     depth = cfg.max_depth if train else (mean_depth if mean_depth is not None else (cfg.max_depth + 1) / 2)
-    loops = {"dense": 1, "kloop": cfg.n_loops, "width_only": 1, "depth_only": depth, "versatile": depth}[cfg.ffn]
-    width_down = 2 * d * f if cfg.ffn == "versatile" else 0  # the width path's own down-projection
-    return loops * loop + width_down + routers
+    loops = {"dense": 1, "kloop": cfg.n_loops, "width_only": 1, "depth_only": depth, "versatile": depth,
+             "versatile_avg": depth, "moe": 1}[cfg.ffn]
+    width_down = 2 * d * f if cfg.ffn in ("versatile", "versatile_avg") else 0  # the width path's own down-projection
+    experts = loop * cfg.top_k / cfg.n_experts if cfg.ffn == "moe" else 0  # k of E experts of f/E units (model FLOPs)
+    return loops * loop + width_down + experts + routers
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, *, train: bool, mean_depth: float | None = None) -> float:

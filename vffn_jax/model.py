@@ -116,7 +116,8 @@ class Transformer(nnx.Module):
         """Returns f32 logits `[B, T, V]` and the per-layer FFN aux, stacked on a leading layer axis."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        table = constrain(self.embed[...], "vocab_in", "act_embed")  # gathered whole, like any FSDP weight
+        # gathered whole, like any FSDP weight: a lookup into a vocab-sharded table makes XLA rematerialise it
+        table = constrain(self.embed[...], None, "act_embed")
         h = constrain(jnp.take(table, tokens_bt, axis=0).astype(dtype), "act_batch", "act_seq", "act_embed")
         h, aux = self._run_layers(h, train=train, tau=tau, rng=rng)
         h = ffn_lib.rms_norm(h, self.final_norm[...], cfg.norm_eps)

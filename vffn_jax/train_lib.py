@@ -23,7 +23,8 @@ from flax import nnx
 from vffn_jax import checkpoint as ckpt
 from vffn_jax import flops as flops_lib
 from vffn_jax import sharding as shd
-from vffn_jax.config import Config, ConfigError, ModelConfig, TrainConfig, config_from_dict, tau_at, validate
+from vffn_jax.config import (DEPTH_KINDS, Config, ConfigError, ModelConfig, TrainConfig, config_from_dict, tau_at,
+                             validate)
 from vffn_jax.model import Transformer
 from vffn_jax.run_log import MetricLogger, Progress
 
@@ -206,23 +207,20 @@ class Setup:
 
 def setup(cfg: Config, devices=None) -> Setup:
     devices = devices if devices is not None else jax.devices()
-    validate(cfg, n_devices=len(devices))
+    validate(cfg, n_devices=len(devices), n_slices=shd.mesh_slices(cfg.mesh, devices))
     mesh = shd.make_mesh(cfg.mesh, devices)
     graphdef, abstract = abstract_model(cfg.model, cfg.train.seed)
     return Setup(cfg, mesh, graphdef, abstract, shd.state_shardings(abstract, mesh))
 
 
-def param_name(path) -> str:
-    """`layers/ffn/w_gate` for a state leaf's key path."""
-    return jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
+param_name = shd.param_name  # re-exported: tests and tools name parameters this way
 
 
 def describe(s: Setup) -> dict[str, Any]:
     """What `--dry-run` prints: parameter counts, FLOPs per token, mesh and every parameter's sharding."""
     cfg = s.cfg
     counts = flops_lib.count_params(s.abstract_params)
-    flat = jax.tree_util.tree_flatten_with_path(s.param_shardings)[0]
-    shapes = jax.tree.leaves(s.abstract_params)
+    report = shd.sharding_report(s.abstract_params, s.param_shardings)
     expected_depth = (cfg.model.max_depth + 1) / 2
     return {
         "scale": cfg.scale, "variant": cfg.variant, "ffn": cfg.model.ffn,
@@ -231,12 +229,92 @@ def describe(s: Setup) -> dict[str, Any]:
         "flops_per_token_train": flops_lib.flops_per_token(cfg.model, cfg.train.seq_len, train=True),
         "flops_per_token_inference": flops_lib.flops_per_token(cfg.model, cfg.train.seq_len, train=False,
                                                                mean_depth=expected_depth),
-        "inference_depth_assumed": expected_depth if cfg.model.ffn in ("versatile", "depth_only") else None,
+        "inference_depth_assumed": expected_depth if cfg.model.ffn in DEPTH_KINDS else None,
         "tokens_per_batch": cfg.train.batch_size * cfg.train.seq_len,
         "mesh": dict(zip(s.mesh.axis_names, (int(x) for x in s.mesh.devices.shape))),
-        "devices": f"{len(s.mesh.devices.flat)} x {jax.devices()[0].device_kind}",
-        "shardings": {param_name(p): {"shape": list(a.shape), "spec": str(sh.spec)} for (p, sh), a in zip(flat, shapes)},
+        "devices": f"{s.mesh.devices.size} x {s.mesh.devices.flat[0].device_kind}",
+        "shardings": report["params"],
+        "param_bytes_per_device": report["bytes_per_device"],
+        "replicated_param_fraction": report["replicated_fraction"],
+        "redundant_param_fraction": report["redundant_fraction"],
     }
+
+
+# --------------------------------------------------------------------------- continued pretraining (SPEC §4)
+
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff")  # must match between source and run
+
+
+def resolve_init_source(source: str | Path, step: int = -1) -> tuple[Path, int]:
+    """(source run directory, checkpoint step) for `train.init_from`: a workdir written by train.py,
+    its `checkpoints/` folder or one `checkpoints/<step>` folder; `step=-1` is the latest."""
+    path = Path(source).expanduser().resolve()
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        if step not in (-1, int(path.name)):
+            raise ConfigError(f"train.init_from={source} names step {path.name} but train.init_step={step}; drop one")
+        path, step = path.parent.parent, int(path.name)
+    elif path.name == "checkpoints" and not (path / "checkpoints").is_dir():
+        path = path.parent
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"train.init_from={source}: {path} has no config.json; point --init-from at a run "
+                          "directory written by train.py (it holds config.json and checkpoints/)")
+    steps = ckpt.all_steps(path)
+    if not steps:
+        raise ConfigError(f"train.init_from={source}: {path} has no checkpoints to initialise from")
+    if step == -1:
+        step = steps[-1]
+    elif step not in steps:
+        raise ConfigError(f"train.init_step={step} is not a checkpoint of {path}; available steps: {steps}")
+    return path, step
+
+
+def check_init_compatible(source: ModelConfig, model: ModelConfig, where: Any) -> None:
+    """Raises ConfigError naming the first shape field that differs between the source run and this one."""
+    for name in SHAPE_FIELDS:
+        a, b = getattr(source, name), getattr(model, name)
+        if a != b:
+            raise ConfigError(
+                f"train.init_from={where}: model.{name} differs (source {a}, this run {b}); continued pretraining "
+                f"copies weights of the same shape: set --set model.{name}={a} or initialise from another run")
+
+
+def init_from_checkpoint(s: Setup, tx: optax.GradientTransformation, opt_shardings, source: str | Path,
+                         step: int = -1):
+    """Fresh train state for continued pretraining from another run's checkpoint (any variant).
+
+    Restores only the source's `params` item, built from its own config.json, into this mesh's
+    shardings; every parameter of this model whose name and shape exist there is copied (attention,
+    norms, embeddings, the FFN's weights), the others (new routers, moe experts) keep this model's
+    own initialisation with `train.seed`. The optimizer state is fresh; the caller starts at step 0
+    with a fresh data iterator. Returns `(params, opt_state, info)`; `info` names what was copied.
+    """
+    src_dir, step = resolve_init_source(source, step)
+    src_cfg = config_from_dict({"model": json.loads((src_dir / "config.json").read_text())["model"]})  # shapes only
+    check_init_compatible(src_cfg.model, s.cfg.model, source)
+    _, src_abstract = abstract_model(src_cfg.model)
+    src_params, _ = ckpt.restore(ckpt.make_manager(src_dir, read_only=True), step,
+                                 ckpt.abstract_with_shardings(src_abstract, shd.state_shardings(src_abstract, s.mesh)))
+    by_name = {param_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(src_params)[0]}
+    _, fresh, _ = init_params(s.cfg.model, s.mesh, s.cfg.train.seed)
+    copied, new = [], []
+
+    def pick(path, leaf):
+        name, src = param_name(path), by_name.get(param_name(path))
+        if src is not None and src.shape == leaf.shape:
+            copied.append(name)
+            return src.astype(leaf.dtype)
+        new.append(name)
+        return leaf
+
+    params = jax.device_put(jax.tree_util.tree_map_with_path(pick, fresh), s.param_shardings)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    info = {"init_from": str(src_dir), "init_from_step": step, "init_from_ffn": src_cfg.model.ffn,
+            "init_copied": copied, "init_fresh": new, "init_dropped": sorted(set(by_name) - set(copied))}
+    if jax.process_index() == 0:
+        print(f"vffn_jax: initialised from {src_dir} step {step} (ffn={src_cfg.model.ffn}): {len(copied)} parameters "
+              f"copied, fresh: {new or 'none'}, not used: {info['init_dropped'] or 'none'}; optimizer and step reset",
+              flush=True)
+    return params, opt_state, info
 
 
 # --------------------------------------------------------------------------- the training loop
@@ -288,10 +366,17 @@ def train(cfg: Config, workdir: str | Path, *, devices=None, progress: bool = Tr
 
     manager = ckpt.make_manager(workdir, cfg.run)
     start = manager.latest_step()
+    init_info = None  # continued pretraining: where the weights came from (logged as a step-0 metrics row)
     if start is None:
-        params, opt_state = init_train_state(s, tx, opt_shardings)
+        if cfg.train.init_from:
+            params, opt_state, init_info = init_from_checkpoint(s, tx, opt_shardings, cfg.train.init_from,
+                                                                cfg.train.init_step)
+        else:
+            params, opt_state = init_train_state(s, tx, opt_shardings)
         start = 0
     else:
+        if cfg.train.init_from and is_main:
+            print(f"vffn_jax: {workdir} has checkpoints: resuming at step {start}, train.init_from ignored", flush=True)
         params, opt_state = ckpt.restore(
             manager, start, ckpt.abstract_with_shardings(s.abstract_params, s.param_shardings),
             ckpt.abstract_with_shardings(abstract_opt, opt_shardings), data_it)
@@ -303,6 +388,8 @@ def train(cfg: Config, workdir: str | Path, *, devices=None, progress: bool = Tr
     peak = flops_lib.peak_flops_per_device()
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     logger = MetricLogger(workdir, enabled=is_main, resume_step=start)
+    if init_info:
+        logger.log(0, init_info)
     bar = Progress(total=cfg.train.steps, initial=start, enabled=is_main and progress)
     if is_main:
         print(f"vffn_jax: {cfg.scale}/{cfg.variant} ffn={cfg.model.ffn} params={info['params_total']:,} "
@@ -350,7 +437,8 @@ def train(cfg: Config, workdir: str | Path, *, devices=None, progress: bool = Tr
         final = evaluate(eval_step, params, eval_data, s.mesh)
         logger.log(step, _prefixed("eval", final))
     logger.close()
-    return {"step": step, "eval": final, **{k: info[k] for k in ("params_total", "params_non_embedding")}}
+    return {"step": step, "eval": final, "is_main": is_main,
+            **{k: info[k] for k in ("params_total", "params_non_embedding")}}
 
 
 def _check_finite(step: int, metrics, last_saved: int) -> None:

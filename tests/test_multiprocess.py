@@ -1,0 +1,114 @@
+"""Multi-process runs of train.py on 127.0.0.1: 2 processes equal 1, checkpoints move between process
+counts and meshes (ICI and hybrid DCN), and a missing peer ends start-up with a clear error."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--config", "tiny", "--no-progress",
+         "--set", "model.d_model=64", "--set", "model.n_layers=2", "--set", "model.d_ff=256",
+         "--set", "train.batch_size=8", "--set", "train.seq_len=64", "--set", "run.log_every=1",
+         "--set", "run.ckpt_every=2", "--set", "run.eval_batches=1"]
+TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices_per_process: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+            "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".jax_cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+
+
+def _launch(workdir, *, processes: int, devices_per_process: int, steps: int, extra=(), timeout=TIMEOUT_S):
+    """Runs train.py as `processes` local processes; returns their (returncode, output). Kills them all
+    (by PID) if any is still running at the deadline."""
+    port = _free_port()
+    procs = []
+    for i in range(processes):
+        cmd = [sys.executable, "train.py", "--workdir", str(workdir), "--steps", str(steps), *SMALL, *extra]
+        if processes > 1:
+            cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes), "--process-id", str(i),
+                    "--init-timeout", "60"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(devices_per_process), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((p.returncode, out))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)  # jax.distributed catches SIGTERM (preemption notice)
+        outs = [p.communicate()[0] for p in procs]
+        pytest.fail(f"{processes}-process run did not finish in {timeout} s:\n" + "\n----\n".join(o[-3000:] for o in outs))
+    for rc, out in results:
+        assert rc == 0, out[-4000:]
+    return results
+
+
+def _losses(workdir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_and_checkpoints_move_between_process_counts(tmp_path):
+    ref, two = tmp_path / "one_process", tmp_path / "two_processes"
+    _launch(ref, processes=1, devices_per_process=4, steps=6)
+    _launch(two, processes=2, devices_per_process=2, steps=6, extra=["--stop-at", "4"])
+    expected, got = _losses(ref), _losses(two)
+    assert sorted(got) == [1, 2, 3, 4]
+    # Same global mesh (data=4) and the same global batches: per-process slices of one sequence.
+    np.testing.assert_allclose([got[s] for s in range(1, 5)], [expected[s] for s in range(1, 5)], rtol=1e-5)
+    assert sorted(int(p.name) for p in (two / "checkpoints").iterdir()) == [2, 4]
+    assert sorted(f.name for f in (two / "checkpoints/4/data").glob("*.json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]  # the data-iterator state of each process
+
+    # The 2-process checkpoint resumes in 1 process (4 devices)...
+    two_again = tmp_path / "two_again"
+    shutil.copytree(two, two_again)
+    (out,) = _launch(two, processes=1, devices_per_process=4, steps=6)
+    assert "steps 4->6" in out[1]
+    # ...and in 2 processes on a hybrid mesh: data split 2 across processes (DCN) x 2 inside each (ICI).
+    results = _launch(two_again, processes=2, devices_per_process=2, steps=6,
+                      extra=["--set", "mesh.dcn_data=2", "--set", "mesh.data=2"])
+    assert "mesh={'data': 4" in results[0][1] and "steps 4->6" in results[0][1]
+    assert "vffn_jax:" not in results[1][1]  # only process 0 reports
+    for resumed in (two, two_again):
+        got = _losses(resumed)
+        np.testing.assert_allclose([got[5], got[6]], [expected[5], expected[6]], rtol=1e-5)
+
+
+def test_missing_peer_ends_startup_with_a_clear_error(tmp_path):
+    port = _free_port()
+    cmd = [sys.executable, "train.py", "--workdir", str(tmp_path / "w"), "--steps", "1", *SMALL,
+           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0", "--init-timeout", "3"]
+    t0 = time.monotonic()
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 4, res.stderr[-2000:]
+    assert "timed out after 3 s waiting for 2 processes at coordinator 127.0.0.1" in res.stderr
+    assert "--init-timeout" in res.stderr
+    assert time.monotonic() - t0 < 60
+
+
+def test_partial_launch_flags_are_refused():
+    res = subprocess.run([sys.executable, "train.py", "--workdir", "x", "--num-processes", "2"], cwd=ROOT,
+                         env=_env(1), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--coordinator, --num-processes and --process-id go together" in res.stderr

@@ -1,0 +1,53 @@
+"""TPU pre-flight: the real train step AOT-compiled for a TPU topology on this CPU-only host."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu not installed (optional extra: pip install -r requirements-tpu.txt)")
+
+
+def _dry_run(*args):
+    return subprocess.run([sys.executable, "train.py", "--config", "tiny", "--dry-run", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+@needs_libtpu
+def test_tiny_step_compiles_for_a_multi_host_tpu_topology_and_reports_memory():
+    # v5p:2x2x2 is 8 chips on 2 hosts: a multi-host topology, sharded fsdp x tensor
+    res = _dry_run("--topology", "v5p:2x2x2", "--json", "--set", "mesh.data=1", "--set", "mesh.fsdp=-1",
+                   "--set", "mesh.tensor=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads(res.stdout)
+    pf = info["preflight"]
+    assert pf["device_kind"] == "TPU v5" and pf["devices"] == 8 and pf["processes"] == 2
+    assert pf["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert pf["hbm_bytes"] == 95 * 1024 ** 3
+    # params + Adam moments (f32) sharded 8 ways are a floor for the arguments; the step needs temporaries too
+    assert pf["argument_bytes"] >= 3 * 4 * info["params_total"] / 8
+    assert pf["per_device_bytes"] >= pf["argument_bytes"] + pf["temp_bytes"] - pf["alias_bytes"]
+    assert pf["temp_bytes"] > 0 and pf["fits"] is True
+
+
+@needs_libtpu
+def test_a_step_too_big_for_the_chip_does_not_fit():
+    res = _dry_run("--topology", "v5e:2x2", "--json", "--set", "train.batch_size=64", "--set", "train.seq_len=8192",
+                   "--set", "model.vocab_size=65536", "--set", "model.remat=none")
+    assert res.returncode == 0, res.stderr[-3000:]
+    pf = json.loads(res.stdout)["preflight"]
+    # the TPU compiler refuses it, naming the temporaries it needed and the HBM it has
+    assert pf["temp_bytes"] > pf["hbm_bytes"] > 15 * 1024 ** 3 and pf["fits"] is False
+    assert pf["per_device_bytes"] > pf["temp_bytes"]
+
+
+def test_unknown_topology_is_a_clear_error():
+    res = _dry_run("--topology", "v9z:1x1")
+    assert res.returncode == 2 and "--topology 'v9z:1x1'" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([sys.executable, "train.py", "--config", "tiny", "--topology", "v4:2x2x2", "--workdir", "x"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "use it with --dry-run" in res.stderr

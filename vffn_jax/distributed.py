@@ -1,0 +1,109 @@
+"""Multi-process start-up: `jax.distributed.initialize`, explicit or auto-detected, with a clear timeout.
+
+* Explicit (GPU clusters, several processes on one machine): `--coordinator HOST:PORT
+  --num-processes N --process-id I` on every process (process 0 hosts the coordinator).
+* Auto-detected: with no flags, on a TPU pod slice, under SLURM/Open MPI, on GKE, or when
+  `JAX_COORDINATOR_ADDRESS` is set, JAX reads the cluster's environment itself.
+* Otherwise: one process, no initialisation.
+
+A peer that never arrives makes JAX abort the process (SIGABRT) after its own timeout, with a log
+line that is easy to miss. A watchdog here fires first: it prints which processes were expected
+where and how to fix it, then exits with EXIT_PEER_TIMEOUT.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import threading
+
+from vffn_jax.config import ConfigError
+
+EXIT_PEER_TIMEOUT = 4
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedArgs:
+    coordinator: str | None = None  # HOST:PORT of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    timeout_s: int = 300  # how long start-up waits for every peer
+
+
+def add_arguments(parser) -> None:
+    """The multi-process flags shared by train.py and eval.py."""
+    g = parser.add_argument_group(
+        "multi-process launch",
+        "With none of these flags the cluster is auto-detected (TPU pod slices, SLURM, Open MPI, GKE, or "
+        "JAX_COORDINATOR_ADDRESS); otherwise the run is a single process.")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="address of process 0, which hosts the coordination service (same value on every process)")
+    g.add_argument("--num-processes", type=int, metavar="N", help="total number of processes")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
+    g.add_argument("--init-timeout", type=int, default=300, metavar="SECONDS",
+                   help="give up start-up with an error if not every process has joined within this time "
+                        "(default 300)")
+
+
+def from_args(args) -> DistributedArgs:
+    given = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
+    if any(given) and not all(given):
+        raise ConfigError("--coordinator, --num-processes and --process-id go together: pass all three "
+                         "(or none, to auto-detect the cluster)")
+    if args.init_timeout < 1:
+        raise ConfigError(f"--init-timeout={args.init_timeout} must be >= 1 second")
+    if all(given):
+        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+            raise ConfigError(f"--process-id={args.process_id} must be in 0..--num-processes-1 "
+                             f"(--num-processes={args.num_processes})")
+        if ":" not in args.coordinator:
+            raise ConfigError(f"--coordinator={args.coordinator!r} must be HOST:PORT, e.g. 10.0.0.2:1234")
+    return DistributedArgs(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
+
+
+def cluster_detected() -> bool:
+    """Whether JAX would find a multi-process cluster environment by itself."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    try:  # jax's cluster registry is private; without it, fall back to explicit flags only
+        from jax._src import clusters
+
+        return any(env.is_env_present() for env in clusters.ClusterEnv._cluster_types
+                   if not getattr(env, "opt_in_only_method", False))
+    except Exception:
+        return False
+
+
+def initialize(d: DistributedArgs) -> bool:
+    """Joins the processes of a multi-process run; returns False for a single-process run."""
+    explicit = d.coordinator is not None
+    if not explicit and not cluster_detected():
+        return False
+    import jax
+
+    kwargs = {}
+    if explicit:
+        kwargs = dict(coordinator_address=d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
+        host = d.coordinator.rsplit(":", 1)[0]
+        if host in _LOOPBACK:  # a local test: keep the coordinator off every other interface
+            kwargs["coordinator_bind_address"] = d.coordinator
+    where = (f"{d.num_processes} processes at coordinator {d.coordinator} (this is process {d.process_id})"
+             if explicit else "the processes of the auto-detected cluster")
+
+    def give_up():
+        print(f"error: start-up timed out after {d.timeout_s} s waiting for {where}. Check that every process "
+              "was launched with the same --coordinator and --num-processes and a distinct --process-id, that "
+              "process 0 is running and its port is reachable; raise --init-timeout for slow launches.",
+              file=sys.stderr, flush=True)
+        os._exit(EXIT_PEER_TIMEOUT)
+
+    # JAX's own timeout aborts the process; ours fires a few seconds earlier with a message.
+    watchdog = threading.Timer(d.timeout_s, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(initialization_timeout=d.timeout_s + 30, **kwargs)
+    finally:
+        watchdog.cancel()
+    return True
