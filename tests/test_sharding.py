@@ -59,7 +59,7 @@ def test_dcn_sizes_need_that_many_slices():
 
 
 @pytest.mark.parametrize("scale", ["354m", "720m", "1.2b"])
-@pytest.mark.parametrize("variant", ["versatile", "dense", "kloop", "width_only", "depth_only"])
+@pytest.mark.parametrize("variant", ["versatile", "dense", "kloop", "width_only", "depth_only", "versatile_avg", "moe"])
 def test_parameters_are_spread_over_fsdp_x_tensor(scale, variant):
     cfg = load_config(scale, variant)
     _, abstract = train_lib.abstract_model(cfg.model)

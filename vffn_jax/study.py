@@ -1,0 +1,596 @@
+"""One-command study: every FFN variant at equal tokens, from scratch and continued from a dense checkpoint.
+
+    python -m vffn_jax.study --preset cpu --seeds 3 --out runs/study
+
+trains, in one process (compiles shared through JAX's persistent cache in OUT/jax_cache):
+
+  OUT/dense_base/                        the shared dense checkpoint (seed 0, `steps` steps)
+  OUT/scratch/<variant>/seed<k>/         each variant from scratch, `steps` steps
+  OUT/continued/<variant>/seed<k>/       each variant initialised from dense_base (`train.init_from`), `steps`
+                                         more steps: optimizer and schedule reset, new routers/experts fresh
+
+for the variants dense, kloop2, kloop4, width_only, depth_only, versatile_avg, versatile and moe (seed k sets
+`train.seed` and `data.shuffle_seed`), then writes OUT/results.md (a table per regime and a sentence, computed
+from the numbers, saying whether the paper's ordering held), OUT/results.json (every number) and the PNG plots
+OUT/loss_curves.png and OUT/loops_per_layer.png. Re-running the same command skips finished runs (their
+last checkpoint is at `steps` and their held-out loss is logged) and resumes unfinished ones.
+
+Presets: `cpu` (configs/scales/study_cpu.json on the Python standard library's source, byte tokenizer; about
+an hour on 2 CPU cores with the defaults), `micro` (a seconds-long smoke test of the pipeline) and `354m`
+(the paper's recipe unchanged: configs/scales/354m.json; set the data with --set data.path=...; on a pod).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vffn_jax import config as config_lib
+from vffn_jax.config import DEPTH_KINDS, Config, ConfigError
+
+REGIMES = ("scratch", "continued")
+# study variant name -> (variant preset, extra overrides); table order
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dense": ("dense", {}),
+    "kloop2": ("kloop", {"model.n_loops": 2}),
+    "kloop4": ("kloop", {"model.n_loops": 4}),
+    "width_only": ("width_only", {}),
+    "depth_only": ("depth_only", {}),
+    "versatile_avg": ("versatile_avg", {}),
+    "versatile": ("versatile", {}),
+    "moe": ("moe", {}),
+}
+# The paper's ordering on loss at equal tokens (SPEC §5): versatile < {depth_only, width_only} < dense.
+ORDERING = (("versatile", "depth_only"), ("versatile", "width_only"), ("depth_only", "dense"), ("width_only", "dense"))
+ORDERING_TEXT = "versatile < depth_only, width_only < dense"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    scale: str  # scale preset name or JSON path
+    overrides: dict[str, Any]  # applied to every run (before the study's own run settings)
+    corpus: str | None  # "stdlib" = the Python standard library's source; None = the scale's data settings
+    corpus_max_files: int | None = None  # a slice of the corpus (smoke tests)
+    single_device: bool = True  # CPU presets train on one device (fake host devices only add overhead)
+    quiet_runs: bool = True  # eval only at the end, checkpoint only at the end
+
+
+PRESETS: dict[str, Preset] = {
+    "cpu": Preset("study_cpu", {}, "stdlib"),
+    "micro": Preset("study_cpu", {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.d_ff": 128,
+                                  "train.batch_size": 4, "train.seq_len": 32, "train.steps": 6, "run.log_every": 2,
+                                  "run.eval_batches": 2, "data.holdout_fraction": 0.1},
+                    "stdlib", corpus_max_files=40),
+    "354m": Preset("354m", {}, None, single_device=False, quiet_runs=False),
+}
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def stdlib_files(root: Path | None = None) -> list[Path]:
+    """The standard library's .py files (tests included), without site-packages, caches and build config."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    return sorted(p for p in root.rglob("*.py")
+                  if p.is_file() and not skip.intersection(p.relative_to(root).parts)
+                  and not p.relative_to(root).parts[0].startswith("config-"))
+
+
+def build_stdlib_corpus(out_dir: Path, max_files: int | None = None, root: Path | None = None) -> Path:
+    """Writes (once) the standard library source as a .jsonl corpus, one document per file; returns its path.
+
+    Documents are ordered by a hash of their relative path, so the held-out split (the last
+    `data.holdout_fraction` of documents) is a fixed pseudo-random sample of files, not the alphabetical
+    tail. Files that are not valid UTF-8 (a few deliberate encoding tests) and empty files are skipped.
+    `max_files` keeps only the first files of that order (smoke tests).
+    """
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    ver = f"py{sys.version_info.major}.{sys.version_info.minor}"
+    name = f"stdlib-{ver}" + (f"-first{max_files}" if max_files else "")
+    path = Path(out_dir) / f"{name}.jsonl"
+    if path.is_file():
+        return path
+    files = stdlib_files(root)
+    files.sort(key=lambda p: hashlib.sha256(str(p.relative_to(root)).encode()).hexdigest())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    kept, skipped, n_bytes = 0, [], 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for p in files:
+            if max_files and kept >= max_files:
+                break
+            rel = str(p.relative_to(root))
+            try:
+                text = p.read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                skipped.append(rel)
+                continue
+            if not text.strip():
+                continue
+            f.write(json.dumps({"text": text, "path": rel}) + "\n")
+            kept += 1
+            n_bytes += len(text.encode("utf-8"))
+    tmp.replace(path)
+    manifest = {"root": str(root), "python": sys.version.split()[0], "documents": kept, "utf8_bytes": n_bytes,
+                "skipped_not_utf8": skipped, "order": "sha256 of the relative path"}
+    path.with_suffix(".manifest.json").write_text(json.dumps(manifest, indent=1))
+    return path
+
+
+# --------------------------------------------------------------------------- run plan
+
+
+@dataclasses.dataclass
+class RunSpec:
+    regime: str  # "base" | "scratch" | "continued"
+    variant: str
+    seed: int
+    cfg: Config
+    workdir: Path
+
+
+def study_overrides(preset: Preset, out: Path, steps: int | None, user: dict[str, Any], corpus: Path | None,
+                    scale_steps: int) -> dict[str, Any]:
+    over: dict[str, Any] = dict(preset.overrides)
+    if corpus is not None:
+        over.update({"data.path": str(corpus), "data.tokenizer": "byte", "data.cache_dir": str(out / "cache")})
+    over.update(user)
+    n = steps or int(over.get("train.steps", scale_steps))
+    over["train.steps"] = n
+    if preset.quiet_runs:
+        over.update({"run.eval_every": 0, "run.ckpt_every": n, "run.keep_ckpts": 1})
+    return over
+
+
+def plan(preset_name: str, out: Path, *, seeds: int = 3, variants: list[str] | None = None,
+         regimes: list[str] | None = None, steps: int | None = None, user_overrides: dict[str, Any] | None = None,
+         corpus: Path | None = None) -> list[RunSpec]:
+    """Every run of the study, dense_base first (when the continued regime is on)."""
+    preset = PRESETS[preset_name]
+    variants = list(VARIANTS) if variants is None else variants
+    regimes = list(REGIMES) if regimes is None else regimes
+    for v in variants:
+        if v not in VARIANTS:
+            raise ConfigError(f"--variants: unknown variant {v!r}; choose from {list(VARIANTS)}")
+    for r in regimes:
+        if r not in REGIMES:
+            raise ConfigError(f"--regimes: unknown regime {r!r}; choose from {list(REGIMES)}")
+    if seeds < 1:
+        raise ConfigError("--seeds must be >= 1")
+    scale_steps = config_lib.load_config(preset.scale, "dense").train.steps
+    over = study_overrides(preset, out, steps, user_overrides or {}, corpus, scale_steps)
+
+    def make(regime: str, variant: str, seed: int, workdir: Path, init_from: str = "") -> RunSpec:
+        preset_variant, extra = VARIANTS[variant]
+        o = {**over, **extra, "train.seed": seed, "data.shuffle_seed": seed}
+        if init_from:
+            o["train.init_from"] = init_from
+        cfg = config_lib.load_config(preset.scale, preset_variant, o)
+        cfg = dataclasses.replace(cfg, variant=variant)
+        return RunSpec(regime, variant, seed, cfg, workdir)
+
+    runs = []
+    base = out / "dense_base"
+    if "continued" in regimes:
+        runs.append(make("base", "dense", 0, base))
+    for regime in regimes:
+        for variant in variants:
+            for seed in range(seeds):
+                runs.append(make(regime, variant, seed, out / regime / variant / f"seed{seed}",
+                                 str(base.resolve()) if regime == "continued" else ""))
+    return runs
+
+
+# --------------------------------------------------------------------------- running and collecting
+
+
+def _read_metrics(workdir: Path) -> list[dict[str, Any]]:
+    path = workdir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _final_eval(rows: list[dict[str, Any]], steps: int) -> dict[str, Any] | None:
+    evals = [r for r in rows if r["step"] == steps and "eval/loss" in r]
+    return evals[-1] if evals else None
+
+
+def is_finished(spec: RunSpec) -> bool:
+    """Finished: a checkpoint at `steps`, the held-out loss logged at `steps`, and the same config."""
+    from vffn_jax import checkpoint as ckpt
+
+    wd = spec.workdir
+    if not (wd / "config.json").is_file() or _final_eval(_read_metrics(wd), spec.cfg.train.steps) is None:
+        return False
+    if ckpt.all_steps(wd)[-1:] != [spec.cfg.train.steps]:
+        return False
+    saved = json.loads((wd / "config.json").read_text())
+    if saved != json.loads(spec.cfg.to_json()):
+        changed = sorted(f"{s}.{k}" for s in saved if isinstance(saved[s], dict)
+                         for k in saved[s] if saved[s][k] != spec.cfg.to_dict().get(s, {}).get(k))
+        raise ConfigError(f"{wd} holds a finished run with a different config ({', '.join(changed) or 'names'}); "
+                          "use another --out, or delete that run directory to retrain it")
+    return True
+
+
+def run_one(spec: RunSpec, devices, log=print) -> dict[str, Any]:
+    """Trains (or resumes, or skips when finished) one run; returns its collected numbers."""
+    from vffn_jax import train_lib
+
+    record = spec.workdir / "study_run.json"
+    tag = f"{spec.regime}/{spec.variant}/seed{spec.seed}"
+    if is_finished(spec):
+        log(f"study: {tag}: finished, reusing {spec.workdir}")
+    else:
+        t0 = time.perf_counter()
+        prev = json.loads(record.read_text()).get("wall_s", 0.0) if record.is_file() else 0.0
+        train_lib.train(spec.cfg, spec.workdir, devices=devices, progress=False)
+        wall = prev + time.perf_counter() - t0
+        record.write_text(json.dumps({"wall_s": wall, "steps": spec.cfg.train.steps}))
+        log(f"study: {tag}: trained in {wall:.1f} s")
+    result = collect(spec)
+    log(f"study: {tag}: held-out loss {result['loss']:.4f}, {result['tokens_per_sec']:,.0f} tokens/s"
+        + (f", mean depth {result['mean_depth']:.2f}" if result.get("mean_depth") is not None else ""))
+    return result
+
+
+def collect(spec: RunSpec) -> dict[str, Any]:
+    """The numbers of one finished run, from its metrics.jsonl and config."""
+    from vffn_jax import flops as flops_lib
+
+    cfg, m = spec.cfg, spec.cfg.model
+    rows = _read_metrics(spec.workdir)
+    final = _final_eval(rows, cfg.train.steps)
+    if final is None:
+        raise RuntimeError(f"{spec.workdir}: no held-out loss at step {cfg.train.steps} in metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r and "tokens_per_sec" in r]
+    tps = [r["tokens_per_sec"] for r in train_rows]
+    record = spec.workdir / "study_run.json"
+    mean_depth, per_layer = None, None
+    if m.ffn in DEPTH_KINDS and "eval/depth_hist" in final:
+        hist = np.asarray(final["eval/depth_hist"], np.float64)
+        per_layer = (hist @ np.arange(1, hist.shape[1] + 1)).tolist()
+        mean_depth = float(final["eval/mean_depth"])
+    loops = mean_depth if mean_depth is not None else (m.n_loops if m.ffn == "kloop" else 1)
+    return {
+        "regime": spec.regime, "variant": spec.variant, "ffn": m.ffn, "seed": spec.seed,
+        "workdir": str(spec.workdir), "steps": cfg.train.steps,
+        "tokens": cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len,
+        "loss": float(final["eval/loss"]), "perplexity": float(final["eval/perplexity"]),
+        "final_train_loss": float(train_rows[-1]["loss"]) if train_rows else None,
+        "params_total": flops_lib.analytic_params(m),
+        "params_non_embedding": flops_lib.analytic_params(m) - 2 * m.vocab_size * m.d_model,
+        "flops_per_token_train": flops_lib.flops_per_token(m, cfg.train.seq_len, train=True),
+        "flops_per_token_inference": flops_lib.flops_per_token(m, cfg.train.seq_len, train=False,
+                                                               mean_depth=mean_depth),
+        # median over logging windows: robust to the first window, which includes compilation
+        "tokens_per_sec": float(np.median(tps)) if tps else float("nan"),
+        "mean_loops": float(loops), "mean_depth": mean_depth, "mean_depth_per_layer": per_layer,
+        "mean_alpha": final.get("eval/mean_alpha"),
+        "curve": [[r["step"], r["loss"]] for r in train_rows],
+        "wall_s": json.loads(record.read_text()).get("wall_s") if record.is_file() else None,
+        "init_from": cfg.train.init_from or None,
+    }
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _std(x) -> float:
+    return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
+
+
+def aggregate(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{regime: {variant: mean/std/min/max of the loss over seeds, means of the other numbers}}."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in results:
+        out.setdefault(r["regime"], {}).setdefault(r["variant"], {"runs": []})["runs"].append(r)
+    for regime, by_variant in out.items():
+        for variant, agg in by_variant.items():
+            runs = sorted(agg.pop("runs"), key=lambda r: r["seed"])
+            losses = [r["loss"] for r in runs]
+            agg.update({
+                "seeds": [r["seed"] for r in runs], "losses": losses, "n": len(runs),
+                "loss_mean": float(np.mean(losses)), "loss_std": _std(losses),
+                "loss_min": float(np.min(losses)), "loss_max": float(np.max(losses)),
+                "params_total": runs[0]["params_total"], "params_non_embedding": runs[0]["params_non_embedding"],
+                "flops_per_token_train": runs[0]["flops_per_token_train"],
+                "flops_per_token_inference": float(np.mean([r["flops_per_token_inference"] for r in runs])),
+                "tokens_per_sec": float(np.mean([r["tokens_per_sec"] for r in runs])),
+                "mean_loops": float(np.mean([r["mean_loops"] for r in runs])),
+                "mean_loops_std": _std([r["mean_loops"] for r in runs]),
+                "tokens": runs[0]["tokens"], "steps": runs[0]["steps"],
+                "wall_s": [r["wall_s"] for r in runs],
+            })
+            if runs[0]["mean_depth_per_layer"] is not None:
+                layers = np.asarray([r["mean_depth_per_layer"] for r in runs])
+                agg.update({"mean_depth_per_layer": layers.mean(0).tolist(),
+                            "mean_depth_per_layer_min": layers.min(0).tolist(),
+                            "mean_depth_per_layer_max": layers.max(0).tolist()})
+            curves = [dict(map(tuple, r["curve"])) for r in runs]
+            common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            agg["curve"] = [[s, float(np.mean([c[s] for c in curves]))] for s in common]
+    return out
+
+
+def ordering_verdict(losses: dict[str, list[float]], seeds: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Whether the paper's ordering (versatile < depth_only, width_only < dense) held on mean held-out loss.
+
+    `losses[variant]` are per-seed held-out losses (at equal tokens); `seeds[variant]` the matching seeds
+    (default 0..n-1), used to count in how many seeds every comparison held. Returns `held` (True/False, or
+    None when a variant is missing), the comparisons and a plain sentence quoting mean ± std over seeds.
+    """
+    needed = sorted({v for pair in ORDERING for v in pair})
+    missing = [v for v in needed if not losses.get(v)]
+    if missing:
+        return {"held": None, "comparisons": [], "missing": missing,
+                "sentence": f"The paper's ordering ({ORDERING_TEXT}) cannot be checked: no results for "
+                            f"{', '.join(missing)}."}
+    seeds = seeds or {v: list(range(len(x))) for v, x in losses.items()}
+    stats = {v: (float(np.mean(losses[v])), _std(losses[v]), len(losses[v])) for v in needed}
+    per_seed = {v: dict(zip(seeds[v], losses[v])) for v in needed}
+    common = sorted(set.intersection(*(set(per_seed[v]) for v in needed)))
+    comps = []
+    for a, b in ORDERING:
+        gap = stats[b][0] - stats[a][0]
+        comps.append({"better": a, "worse": b, "held": stats[a][0] < stats[b][0], "gap": gap,
+                      "spread": max(stats[a][1], stats[b][1]),
+                      "seeds_held": sum(per_seed[a][s] < per_seed[b][s] for s in common)})
+    held = all(c["held"] for c in comps)
+    every_seed = sum(all(per_seed[a][s] < per_seed[b][s] for a, b in ORDERING) for s in common)
+    fmt = {v: f"{v} {stats[v][0]:.4f} ± {stats[v][1]:.4f}" for v in needed}
+    n = sorted({stats[v][2] for v in needed})
+    n_text = f"{n[0]} seed{'s' if n[0] != 1 else ''}" if len(n) == 1 else f"{n[0]}–{n[-1]} seeds"
+    chain = f"{fmt['versatile']}; {fmt['depth_only']}; {fmt['width_only']}; {fmt['dense']}"
+    if held:
+        tight = min(comps, key=lambda c: c["gap"])
+        resolved = all(c["gap"] > c["spread"] for c in comps)
+        sentence = (f"The paper's ordering ({ORDERING_TEXT}) held on mean held-out loss at equal tokens "
+                    f"({chain}; mean ± std over {n_text}); it held in {every_seed} of {len(common)} seed(s) "
+                    f"individually, and the smallest gap ({tight['better']} vs {tight['worse']}: {tight['gap']:.4f}) "
+                    + ("is larger than the seed spread of every compared pair." if resolved else
+                       f"is {'larger' if tight['gap'] > tight['spread'] else 'not larger'} than that pair's seed "
+                       f"spread ({tight['spread']:.4f}); some gaps are within the seed spread."))
+    else:
+        failed = "; ".join(f"{c['better']} ({stats[c['better']][0]:.4f}) is not below {c['worse']} "
+                           f"({stats[c['worse']][0]:.4f}; gap {c['gap']:+.4f}, seed spread {c['spread']:.4f})"
+                           for c in comps if not c["held"])
+        sentence = (f"The paper's ordering ({ORDERING_TEXT}) did NOT hold on mean held-out loss at equal tokens "
+                    f"({chain}; mean ± std over {n_text}): {failed}.")
+    return {"held": held, "comparisons": comps, "seeds_all_held": every_seed, "seeds_compared": len(common),
+            "sentence": sentence}
+
+
+def _si(x: float | None) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f} {unit}"
+    return f"{x:.0f}"
+
+
+REGIME_TITLES = {"scratch": "From scratch", "continued": "Continued from the dense checkpoint (dense_base)"}
+
+
+def write_results(out: Path, results: list[dict[str, Any]], meta: dict[str, Any], base: dict[str, Any] | None,
+                  variants: list[str]) -> dict[str, Any]:
+    """results.json, results.md and the plots; returns the results.json object."""
+    agg = aggregate(results)
+    verdicts = {regime: ordering_verdict({v: a["losses"] for v, a in by.items()},
+                                         {v: a["seeds"] for v, a in by.items()})
+                for regime, by in agg.items()}
+    plots = write_plots(out, agg, variants)
+    doc = {"meta": meta, "dense_base": base, "regimes": agg, "ordering": verdicts, "plots": plots, "runs": results}
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+
+    lines = [f"# VersatileFFN study ({meta['preset']} preset)", ""]
+    lines += [f"- model: {meta['model']}", f"- data: {meta['data']}",
+              f"- every run: {meta['steps']} steps x {meta['batch_size']} x {meta['seq_len']} tokens = "
+              f"{meta['tokens_per_run']:,} tokens (equal tokens for all variants); seeds {meta['seeds']} "
+              "(train.seed = data.shuffle_seed = seed)",
+              f"- held-out loss: {meta['eval_tokens']:,} tokens of held-out documents, the same for every run; "
+              "reported as mean ± std (sample std over seeds) with the min–max",
+              "- FLOPs/token: analytic (vffn_jax.flops, matmuls as executed); inference at the measured mean depth "
+              "for the depth-routed variants; tokens/s: measured training throughput (median over logging windows, "
+              "mean over seeds) on " + meta["device"], ""]
+    for regime in [r for r in REGIMES if r in agg]:
+        by = agg[regime]
+        lines += [f"## {REGIME_TITLES[regime]}", ""]
+        if regime == "continued" and base is not None:
+            lines += [f"Dense base before continuation ({base['steps']} steps, seed 0): held-out loss "
+                      f"{base['loss']:.4f}. Every continued run then trains {meta['steps']} more steps from it "
+                      "(optimizer and schedule reset, routers/experts new).", ""]
+        lines += ["| variant | held-out loss (mean ± std) | min–max | params (total) | train FLOPs/token | "
+                  "inference FLOPs/token | tokens/s | mean loops |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for v in [v for v in variants if v in by]:
+            a = by[v]
+            loops = f"{a['mean_loops']:.2f}" + (f" ± {a['mean_loops_std']:.2f}" if a["mean_loops_std"] else "")
+            lines.append(f"| {v} | {a['loss_mean']:.4f} ± {a['loss_std']:.4f} (n={a['n']}) | "
+                         f"{a['loss_min']:.4f}–{a['loss_max']:.4f} | {a['params_total']:,} | "
+                         f"{_si(a['flops_per_token_train'])} | {_si(a['flops_per_token_inference'])} | "
+                         f"{a['tokens_per_sec']:,.0f} | {loops} |")
+        lines += ["", f"**Ordering.** {verdicts[regime]['sentence']}", ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
+    lines += ["## Runs", "", "| regime | variant | seed | held-out loss | wall s | workdir |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in ([base] if base else []) + results:
+        wall = f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "–"
+        lines.append(f"| {r['regime']} | {r['variant']} | {r['seed']} | {r['loss']:.4f} | {wall} | "
+                     f"{os.path.relpath(r['workdir'], out)} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    return doc
+
+
+def write_plots(out: Path, agg: dict[str, dict[str, dict[str, Any]]], variants: list[str]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regimes = [r for r in REGIMES if r in agg]
+    colors = dict(zip(VARIANTS, plt.get_cmap("tab10").colors))
+    paths = []
+    fig, axes = plt.subplots(1, len(regimes), figsize=(6.5 * len(regimes), 4.5), dpi=110, squeeze=False)
+    for ax, regime in zip(axes[0], regimes):
+        for v in [v for v in variants if v in agg[regime]]:
+            curve = np.asarray(agg[regime][v]["curve"], np.float64).reshape(-1, 2)
+            if len(curve):
+                ax.plot(curve[:, 0], curve[:, 1], label=f"{v} ({agg[regime][v]['loss_mean']:.3f})",
+                        color=colors[v], linewidth=1.4)
+        ax.set_title(f"{REGIME_TITLES[regime]}\ntraining loss, mean over seeds (legend: held-out loss)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "loss_curves.png"
+    fig.savefig(path)
+    plt.close(fig)
+    paths.append(str(path))
+
+    depth_regimes = [r for r in regimes if any("mean_depth_per_layer" in a for a in agg[r].values())]
+    if depth_regimes:
+        fig, axes = plt.subplots(1, len(depth_regimes), figsize=(6 * len(depth_regimes), 4.2), dpi=110, squeeze=False)
+        for ax, regime in zip(axes[0], depth_regimes):
+            max_depth = 1
+            for v in [v for v in variants if "mean_depth_per_layer" in agg[regime].get(v, {})]:
+                a = agg[regime][v]
+                y = np.asarray(a["mean_depth_per_layer"])
+                x = np.arange(1, len(y) + 1)
+                ax.plot(x, y, marker="o", color=colors[v], label=f"{v} (mean {a['mean_loops']:.2f})")
+                ax.fill_between(x, a["mean_depth_per_layer_min"], a["mean_depth_per_layer_max"], color=colors[v],
+                                alpha=0.15, linewidth=0)
+                max_depth = max(max_depth, int(np.ceil(np.max(a["mean_depth_per_layer_max"]))))
+                ax.set_xticks(x)
+            ax.set_ylim(0.8, max(max_depth, 2) + 0.2)
+            ax.set_title(f"{REGIME_TITLES[regime]}\nmean loops per layer on held-out data (band: min–max over seeds)",
+                         fontsize=9)
+            ax.set_xlabel("layer")
+            ax.set_ylabel("mean loops (depth)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / "loops_per_layer.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _enable_compile_cache(path: Path) -> None:
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:  # keep a cache the caller configured (e.g. tests)
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def run_study(preset: str, out: str | Path, *, seeds: int = 3, variants: list[str] | None = None,
+              regimes: list[str] | None = None, steps: int | None = None,
+              overrides: dict[str, Any] | None = None, dry_run: bool = False, log=print) -> dict[str, Any]:
+    """Plans, trains (skipping finished runs) and summarises the study; returns the results.json object
+    (or, with `dry_run`, the plan)."""
+    out = Path(out).expanduser().resolve()
+    p = PRESETS[preset]
+    variants = list(VARIANTS) if variants is None else variants
+    regimes = list(REGIMES) if regimes is None else regimes
+    corpus = None
+    if p.corpus == "stdlib":
+        corpus = build_stdlib_corpus(out / "corpus", p.corpus_max_files) if not dry_run else \
+            out / "corpus" / "stdlib.jsonl"
+    specs = plan(preset, out, seeds=seeds, variants=variants, regimes=regimes, steps=steps,
+                 user_overrides=overrides, corpus=corpus)
+    if dry_run:
+        return {"runs": [{"regime": s.regime, "variant": s.variant, "seed": s.seed, "workdir": str(s.workdir),
+                          "config": s.cfg.to_dict()} for s in specs]}
+
+    import jax
+
+    _enable_compile_cache(out / "jax_cache")
+    devices = jax.devices()[:1] if p.single_device else None
+    t0 = time.perf_counter()
+    base, results = None, []
+    for i, spec in enumerate(specs):
+        log(f"study: run {i + 1}/{len(specs)}: {spec.regime}/{spec.variant}/seed{spec.seed} "
+            f"({time.perf_counter() - t0:.0f} s elapsed)")
+        r = run_one(spec, devices, log=log)
+        if spec.regime == "base":
+            base = r
+        else:
+            results.append(r)
+    cfg0 = specs[0].cfg
+    m, t = cfg0.model, cfg0.train
+    meta = {
+        "preset": preset, "scale": p.scale, "seeds": list(range(seeds)), "variants": variants, "regimes": regimes,
+        "steps": t.steps, "batch_size": t.batch_size, "seq_len": t.seq_len,
+        "tokens_per_run": t.steps * t.batch_size * t.seq_len,
+        "eval_tokens": cfg0.run.eval_batches * t.batch_size * t.seq_len,
+        "model": f"d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, d_ff {m.d_ff}, vocab {m.vocab_size}, "
+                 f"E={m.n_experts} top-{m.top_k}, L={m.max_depth}, {m.dtype}; lr {t.lr}, warmup {t.warmup_frac:.0%}",
+        "data": (f"Python {sys.version.split()[0]} standard library source ({corpus.name}: one document per .py "
+                 f"file, {cfg0.data.holdout_fraction:.0%} of the files held out), byte tokenizer (vocab 257)"
+                 if corpus else f"data.path={cfg0.data.path!r}, tokenizer {cfg0.data.tokenizer}"),
+        "device": f"{len(devices or jax.devices())} x {jax.devices()[0].device_kind}",
+        "study_wall_s_this_invocation": time.perf_counter() - t0,
+    }
+    doc = write_results(out, results, meta, base, variants)
+    log(f"study: wrote {out / 'results.md'} ({time.perf_counter() - t0:.0f} s)")
+    for regime, verdict in doc["ordering"].items():
+        log(f"study: {regime}: {verdict['sentence']}")
+    return doc
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vffn_jax.study", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="study scale (default: cpu)")
+    ap.add_argument("--out", required=True, help="study directory (run workdirs, results.md/json, plots)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per variant and regime (default 3)")
+    ap.add_argument("--variants", type=_csv, default=None,
+                    help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
+    ap.add_argument("--regimes", type=_csv, default=None, help="scratch,continued (default: both)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps of every run (dense base, scratch and continuation; default: the preset's)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override applied to every run, e.g. --set data.path=tfds:fineweb_edu (repeatable)")
+    ap.add_argument("--dry-run", action="store_true", help="print the planned runs and their configs, train nothing")
+    args = ap.parse_args(argv)
+    try:
+        overrides = config_lib.parse_set_args(args.overrides)
+        doc = run_study(args.preset, args.out, seeds=args.seeds, variants=args.variants, regimes=args.regimes,
+                        steps=args.steps, overrides=overrides, dry_run=args.dry_run,
+                        log=lambda s: print(s, flush=True))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for r in doc["runs"]:
+            c = r["config"]
+            print(f"{r['regime']:9s} {r['variant']:13s} seed{r['seed']} ffn={c['model']['ffn']} "
+                  f"steps={c['train']['steps']} init_from={c['train']['init_from'] or '-'} -> {r['workdir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
