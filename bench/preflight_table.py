@@ -19,13 +19,13 @@ ROOT = Path(__file__).resolve().parent.parent
 GiB = 1024 ** 3
 
 # (scale, topology, mesh overrides): batches are the paper's (384, 256, 128 sequences of 4096), so
-# data*fsdp must divide them; 256 v5e chips take fsdp=128 x tensor=2 where 256 does not divide the batch.
+# data*fsdp must divide them; 256 v5e chips take fsdp=128 x tensor=2.
 ROWS = [
     ("354m", "v5p:4x4x4", {"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1}),
     ("720m", "v5p:4x4x4", {"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1}),
     ("1.2b", "v5p:4x4x4", {"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1}),
     ("354m", "v5e:16x16", {"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 2}),
-    ("720m", "v5e:16x16", {"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1}),
+    ("720m", "v5e:16x16", {"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 2}),  # fsdp 256: an XLA:TPU internal error
     ("1.2b", "v5e:16x16", {"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 2}),
 ]
 

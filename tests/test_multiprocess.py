@@ -34,7 +34,27 @@ def _env(devices_per_process: int) -> dict:
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
 
 
-def _launch(workdir, *, processes: int, devices_per_process: int, steps: int, extra=(), timeout=TIMEOUT_S):
+GLOO_TIMEOUT = "Gloo context initialization failed"  # gloo's fixed 30 s rendezvous, missed on an overloaded host
+
+
+def _launch(workdir, **kw):
+    """`_run` once more from the same starting state if gloo's rendezvous timed out: that is load on this
+    shared 2-core machine (one process more than 30 s behind the other), not a result."""
+    workdir, backup = Path(workdir), Path(str(workdir) + ".before")
+    if workdir.exists():
+        shutil.copytree(workdir, backup)
+    try:
+        return _run(workdir, **kw)
+    except AssertionError as e:
+        if GLOO_TIMEOUT not in str(e):
+            raise
+    shutil.rmtree(workdir)
+    if backup.exists():
+        backup.rename(workdir)
+    return _run(workdir, **kw)
+
+
+def _run(workdir, *, processes: int, devices_per_process: int, steps: int, extra=(), timeout=TIMEOUT_S):
     """Runs train.py as `processes` local processes; returns their (returncode, output). Kills them all
     (by PID) if any is still running at the deadline."""
     port = _free_port()
@@ -59,7 +79,7 @@ def _launch(workdir, *, processes: int, devices_per_process: int, steps: int, ex
         outs = [p.communicate()[0] for p in procs]
         pytest.fail(f"{processes}-process run did not finish in {timeout} s:\n" + "\n----\n".join(o[-3000:] for o in outs))
     for rc, out in results:
-        assert rc == 0, out[-4000:]
+        assert rc == 0, out[-4000:] + ("\n" + GLOO_TIMEOUT if any(GLOO_TIMEOUT in o for _, o in results) else "")
     return results
 
 
@@ -112,3 +132,28 @@ def test_partial_launch_flags_are_refused():
     res = subprocess.run([sys.executable, "train.py", "--workdir", "x", "--num-processes", "2"], cwd=ROOT,
                          env=_env(1), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--coordinator, --num-processes and --process-id go together" in res.stderr
+
+
+def test_data_state_from_another_process_count(tmp_path):
+    """Saved by 2 processes, restored by 1: the stream restarts at the saved global batch index, or the
+    run is refused with how to continue when the saved state does not carry over."""
+    from vffn_jax import checkpoint as ckpt
+    from vffn_jax.data import make_batch_iterator
+    from vffn_jax.config import DataConfig
+
+    data_dir = tmp_path / "checkpoints" / "3" / "data"
+    data_dir.mkdir(parents=True)
+    for p in range(2):
+        (data_dir / f"process_{p}-of-2.json").write_text(json.dumps({"next_index": 3}))
+    manager = type("M", (), {"directory": tmp_path / "checkpoints"})()
+    kw = dict(seq_len=32, global_batch=4, seed=0)
+    it = make_batch_iterator(DataConfig(), "train", **kw)
+    ckpt._restore_data_state_elsewhere(manager, 3, it)
+    fresh = make_batch_iterator(DataConfig(), "train", **kw)
+    for _ in range(3):
+        next(fresh)
+    np.testing.assert_array_equal(next(it), next(fresh))
+
+    (data_dir / "process_1-of-2.json").write_text(json.dumps({"next_index": 3, "workers": [1, 2]}))
+    with pytest.raises(ckpt.CheckpointMismatchError, match="Resume with 2 process"):
+        ckpt._restore_data_state_elsewhere(manager, 3, it)
