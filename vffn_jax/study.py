@@ -61,6 +61,7 @@ class Preset:
     overrides: dict[str, Any]  # applied to every run (before the study's own run settings)
     corpus: str | None  # "stdlib" = the Python standard library's source; None = the scale's data settings
     corpus_max_files: int | None = None  # a slice of the corpus (smoke tests)
+    holdout_files: float = 0.02  # fraction of the corpus files held out for evaluation
     single_device: bool = True  # CPU presets train on one device (fake host devices only add overhead)
     quiet_runs: bool = True  # eval only at the end, checkpoint only at the end
 
@@ -69,8 +70,8 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset("study_cpu", {}, "stdlib"),
     "micro": Preset("study_cpu", {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.d_ff": 128,
                                   "train.batch_size": 4, "train.seq_len": 32, "train.steps": 6, "run.log_every": 2,
-                                  "run.eval_batches": 2, "data.holdout_fraction": 0.1},
-                    "stdlib", corpus_max_files=40),
+                                  "run.eval_batches": 2},
+                    "stdlib", corpus_max_files=40, holdout_files=0.1),
     "354m": Preset("354m", {}, None, single_device=False, quiet_runs=False),
 }
 
@@ -87,45 +88,85 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
                   and not p.relative_to(root).parts[0].startswith("config-"))
 
 
-def build_stdlib_corpus(out_dir: Path, max_files: int | None = None, root: Path | None = None) -> Path:
-    """Writes (once) the standard library source as a .jsonl corpus, one document per file; returns its path.
+def _chunks(text: str, size: int) -> list[str]:
+    """`text` cut at line boundaries into pieces of about `size` characters (a longer line stays whole)."""
+    out, cur, n = [], [], 0
+    for line in text.splitlines(keepends=True):
+        if cur and n + len(line) > size:
+            out.append("".join(cur))
+            cur, n = [], 0
+        cur.append(line)
+        n += len(line)
+    if cur:
+        out.append("".join(cur))
+    return out
 
-    Documents are ordered by a hash of their relative path, so the held-out split (the last
-    `data.holdout_fraction` of documents) is a fixed pseudo-random sample of files, not the alphabetical
-    tail. Files that are not valid UTF-8 (a few deliberate encoding tests) and empty files are skipped.
-    `max_files` keeps only the first files of that order (smoke tests).
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def build_stdlib_corpus(out_dir: Path, max_files: int | None = None, root: Path | None = None,
+                        holdout_files: float = 0.02, eval_chunk_chars: int = 2048) -> tuple[Path, float]:
+    """Writes (once) the standard library's source as a .jsonl corpus; returns (path, data.holdout_fraction).
+
+    Files are ordered by a hash of their relative path; the last `holdout_files` of them are held out
+    (whole files: no held-out file is seen in training). Training documents are whole files. Held-out
+    files are cut at line boundaries into ~`eval_chunk_chars` pieces, shuffled (by hash) and written
+    last, so the first evaluation batches sample all held-out files rather than the first one or two.
+    The returned fraction makes data.py's rule (the last `holdout_fraction` of documents) select
+    exactly those pieces. Files that are not valid UTF-8 (a few deliberate encoding tests) and empty
+    files are skipped. `max_files` keeps only the first files of the hashed order (smoke tests).
     """
+    from vffn_jax.data import _split_range
+
     root = Path(root or sysconfig.get_paths()["stdlib"])
     ver = f"py{sys.version_info.major}.{sys.version_info.minor}"
-    name = f"stdlib-{ver}" + (f"-first{max_files}" if max_files else "")
+    name = f"stdlib-{ver}" + (f"-first{max_files}" if max_files else "") + f"-holdout{holdout_files:g}"
     path = Path(out_dir) / f"{name}.jsonl"
-    if path.is_file():
-        return path
+    manifest_path = path.with_suffix(".manifest.json")
+    if path.is_file() and manifest_path.is_file():
+        return path, json.loads(manifest_path.read_text())["holdout_fraction"]
     files = stdlib_files(root)
-    files.sort(key=lambda p: hashlib.sha256(str(p.relative_to(root)).encode()).hexdigest())
+    files.sort(key=lambda p: _sha(str(p.relative_to(root))))
+    docs, skipped = [], []
+    for p in files:
+        if max_files and len(docs) >= max_files:
+            break
+        rel = str(p.relative_to(root))
+        try:
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            skipped.append(rel)
+            continue
+        if text.strip():
+            docs.append((rel, text))
+    n_val_files = max(1, round(len(docs) * holdout_files))
+    if len(docs) - n_val_files < 1:
+        raise ConfigError(f"the corpus has {len(docs)} files: too few to hold out {n_val_files}")
+    train_docs = docs[:-n_val_files]
+    pieces = [(rel, i, c) for rel, text in docs[-n_val_files:] for i, c in enumerate(_chunks(text, eval_chunk_chars))]
+    pieces.sort(key=lambda x: _sha(f"{x[0]}:{x[1]}"))
+    n_total = len(train_docs) + len(pieces)
+    fraction = len(pieces) / n_total
+    if _split_range({"train": n_total}, "validation", fraction, str(path)) != ("train", len(train_docs), n_total):
+        raise RuntimeError("internal: the held-out fraction does not select exactly the held-out pieces")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    kept, skipped, n_bytes = 0, [], 0
     with tmp.open("w", encoding="utf-8") as f:
-        for p in files:
-            if max_files and kept >= max_files:
-                break
-            rel = str(p.relative_to(root))
-            try:
-                text = p.read_bytes().decode("utf-8")
-            except UnicodeDecodeError:
-                skipped.append(rel)
-                continue
-            if not text.strip():
-                continue
+        for rel, text in train_docs:
             f.write(json.dumps({"text": text, "path": rel}) + "\n")
-            kept += 1
-            n_bytes += len(text.encode("utf-8"))
+        for rel, i, text in pieces:
+            f.write(json.dumps({"text": text, "path": f"{rel}#{i}"}) + "\n")
     tmp.replace(path)
-    manifest = {"root": str(root), "python": sys.version.split()[0], "documents": kept, "utf8_bytes": n_bytes,
-                "skipped_not_utf8": skipped, "order": "sha256 of the relative path"}
-    path.with_suffix(".manifest.json").write_text(json.dumps(manifest, indent=1))
-    return path
+    manifest = {"root": str(root), "python": sys.version.split()[0], "train_files": len(train_docs),
+                "train_utf8_bytes": sum(len(t.encode()) for _, t in train_docs),
+                "heldout_files": [rel for rel, _ in docs[-n_val_files:]], "heldout_pieces": len(pieces),
+                "heldout_utf8_bytes": sum(len(t.encode()) for _, t in docs[-n_val_files:]),
+                "holdout_fraction": fraction, "skipped_not_utf8": skipped,
+                "order": "files by sha256 of the relative path; held-out pieces by sha256 of path:index"}
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    return path, fraction
 
 
 # --------------------------------------------------------------------------- run plan
@@ -140,11 +181,12 @@ class RunSpec:
     workdir: Path
 
 
-def study_overrides(preset: Preset, out: Path, steps: int | None, user: dict[str, Any], corpus: Path | None,
-                    scale_steps: int) -> dict[str, Any]:
+def study_overrides(preset: Preset, out: Path, steps: int | None, user: dict[str, Any],
+                    corpus: tuple[Path, float] | None, scale_steps: int) -> dict[str, Any]:
     over: dict[str, Any] = dict(preset.overrides)
     if corpus is not None:
-        over.update({"data.path": str(corpus), "data.tokenizer": "byte", "data.cache_dir": str(out / "cache")})
+        over.update({"data.path": str(corpus[0]), "data.holdout_fraction": corpus[1], "data.tokenizer": "byte",
+                     "data.cache_dir": str(out / "cache")})
     over.update(user)
     n = steps or int(over.get("train.steps", scale_steps))
     over["train.steps"] = n
@@ -155,7 +197,7 @@ def study_overrides(preset: Preset, out: Path, steps: int | None, user: dict[str
 
 def plan(preset_name: str, out: Path, *, seeds: int = 3, variants: list[str] | None = None,
          regimes: list[str] | None = None, steps: int | None = None, user_overrides: dict[str, Any] | None = None,
-         corpus: Path | None = None) -> list[RunSpec]:
+         corpus: tuple[Path, float] | None = None) -> list[RunSpec]:
     """Every run of the study, dense_base first (when the continued regime is on)."""
     preset = PRESETS[preset_name]
     variants = list(VARIANTS) if variants is None else variants
@@ -350,25 +392,32 @@ def ordering_verdict(losses: dict[str, list[float]], seeds: dict[str, list[int]]
                       "seeds_held": sum(per_seed[a][s] < per_seed[b][s] for s in common)})
     held = all(c["held"] for c in comps)
     every_seed = sum(all(per_seed[a][s] < per_seed[b][s] for a, b in ORDERING) for s in common)
-    fmt = {v: f"{v} {stats[v][0]:.4f} ± {stats[v][1]:.4f}" for v in needed}
     n = sorted({stats[v][2] for v in needed})
-    n_text = f"{n[0]} seed{'s' if n[0] != 1 else ''}" if len(n) == 1 else f"{n[0]}–{n[-1]} seeds"
+    single = n[-1] == 1
+    fmt = {v: f"{v} {stats[v][0]:.4f}" + ("" if single else f" ± {stats[v][1]:.4f}") for v in needed}
+    n_text = ("one seed, so no seed spread" if single else
+              f"mean ± std over {n[0]} seeds" if len(n) == 1 else f"mean ± std over {n[0]}–{n[-1]} seeds")
     chain = f"{fmt['versatile']}; {fmt['depth_only']}; {fmt['width_only']}; {fmt['dense']}"
     if held:
         tight = min(comps, key=lambda c: c["gap"])
         resolved = all(c["gap"] > c["spread"] for c in comps)
         sentence = (f"The paper's ordering ({ORDERING_TEXT}) held on mean held-out loss at equal tokens "
-                    f"({chain}; mean ± std over {n_text}); it held in {every_seed} of {len(common)} seed(s) "
-                    f"individually, and the smallest gap ({tight['better']} vs {tight['worse']}: {tight['gap']:.4f}) "
-                    + ("is larger than the seed spread of every compared pair." if resolved else
-                       f"is {'larger' if tight['gap'] > tight['spread'] else 'not larger'} than that pair's seed "
-                       f"spread ({tight['spread']:.4f}); some gaps are within the seed spread."))
+                    f"({chain}; {n_text})" + (
+                        f"; the smallest gap is {tight['gap']:.4f} ({tight['better']} vs {tight['worse']}); with one "
+                        "seed there is no spread to judge it against." if single else
+                        f"; it held in {every_seed} of {len(common)} seed(s) individually, and the smallest gap "
+                        f"({tight['better']} vs {tight['worse']}: {tight['gap']:.4f}) "
+                        + ("is larger than the seed spread of every compared pair." if resolved else
+                           f"is {'larger' if tight['gap'] > tight['spread'] else 'not larger'} than that pair's seed "
+                           f"spread ({tight['spread']:.4f}); some gaps are within the seed spread.")))
     else:
         failed = "; ".join(f"{c['better']} ({stats[c['better']][0]:.4f}) is not below {c['worse']} "
-                           f"({stats[c['worse']][0]:.4f}; gap {c['gap']:+.4f}, seed spread {c['spread']:.4f})"
+                           f"({stats[c['worse']][0]:.4f}; gap {c['gap']:+.4f}"
+                           + ("" if single else f", seed spread {c['spread']:.4f}, held in {c['seeds_held']} of "
+                                                f"{len(common)} seeds") + ")"
                            for c in comps if not c["held"])
         sentence = (f"The paper's ordering ({ORDERING_TEXT}) did NOT hold on mean held-out loss at equal tokens "
-                    f"({chain}; mean ± std over {n_text}): {failed}.")
+                    f"({chain}; {n_text}): {failed}.")
     return {"held": held, "comparisons": comps, "seeds_all_held": every_seed, "seeds_compared": len(common),
             "sentence": sentence}
 
@@ -419,7 +468,8 @@ def write_results(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]
         for v in [v for v in variants if v in by]:
             a = by[v]
             loops = f"{a['mean_loops']:.2f}" + (f" ± {a['mean_loops_std']:.2f}" if a["mean_loops_std"] else "")
-            lines.append(f"| {v} | {a['loss_mean']:.4f} ± {a['loss_std']:.4f} (n={a['n']}) | "
+            spread = f" ± {a['loss_std']:.4f}" if a["n"] > 1 else ""
+            lines.append(f"| {v} | {a['loss_mean']:.4f}{spread} (n={a['n']}) | "
                          f"{a['loss_min']:.4f}–{a['loss_max']:.4f} | {a['params_total']:,} | "
                          f"{_si(a['flops_per_token_train'])} | {_si(a['flops_per_token_inference'])} | "
                          f"{a['tokens_per_sec']:,.0f} | {loops} |")
@@ -513,8 +563,7 @@ def run_study(preset: str, out: str | Path, *, seeds: int = 3, variants: list[st
     regimes = list(REGIMES) if regimes is None else regimes
     corpus = None
     if p.corpus == "stdlib":
-        corpus = build_stdlib_corpus(out / "corpus", p.corpus_max_files) if not dry_run else \
-            out / "corpus" / "stdlib.jsonl"
+        corpus = build_stdlib_corpus(out / "corpus", p.corpus_max_files, holdout_files=p.holdout_files)
     specs = plan(preset, out, seeds=seeds, variants=variants, regimes=regimes, steps=steps,
                  user_overrides=overrides, corpus=corpus)
     if dry_run:
@@ -544,8 +593,9 @@ def run_study(preset: str, out: str | Path, *, seeds: int = 3, variants: list[st
         "eval_tokens": cfg0.run.eval_batches * t.batch_size * t.seq_len,
         "model": f"d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, d_ff {m.d_ff}, vocab {m.vocab_size}, "
                  f"E={m.n_experts} top-{m.top_k}, L={m.max_depth}, {m.dtype}; lr {t.lr}, warmup {t.warmup_frac:.0%}",
-        "data": (f"Python {sys.version.split()[0]} standard library source ({corpus.name}: one document per .py "
-                 f"file, {cfg0.data.holdout_fraction:.0%} of the files held out), byte tokenizer (vocab 257)"
+        "data": (f"Python {sys.version.split()[0]} standard library source ({corpus[0].name}: one document per "
+                 f".py file, {p.holdout_files:.0%} of the files held out whole, evaluated on shuffled ~2 KB pieces "
+                 f"of them), byte tokenizer (vocab 257)"
                  if corpus else f"data.path={cfg0.data.path!r}, tokenizer {cfg0.data.tokenizer}"),
         "device": f"{len(devices or jax.devices())} x {jax.devices()[0].device_kind}",
         "study_wall_s_this_invocation": time.perf_counter() - t0,
