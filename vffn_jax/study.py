@@ -476,7 +476,8 @@ def write_results(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]
         lines += ["", f"**Ordering.** {verdicts[regime]['sentence']}", ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
-    lines += ["## Runs", "", "| regime | variant | seed | held-out loss | wall s | workdir |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["## Runs", "", "| regime | variant | seed | held-out loss | wall s | workdir |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for r in ([base] if base else []) + results:
         wall = f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "–"
         lines.append(f"| {r['regime']} | {r['variant']} | {r['seed']} | {r['loss']:.4f} | {wall} | "
@@ -496,11 +497,16 @@ def write_plots(out: Path, agg: dict[str, dict[str, dict[str, Any]]], variants: 
     paths = []
     fig, axes = plt.subplots(1, len(regimes), figsize=(6.5 * len(regimes), 4.5), dpi=110, squeeze=False)
     for ax, regime in zip(axes[0], regimes):
+        lo, hi = np.inf, -np.inf
         for v in [v for v in variants if v in agg[regime]]:
             curve = np.asarray(agg[regime][v]["curve"], np.float64).reshape(-1, 2)
             if len(curve):
                 ax.plot(curve[:, 0], curve[:, 1], label=f"{v} ({agg[regime][v]['loss_mean']:.3f})",
                         color=colors[v], linewidth=1.4)
+                tail = curve[curve[:, 0] >= 0.2 * curve[-1, 0], 1]  # zoom past the first 20% of training
+                lo, hi = min(lo, curve[:, 1].min()), max(hi, tail.max() if len(tail) else curve[:, 1].max())
+        if np.isfinite(lo) and hi > lo:
+            ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
         ax.set_title(f"{REGIME_TITLES[regime]}\ntraining loss, mean over seeds (legend: held-out loss)", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (nats/token)")
