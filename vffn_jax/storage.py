@@ -1,0 +1,116 @@
+"""Paths that are local folders or `gs://bucket/...` objects, through the path type Orbax uses.
+
+Every path the project reads or writes (`--workdir`, `--init-from`, `data.path`, outputs) goes
+through `as_path`, which returns an `etils.epath.Path`: a local path or a GCS path served by gcsfs.
+Orbax and tensorstore write checkpoints straight to the bucket; small files (config.json, metrics,
+checksums, plots) go through epath. `check_writable` is the start-up probe that turns a missing
+bucket or a read-only folder into a clear error before anything is compiled.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+
+from etils import epath
+
+from vffn_jax.config import ConfigError
+
+GCS_PREFIX = "gs://"
+
+# gcsfs warns "could not determine bucket type" for every bucket the emulator (and some real
+# buckets without hierarchical-namespace metadata) serve: noise, not a problem.
+logging.getLogger("gcsfs").setLevel(logging.ERROR)
+
+
+def _configure_gcsfs() -> None:
+    """No listings cache: checkpoints are written by tensorstore and by other hosts, not through this
+    process's gcsfs, so a cached listing would miss new steps."""
+    try:
+        import fsspec.config
+    except ImportError:
+        return
+    for protocol in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
+
+
+_configure_gcsfs()
+
+
+def is_gcs(path: str | os.PathLike) -> bool:
+    return str(path).startswith(GCS_PREFIX)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """`gs://...` stays a GCS path; anything else becomes an absolute local path."""
+    if isinstance(path, epath.Path) and is_gcs(path):
+        return path
+    text = os.fspath(path)
+    if is_gcs(text):
+        if len(text) <= len(GCS_PREFIX) or text[len(GCS_PREFIX)] == "/":
+            raise ConfigError(f"{text!r}: a GCS path is gs://BUCKET[/PREFIX]")
+        return epath.Path(text.rstrip("/"))
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def local_path(path: str | os.PathLike) -> Path | None:
+    """The `pathlib.Path` of a local path (None for gs://), for code that needs a real file name."""
+    return None if is_gcs(path) else Path(os.fspath(as_path(path)))
+
+
+def _fix_hint(path: epath.Path) -> str:
+    if is_gcs(path):
+        bucket = str(path)[len(GCS_PREFIX):].split("/", 1)[0]
+        return (f"check that bucket gs://{bucket} exists (gcloud storage buckets create gs://{bucket}) and that "
+                "this machine's credentials may write to it (gcloud auth application-default login, or the VM's "
+                "service account with roles/storage.objectAdmin)")
+    return "check that the folder's parent exists and is writable, or pass another path"
+
+
+def check_writable(path: str | os.PathLike, what: str) -> epath.Path:
+    """Creates `path` if needed and writes, reads back and deletes a probe file there.
+
+    Raises ConfigError naming `what` (e.g. "--workdir") and the path with the fix; returns the path.
+    """
+    p = as_path(path)
+    probe = p / f".vffn_write_probe-{uuid.uuid4().hex[:12]}"
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        if probe.read_text() != "ok":
+            raise OSError("the probe file read back different contents")
+        probe.unlink()
+    except Exception as e:  # gcsfs, google-auth and OSError raise many types; all mean "cannot write here"
+        raise ConfigError(f"{what}={path}: cannot write there ({type(e).__name__}: {_first_line(e)}); "
+                          f"{_fix_hint(p)}") from None
+    return p
+
+
+def check_readable(path: str | os.PathLike, what: str) -> epath.Path:
+    """ConfigError naming `what` when `path` does not exist (or its bucket cannot be read)."""
+    p = as_path(path)
+    try:
+        exists = p.exists()
+    except Exception as e:
+        raise ConfigError(f"{what}={path}: cannot read it ({type(e).__name__}: {_first_line(e)}); "
+                          f"{_fix_hint(p)}") from None
+    if not exists:
+        raise FileNotFoundError(f"{what}={path} does not exist")
+    return p
+
+
+def write_text_atomic(path: epath.Path, text: str) -> None:
+    """Readers never see half a file: a local file is written beside and renamed; a GCS object
+    appears only when its upload completes."""
+    if is_gcs(path):
+        path.write_text(text)
+        return
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else "no message"
