@@ -8,6 +8,18 @@ Sources (`DataConfig.path`):
   dir, glob or file           .txt (one document per file), .jsonl (one per line), .json (a list of records)
   .npy / .bin                 pre-tokenised ids (1-D integer .npy; .bin = raw uint16, nanoGPT-style)
 
+Every path may also be `gs://BUCKET/...` (read through `vffn_jax.storage`, i.e. etils.epath over gcsfs):
+  - text files (dir = every object under the prefix, glob = gcsfs glob, `**` allowed, or one object) are
+    read through epath and tokenised into the local token cache like local files; the cache key holds
+    each object's name, size and generation, so a rewritten object is tokenised again.
+  - .npy / .bin token files cannot be memory-mapped from a bucket: the object is copied once into the
+    token cache (`{stem}-gcs-{digest}{suffix}`, digest of its name, size and generation; written
+    atomically) and that copy is memory-mapped. Every host holds a full copy; ranged reads of token
+    shards are meant to replace this.
+  - a TFDS dataset directory is copied once into `cache_root()/tfds-gcs/` (ArrayRecord readers need
+    local files) and read from there; `tfds:NAME:gs://...` is not supported.
+A missing bucket or a path that matches nothing raises FileNotFoundError/ConfigError naming data.path.
+
 Every document is followed by the tokenizer's EOS. Sources without a "validation" split hold out their
 last `holdout_fraction` of documents (of tokens for .npy/.bin). Batches are windows of seq_len + 1 tokens
 at stride seq_len, shuffled per epoch by grain; global batch b is a pure function of (seed, b) and does not
@@ -22,10 +34,13 @@ import dataclasses
 import functools
 import glob
 import hashlib
+import io
 import itertools
 import json
 import os
+import posixpath
 import re
+import shutil
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -34,6 +49,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vffn_jax import storage
 from vffn_jax.config import ConfigError, DataConfig
 from vffn_jax.tokenizer import Tokenizer, load_tokenizer
 
@@ -44,6 +60,7 @@ ACCEPTED = ('data.path accepts "" (default corpus), tfds:NAME[:DATA_DIR], a TFDS
             "a directory / glob / file of .txt, .jsonl or .json documents, or a .npy / .bin token file")
 CACHE_FORMAT = 1  # bump when the token stream layout changes
 CHUNK_DOCS = 1024  # documents per encode_batch call
+COPY_CHUNK = 16 << 20  # bytes per read when copying a gs:// object into the cache
 KJV_VALIDATION_EVERY = 50  # chapter i is held out when i % 50 == 49
 _READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 
@@ -124,6 +141,135 @@ def _file_stats(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
     return [(str(p.resolve()), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths]
 
 
+def _digest(key) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- gs:// sources
+
+
+def _gcs_fs():
+    """The gcsfs filesystem epath uses for gs:// paths (listing cache off, see vffn_jax.storage)."""
+    import fsspec
+
+    return fsspec.filesystem("gs")
+
+
+def _gcs_stat(name: str, info: dict) -> tuple[str, int, str]:
+    """(gs://name, size, version): the generation changes whenever the object is rewritten."""
+    version = info.get("generation") or info.get("md5Hash") or info.get("etag") or str(info.get("updated", ""))
+    return (storage.GCS_PREFIX + name.removeprefix(storage.GCS_PREFIX), int(info["size"]), str(version))
+
+
+def _gcs_text_objects(objects: dict[str, dict]) -> tuple[list, list[tuple[str, int, str]]]:
+    """Text objects of a gcsfs listing, in the order local paths sort (by path components), with stats."""
+    names = sorted((n for n, i in objects.items()
+                    if i.get("type") == "file" and posixpath.splitext(n)[1] in TEXT_SUFFIXES),
+                   key=lambda n: n.split("/"))
+    stats = [_gcs_stat(n, objects[n]) for n in names]
+    return [storage.as_path(s[0]) for s in stats], stats
+
+
+def _gcs_read_hint(url: str) -> str:
+    bucket = url.removeprefix(storage.GCS_PREFIX).split("/", 1)[0]
+    return (f"check that bucket gs://{bucket} exists and that this machine's credentials may read it "
+            "(gcloud auth application-default login, or the VM's service account with roles/storage.objectViewer)")
+
+
+def _gcs_missing(fs, spec: str, problem: str) -> FileNotFoundError:
+    """FileNotFoundError for `problem`, saying so when the bucket itself is missing or unreadable."""
+    bucket = spec.removeprefix(storage.GCS_PREFIX).split("/", 1)[0]
+    try:
+        bucket_ok = fs.exists(bucket)
+    except Exception:  # noqa: BLE001 - any failure here means the bucket cannot be read
+        bucket_ok = False
+    note = "" if bucket_ok else (f" (bucket gs://{bucket} does not exist or cannot be read: create it, or check this "
+                                 "machine's credentials: gcloud auth application-default login, or the VM's service "
+                                 "account with roles/storage.objectViewer)")
+    return FileNotFoundError(f"data.path={spec!r} {problem}{note}; {ACCEPTED}")
+
+
+def _copy_object(obj, dest: Path) -> None:
+    """Copies a gs:// object to the local file `dest`, atomically."""
+    with obj.open("rb") as src:
+        _write_atomically(dest, iter(functools.partial(src.read, COPY_CHUNK), b""))
+
+
+def _fetch_token_file(obj, info: dict, cache_dir: str) -> Path:
+    """The local copy of a gs:// .npy/.bin object in the token cache, copied on first use (or when the
+    object changed: its generation is part of the name)."""
+    stat = _gcs_stat(str(obj), info)
+    dest = cache_root(cache_dir) / "tokens" / f"{obj.stem}-gcs-{_digest({'object': stat})}{obj.suffix}"
+    if not dest.exists():
+        _copy_object(obj, dest)
+    return dest
+
+
+def _fetch_tfds_dir(root, objects: dict[str, dict], cache_dir: str) -> tuple[Path, list]:
+    """A local copy of the TFDS dataset directory `root` (ArrayRecord reads local files); and its stats."""
+    prefix = str(root).removeprefix(storage.GCS_PREFIX).rstrip("/") + "/"
+    names = sorted(n for n, i in objects.items() if i.get("type") == "file" and not n.endswith("/"))
+    stats = [_gcs_stat(n, objects[n]) for n in names]
+    dest = cache_root(cache_dir) / "tfds-gcs" / f"{root.name}-{_digest(stats)}"
+    if not (dest / "dataset_info.json").is_file():
+        tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            for (url, _, _), name in zip(stats, names):
+                _copy_object(storage.as_path(url), tmp / name.removeprefix(prefix))
+            try:
+                os.rename(tmp, dest)
+            except OSError:  # another process put its complete copy there first
+                if not (dest / "dataset_info.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest, stats
+
+
+def _open_gcs_source(cfg: DataConfig) -> "_TfdsDocs | _FileDocs | np.memmap":
+    """`_open_source` for a gs:// data.path: listings and metadata through gcsfs, reads through epath."""
+    spec = cfg.path
+    root = storage.as_path(spec)  # ConfigError for a malformed gs:// path
+    url = str(root)
+    fs = _gcs_fs()
+    try:
+        if glob.has_magic(spec):
+            try:
+                matches = fs.glob(url, detail=True)
+            except FileNotFoundError:  # gcsfs: the bucket does not exist
+                matches = {}
+            files, stats = _gcs_text_objects(matches)
+            if not files:
+                raise _gcs_missing(fs, spec, "matches no .txt/.jsonl/.json files")
+            return _FileDocs(files, cfg.text_field, label=root.parent.name or "glob", stats=stats)
+        try:
+            info = fs.info(url)
+        except FileNotFoundError:
+            raise _gcs_missing(fs, spec, "does not exist") from None
+        if info["type"] == "directory":
+            objects = fs.find(url, detail=True)
+            key = url.removeprefix(storage.GCS_PREFIX).rstrip("/") + "/dataset_info.json"
+            if key in objects:
+                local, stats = _fetch_tfds_dir(root, objects, cfg.cache_dir)
+                return _TfdsDocs(tfds.builder_from_directory(local), cfg.text_field,
+                                 origin={"tfds": url, "files": stats})
+            files, stats = _gcs_text_objects(objects)
+            if not files:
+                raise _gcs_missing(fs, spec, "is a directory without .txt/.jsonl/.json files")
+            return _FileDocs(files, cfg.text_field, label=root.name or "gcs", stats=stats)
+        if root.suffix in TOKEN_SUFFIXES:
+            return _load_token_file(_fetch_token_file(root, info, cfg.cache_dir), spec)
+        if root.suffix in TEXT_SUFFIXES:
+            return _FileDocs([root], cfg.text_field, label=root.stem, stats=[_gcs_stat(url, info)])
+    except (ConfigError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 - gcsfs and google-auth raise many types; all mean "cannot read"
+        lines = str(e).strip().splitlines()
+        raise ConfigError(f"data.path={spec!r}: cannot read it ({type(e).__name__}: "
+                          f"{lines[0][:300] if lines else 'no message'}); {_gcs_read_hint(url)}") from None
+    raise ConfigError(f"data.path={spec!r}: unsupported file type {root.suffix!r}; {ACCEPTED}")
+
+
 def _record_text(record, field: str) -> str:
     if not isinstance(record, (str, bytes)):
         if field not in record:
@@ -144,12 +290,15 @@ class _TfdsDocs:
 
     builder: tfds.core.DatasetBuilder
     field: str
+    origin: dict | None = None  # identity of the gs:// directory this local copy came from
 
     @property
     def label(self) -> str:
         return self.builder.name
 
     def identity(self) -> dict:
+        if self.origin is not None:
+            return {**self.origin, "field": self.field}
         root = Path(str(self.builder.data_dir))
         return {"tfds": str(root), "files": _file_stats(sorted(root.iterdir())), "field": self.field}
 
@@ -164,14 +313,18 @@ class _TfdsDocs:
 
 @dataclasses.dataclass
 class _FileDocs:
-    """Documents of .txt (one per file), .jsonl (one per non-blank line) and .json (a list) files."""
+    """Documents of .txt (one per file), .jsonl (one per non-blank line) and .json (a list) files.
+
+    `files` are local `Path`s or gs:// `epath.Path`s; the latter come with their `stats` (name, size,
+    generation) from the listing that found them."""
 
     files: list[Path]
     field: str
     label: str
+    stats: list | None = None
 
     def identity(self) -> dict:
-        return {"files": _file_stats(self.files), "field": self.field}
+        return {"files": self.stats if self.stats is not None else _file_stats(self.files), "field": self.field}
 
     @functools.cached_property
     def counts(self) -> list[int]:
@@ -196,28 +349,42 @@ class _FileDocs:
             with f.open("rb") as fh:
                 return sum(1 for line in fh if line.strip())
         if f.suffix == ".json":
-            data = json.loads(f.read_text(encoding="utf-8"))
+            data = json.loads(_read_text(f))
             return len(data) if isinstance(data, list) else 1
         return 1
 
     def _read(self, f: Path) -> Iterator[str]:
         if f.suffix == ".txt":
-            yield f.read_text(encoding="utf-8", errors="replace")
+            yield _read_text(f, errors="replace")
         elif f.suffix == ".jsonl":
-            with f.open(encoding="utf-8") as fh:
+            with _open_text(f) as fh:
                 for line in fh:
                     if line.strip():
                         yield _record_text(json.loads(line), self.field)
         else:
-            data = json.loads(f.read_text(encoding="utf-8"))
+            data = json.loads(_read_text(f))
             for record in data if isinstance(data, list) else [data]:
                 yield _record_text(record, self.field)
+
+
+def _open_text(f: Path, errors: str = "strict") -> io.TextIOWrapper:
+    """`f.open("r", encoding="utf-8", errors=errors)` for local and epath (gs://) paths alike: epath's
+    open() takes no `errors`. Universal newlines, as in text mode."""
+    return io.TextIOWrapper(f.open("rb"), encoding="utf-8", errors=errors)
+
+
+def _read_text(f: Path, errors: str = "strict") -> str:
+    with _open_text(f, errors) as fh:
+        return fh.read()
 
 
 def _tfds_source(spec: str, field: str) -> _TfdsDocs:
     m = re.fullmatch(r"tfds:(?P<name>[^:]+(?::\d+\.\d+\.\d+)?)(?::(?P<dir>.+))?", spec)
     if not m:
         raise ConfigError(f"data.path={spec!r}: expected tfds:NAME[:DATA_DIR] (NAME may carry :VERSION)")
+    if m["dir"] and storage.is_gcs(m["dir"]):
+        raise ConfigError(f"data.path={spec!r}: a TFDS data_dir on gs:// is not supported; pass the dataset's "
+                          "directory instead (gs://.../NAME/VERSION, the one holding dataset_info.json)")
     data_dir = str(Path(m["dir"]).expanduser()) if m["dir"] else None
     try:
         builder = tfds.builder(m["name"], data_dir=data_dir)
@@ -233,6 +400,16 @@ def _text_files(paths: Iterable[str | Path]) -> list[Path]:
     return sorted(Path(p) for p in paths if Path(p).suffix in TEXT_SUFFIXES and Path(p).is_file())
 
 
+def _load_token_file(path: Path, spec: str) -> np.memmap:
+    """A memmap of a local .npy (1-D integer) or .bin (raw uint16) token file."""
+    if path.suffix == ".npy":
+        arr = np.load(path, mmap_mode="r")
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise ConfigError(f"{spec}: expected a 1-D integer array of token ids, got {arr.dtype}{list(arr.shape)}")
+        return arr
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
 def _open_source(cfg: DataConfig) -> _TfdsDocs | _FileDocs | np.memmap:
     """The documents of cfg.path, or its whole token array for pre-tokenised files."""
     spec = cfg.path
@@ -240,6 +417,8 @@ def _open_source(cfg: DataConfig) -> _TfdsDocs | _FileDocs | np.memmap:
         return _TfdsDocs(tfds.builder_from_directory(prepare_default_corpus(cfg.cache_dir)), "text")
     if spec.startswith("tfds:"):
         return _tfds_source(spec, cfg.text_field)
+    if storage.is_gcs(spec):
+        return _open_gcs_source(cfg)
     path = Path(spec).expanduser()
     if glob.has_magic(spec):
         files = _text_files(glob.glob(str(path), recursive=True))
@@ -255,13 +434,8 @@ def _open_source(cfg: DataConfig) -> _TfdsDocs | _FileDocs | np.memmap:
         return _FileDocs(files, cfg.text_field, label=path.name)
     if not path.is_file():
         raise FileNotFoundError(f"data.path={spec!r} does not exist; {ACCEPTED}")
-    if path.suffix == ".npy":
-        arr = np.load(path, mmap_mode="r")
-        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-            raise ConfigError(f"{path}: expected a 1-D integer array of token ids, got {arr.dtype}{list(arr.shape)}")
-        return arr
-    if path.suffix == ".bin":
-        return np.memmap(path, dtype=np.uint16, mode="r")
+    if path.suffix in TOKEN_SUFFIXES:
+        return _load_token_file(path, str(path))
     if path.suffix in TEXT_SUFFIXES:
         return _FileDocs([path], cfg.text_field, label=path.stem)
     raise ConfigError(f"data.path={spec!r}: unsupported file type {path.suffix!r}; {ACCEPTED}")
@@ -304,13 +478,13 @@ def _encode_chunk(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> np.ndarr
     return np.fromiter(stream, dtype=dtype, count=total)
 
 
-def _write_atomically(path: Path, chunks: Iterable[np.ndarray]) -> None:
+def _write_atomically(path: Path, chunks: Iterable[np.ndarray | bytes]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with tmp.open("wb") as f:
             for chunk in chunks:
-                chunk.tofile(f)
+                chunk.tofile(f) if isinstance(chunk, np.ndarray) else f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -330,17 +504,16 @@ def token_split(cfg: DataConfig, split: str) -> np.memmap:
     if isinstance(source, np.memmap):
         _, start, stop = _split_range({"train": len(source)}, split, cfg.holdout_fraction, cfg.path, "tokens")
         return _token_view(source, start, stop)
-    what = f"data.path={cfg.path!r}" if cfg.path else "the default corpus"
-    src_split, start, stop = _split_range(source.split_sizes(), split, cfg.holdout_fraction, what)
-    if stop <= start:
-        raise ConfigError(f"split {split!r} of {what} is empty")
     tok = load_tokenizer(cfg.tokenizer)
     dtype = _token_dtype(tok)
     key = {"format": CACHE_FORMAT, "source": source.identity(), "tokenizer": tok.name, "split": split,
            "holdout_fraction": cfg.holdout_fraction}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_root(cfg.cache_dir) / "tokens" / f"{source.label}-{split}-{tok.name}-{digest}.{dtype.name}"
-    if not path.exists():
+    path = cache_root(cfg.cache_dir) / "tokens" / f"{source.label}-{split}-{tok.name}-{_digest(key)}.{dtype.name}"
+    if not path.exists():  # documents are counted (a full read of text files) only on a cache miss
+        what = f"data.path={cfg.path!r}" if cfg.path else "the default corpus"
+        src_split, start, stop = _split_range(source.split_sizes(), split, cfg.holdout_fraction, what)
+        if stop <= start:
+            raise ConfigError(f"split {split!r} of {what} is empty")
         _write_atomically(path, (_encode_chunk(tok, texts, dtype) for texts in source.chunks(src_split, start, stop)))
     return np.memmap(path, dtype=dtype, mode="r")
 

@@ -1,7 +1,7 @@
 """Tokenizers: a zero-dependency byte tokenizer and any HF `tokenizers` JSON file (incl. OLMo's).
 
-`load_tokenizer("byte" | "olmo" | path/to/tokenizer.json)`. Every tokenizer has a `name` that
-identifies its vocabulary; tokenised caches are keyed by it.
+`load_tokenizer("byte" | "olmo" | path/to/tokenizer.json)`; the path may be local or `gs://BUCKET/...`.
+Every tokenizer has a `name` that identifies its vocabulary; tokenised caches are keyed by it.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import importlib.util
 from collections.abc import Iterable
 from pathlib import Path
 
+from vffn_jax import storage
 from vffn_jax.config import ConfigError
 
 OLMO_TOKENIZER = "tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json"  # inside the olmo_eval package
@@ -54,23 +55,31 @@ class ByteTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A HF `tokenizers` JSON file; EOS is the first of EOS_CANDIDATES in its vocabulary."""
+    """A HF `tokenizers` JSON file (local or gs://); EOS is the first of EOS_CANDIDATES in its vocabulary."""
 
     def __init__(self, path: str | Path):
         import tokenizers
 
-        path = Path(path).expanduser()
-        if not path.is_file():
+        if storage.is_gcs(path):
+            try:  # ConfigError when the bucket cannot be read; missing bucket or object: not found below
+                path = storage.check_readable(path, "data.tokenizer")
+                raw = path.read_bytes() if path.is_file() else None
+            except FileNotFoundError:
+                raw = None
+        else:
+            path = Path(path).expanduser()
+            raw = path.read_bytes() if path.is_file() else None
+        if raw is None:
             raise FileNotFoundError(
                 f"tokenizer file not found: {path} (data.tokenizer takes 'byte', 'olmo' or a path to a "
                 "HF tokenizers JSON file)")
-        self._tok = tokenizers.Tokenizer.from_file(str(path))
+        self._tok = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
         ids = [self._tok.token_to_id(t) for t in EOS_CANDIDATES]
         if all(i is None for i in ids):
             raise ConfigError(f"tokenizer {path} has none of the EOS tokens {EOS_CANDIDATES}; add one to its vocabulary")
         self.eos_id = next(i for i in ids if i is not None)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.name = f"{path.stem}-{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+        self.name = f"{path.stem}-{hashlib.sha256(raw).hexdigest()[:12]}"
         self.path = path
 
     def encode(self, text: str) -> list[int]:
