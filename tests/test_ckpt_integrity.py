@@ -107,27 +107,43 @@ def test_damage_is_detected(tmp_path, damage):
     assert ckpt.verify_step(manager, 3, ("opt_state",)).status == "verified"
 
 
-def test_resume_falls_back_to_newest_good_step(tmp_path):
+def test_resume_falls_back_to_newest_good_step(tmp_path, monkeypatch):
     manager, states = _save_steps(tmp_path / "run", (10, 20, 30))
     cdir = ckpt.checkpoint_dir(tmp_path / "run")
     _overwrite_middle(_largest(cdir / "30"))
     (cdir / "20" / "opt_state" / "_METADATA").unlink()
     params, opt = states[10]
+
+    real_list = integrity.list_files
+    monkeypatch.setattr(integrity, "list_files", lambda d: (_ for _ in ()).throw(OSError("bucket unreachable")))
+    with pytest.raises(ckpt.CheckpointUnreadableError, match=r"step 30 could not be checked \(OSError: bucket "
+                                                             r"unreachable\): nothing was restored"):
+        ckpt.resume_state(ckpt.make_manager(tmp_path / "run"), _abstract(params), _abstract(opt), _data_iter())
+    monkeypatch.setattr(integrity, "list_files", real_list)
+    assert ckpt.all_steps(tmp_path / "run") == [10, 20, 30]  # a storage error never sets a step aside
+
     lines = []
     it = _data_iter()
-    step, p, o = ckpt.resume_state(ckpt.make_manager(tmp_path / "run"), _abstract(params), _abstract(opt), it,
-                                   log=lines.append)
+    manager = ckpt.make_manager(tmp_path / "run")
+    step, p, o = ckpt.resume_state(manager, _abstract(params), _abstract(opt), it, log=lines.append)
     assert step == 10
     jax.tree.map(np.testing.assert_array_equal, p, params)
     assert int(o["count"]) == 10 and next(it) == 10
     assert len(lines) == 2
     assert lines[0].startswith("vffn_jax: checkpoint step 30 is damaged (params: file ") and "crc32c differs" in lines[0]
-    assert lines[0].endswith("resuming from step 10 instead")
+    assert "; resuming from step 10 instead (moved to " in lines[0] and "30.damaged-" in lines[0]
     assert "step 20 is damaged (opt_state: file " in lines[1] and "_METADATA missing" in lines[1]
+    # the damaged steps are out of Orbax's way: training saves step 20 again
+    assert sorted(p.name.split(".")[0] for p in cdir.glob("*.damaged-*")) == ["20", "30"]
+    assert ckpt.all_steps(tmp_path / "run") == [10] and list(manager.all_steps()) == [10]
+    assert ckpt.save(manager, 20, *_state(20), _data_iter())
+    ckpt.wait_until_finished(manager)
+    assert ckpt.verify_step(manager, 20, ("params", "opt_state", "data")).status == "verified"
 
-    (cdir / "10" / "params" / "_METADATA").write_text("{}")
-    with pytest.raises(CheckpointDamagedError, match=r"every checkpoint step in .* is damaged \(step 30: .*step 20: "
-                                                     r".*step 10: params: .*_METADATA truncated.*fresh --workdir"):
+    for step in (10, 20):
+        (cdir / str(step) / "params" / "_METADATA").write_text("{}")
+    with pytest.raises(CheckpointDamagedError, match=r"every checkpoint step in .* is damaged \(step 20: params: "
+                                                     r".*_METADATA truncated.*step 10: .*fresh --workdir"):
         ckpt.resume_state(ckpt.make_manager(tmp_path / "run"), _abstract(params), _abstract(opt), _data_iter())
     assert ckpt.resume_state(ckpt.make_manager(tmp_path / "empty"), _abstract(params), _abstract(opt), None) is None
 
@@ -167,22 +183,29 @@ def test_partial_checksums_and_shares(tmp_path):
 
 def test_gcs_damage_detected(gcs_bucket):
     workdir = f"{gcs_bucket}/run"
-    _, states = _save_steps(workdir, (4,))
-    step_dir = ckpt.checkpoint_dir(workdir) / "4"
+    _, states = _save_steps(workdir, (4, 8))
+    step_dir = ckpt.checkpoint_dir(workdir) / "8"
     assert str(step_dir).startswith("gs://")
-    assert ckpt.all_steps(workdir) == [4] and (step_dir / "vffn_checksums.process_0-of-1.json").exists()
-    params, opt = states[4]
-    p, _ = ckpt.restore(ckpt.make_manager(workdir, read_only=True), 4, _abstract(params))
+    assert ckpt.all_steps(workdir) == [4, 8] and (step_dir / "vffn_checksums.process_0-of-1.json").exists()
+    params, opt = states[8]
+    p, _ = ckpt.restore(ckpt.make_manager(workdir, read_only=True), 8, _abstract(params))
     jax.tree.map(np.testing.assert_array_equal, p, params)
     target = _largest(step_dir)
     _overwrite_middle(target)  # rewrites the object through epath/gcsfs
     with pytest.raises(CheckpointDamagedError) as info:
-        ckpt.restore(ckpt.make_manager(workdir, read_only=True), 4, _abstract(params))
-    assert info.value.step == 4 and info.value.item == "params" and "crc32c differs" in str(info.value)
+        ckpt.restore(ckpt.make_manager(workdir, read_only=True), 8, _abstract(params))
+    assert info.value.step == 8 and info.value.item == "params" and "crc32c differs" in str(info.value)
     assert info.value.file == str(target)
     target.unlink()
-    with pytest.raises(CheckpointDamagedError, match=r"checkpoint step 4 is damaged \(params: file gs://.* missing"):
-        ckpt.restore(ckpt.make_manager(workdir, read_only=True), 4, _abstract(params))
+    with pytest.raises(CheckpointDamagedError, match=r"checkpoint step 8 is damaged \(params: file gs://.* missing"):
+        ckpt.restore(ckpt.make_manager(workdir, read_only=True), 8, _abstract(params))
+
+    lines = []
+    step, p, _ = ckpt.resume_state(ckpt.make_manager(workdir), _abstract(states[4][0]), _abstract(states[4][1]),
+                                   _data_iter(), log=lines.append)
+    assert step == 4 and len(lines) == 1 and "step 8 is damaged" in lines[0] and "8.damaged-" in lines[0]
+    jax.tree.map(np.testing.assert_array_equal, p, states[4][0])
+    assert ckpt.all_steps(workdir) == [4]
 
 
 def test_eval_cli_reports_damaged_step(tmp_path, capsys):

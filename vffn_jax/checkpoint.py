@@ -12,13 +12,16 @@ Integrity (vffn_jax/ckpt_integrity.py): once a step has committed, a background 
 crc32c of its files into `<step>/vffn_checksums.process_<p>-of-<P>.json`; `restore` checks the files
 of the items it reads first and raises CheckpointDamagedError (naming the step, the item and the file)
 instead of restoring garbage or ending in a TensorStore traceback; `resume_state` falls back to the
-newest step that verifies. A step without checksums restores with a notice that it is unverified.
+newest step that verifies and renames the damaged newer ones to `<step>.damaged-<time>` (else Orbax
+would refuse to save those steps again). A step without checksums restores with a notice that it is
+unverified. Every process reaches the same verdict (the checks are combined with an all-gather).
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 from typing import Callable
 
 import grain
@@ -28,11 +31,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from vffn_jax import ckpt_integrity as integrity
-from vffn_jax.ckpt_integrity import CheckpointDamagedError
+from vffn_jax import storage
+from vffn_jax.ckpt_integrity import CheckpointDamagedError, CheckpointUnreadableError
 from vffn_jax.config import RunConfig
 from vffn_jax.storage import as_path
 
-__all__ = ["CheckpointDamagedError", "CheckpointMismatchError", "abstract_with_shardings", "all_steps",
+__all__ = ["CheckpointDamagedError", "CheckpointMismatchError", "CheckpointUnreadableError", "abstract_with_shardings", "all_steps",
            "check_compatible", "checkpoint_dir", "latest_step", "make_manager", "restore", "resume_state",
            "save", "saved_param_shapes", "verify_step", "wait_until_finished"]
 
@@ -174,7 +178,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params, abstract
     log = log or _notice
     if not verified:
         verdict = verify_step(manager, step, items)
-        if verdict.status == "damaged":
+        if not verdict.ok:
             raise verdict.error()
         if verdict.notice:
             log(verdict.notice)
@@ -218,10 +222,13 @@ def _first_line(e: BaseException) -> str:
 
 
 def resume_state(manager: ocp.CheckpointManager, abstract_params, abstract_opt_state, data_iter, *,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, set_aside_damaged: bool = True):
     """(step, params, opt_state) from the newest step whose params, optimizer state and data state
-    verify; None when there is no checkpoint. Each newer, damaged step is reported through `log`.
-    Raises CheckpointDamagedError when every step is damaged."""
+    verify; None when there is no checkpoint. Each newer, damaged step is reported through `log` and,
+    with `set_aside_damaged`, renamed to `<step>.damaged-<time>` (Orbax ignores that name): left in
+    place it would stop Orbax from saving that step, or any step before it, again. Raises
+    CheckpointDamagedError when every step is damaged, CheckpointUnreadableError when a step cannot be
+    checked at all (storage errors never trigger a fall-back)."""
     steps = sorted((int(s) for s in np.asarray(manager.all_steps())), reverse=True)
     if not steps:
         return None
@@ -229,11 +236,16 @@ def resume_state(manager: ocp.CheckpointManager, abstract_params, abstract_opt_s
     skipped: list[tuple[int, integrity.Verdict]] = []
     for step in steps:
         verdict = verify_step(manager, step, items)
+        if verdict.status == "error":
+            raise verdict.error()
         if verdict.status == "damaged":
             skipped.append((step, verdict))
             continue
+        moved = _set_aside(manager, [s for s, _ in skipped]) if set_aside_damaged and skipped else {}
         for bad, v in skipped:
-            log(f"vffn_jax: checkpoint step {bad} is damaged ({v.describe()}); resuming from step {step} instead")
+            where = f" (moved to {moved[bad]}, so that training can save step {bad} again; delete it once inspected)" \
+                if bad in moved else ""
+            log(f"vffn_jax: checkpoint step {bad} is damaged ({v.describe()}); resuming from step {step} instead{where}")
         if verdict.notice:
             log(f"vffn_jax: {verdict.notice}")
         params, opt_state = restore(manager, step, abstract_params, abstract_opt_state, data_iter, verified=True)
@@ -244,6 +256,29 @@ def resume_state(manager: ocp.CheckpointManager, abstract_params, abstract_opt_s
         f"every checkpoint step in {manager.directory} is damaged ({listing}); start over with a fresh --workdir, "
         "or repair the files (or delete the damaged step folders)", step=first.step, item=first.item,
         file=first.file, problem=first.problem, problems=first.problems)
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> dict[int, epath.Path]:
+    """Renames damaged step folders out of Orbax's sight (process 0; the others wait) and reloads the
+    manager's step list. Returns step -> new path."""
+    if getattr(getattr(manager, "_options", None), "read_only", False):
+        return {}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = {s: epath.Path(manager.directory) / f"{s}.damaged-{stamp}" for s in steps}
+    if jax.process_index() == 0:
+        for s, dst in moved.items():
+            src = _step_dir(manager, s)
+            if storage.is_gcs(src):  # a prefix, not a folder: move its objects
+                integrity._gcs_fs().mv(str(src)[len(storage.GCS_PREFIX):], str(dst)[len(storage.GCS_PREFIX):],
+                                       recursive=True)
+            else:
+                os.rename(os.fspath(src), os.fspath(dst))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("vffn_jax_ckpt_set_aside")
+    manager.reload()
+    return moved
 
 
 def _data_state_file(manager: ocp.CheckpointManager, step: int, index: int, count: int) -> epath.Path:
@@ -293,6 +328,6 @@ def good_steps(workdir: str | os.PathLike, items=("params",), *, below: int | No
         if below is not None and step >= below:
             continue
         v = integrity.verify(cdir / str(step), step, list(items))
-        if v.status != "damaged":
+        if v.ok:
             out.append((step, v.status))
     return out

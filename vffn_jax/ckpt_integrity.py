@@ -16,7 +16,9 @@ training on garbage) or ended in a raw TensorStore traceback. This module closes
   chunks. Measured on this project's 2-core CPU machine, 1 GiB: crc32c 3.4-3.9 GB/s, sha256
   0.8-1.0 GB/s (memory and page-cached file alike); a plain read of the file 5.6 GB/s. The digests
   guard against accidental damage (truncation, overwritten ranges, bit rot, lost files), not against
-  an adversary, so the 4x faster checksum wins.
+  an adversary, so the 4x faster checksum wins. bench/ckpt_verify.py, 354m versatile with AdamW state
+  (3.94 GB on disk, 28 files): Orbax's save took 22.8 s to commit, the checksums 0.83 s after it
+  (4.7 GB/s), the check before a restore 0.86 s (params + opt_state) and 0.33 s (params only).
 * Multi-host: the files are assigned to processes greedily by size (largest first, to the least
   loaded process; ties by name), a deterministic function of the listing, so every process hashes
   its own share once the step has committed, at save and at restore alike. At restore every process
@@ -28,6 +30,9 @@ training on garbage) or ended in a raw TensorStore traceback. This module closes
   that it is *unverified* rather than refused: refusing would strand every older run. When only some
   processes' files exist, the files of the missing shares are checked for presence and size only
   (also said in the notice).
+* Damage versus trouble: a file missing, of the wrong size or with another crc32c is damage
+  (CheckpointDamagedError). A listing or read that fails (bucket unreachable, permissions) is not
+  evidence of damage: CheckpointUnreadableError, and nothing falls back to an older step.
 """
 from __future__ import annotations
 
@@ -63,6 +68,11 @@ class CheckpointDamagedError(RuntimeError):
                  file: str | None = None, problem: str | None = None, problems: Sequence[str] = ()):
         super().__init__(message)
         self.step, self.item, self.file, self.problem, self.problems = step, item, file, problem, list(problems)
+
+
+class CheckpointUnreadableError(CheckpointDamagedError):
+    """A step's files could not be listed or read to check them (storage unreachable, permissions): not
+    evidence of damage, so nothing falls back to an older step; retry when the storage answers."""
 
 
 # --------------------------------------------------------------------------- files and digests
@@ -170,8 +180,8 @@ def write_digests(step_dir: epath.Path, step: int, process_index: int = 0, proce
 
 @dataclasses.dataclass
 class Verdict:
-    """status: "verified", "unverified" (no checksums) or "damaged"; `problems` are dicts
-    {item, file, what}; `notice` says what was not checked."""
+    """status: "verified", "unverified" (no checksums), "damaged" or "error" (could not be checked);
+    `problems` are dicts {item, file, what}; `notice` says what was not checked."""
     step: int
     status: str
     problems: list[dict] = dataclasses.field(default_factory=list)
@@ -181,7 +191,7 @@ class Verdict:
 
     @property
     def ok(self) -> bool:
-        return self.status != "damaged"
+        return self.status in ("verified", "unverified")
 
     def describe(self, limit: int = 1) -> str:
         """'params: file .../d/abc truncated: 1,234 of 65,536 bytes' (+ 'and N more')."""
@@ -191,6 +201,11 @@ class Verdict:
 
     def error(self) -> CheckpointDamagedError:
         first = self.problems[0]
+        if self.status == "error":
+            return CheckpointUnreadableError(
+                f"checkpoint step {self.step} could not be checked ({first['what']}): nothing was restored; check "
+                "that the storage is reachable and retry", step=self.step, item=first["item"], file=first["file"],
+                problem=first["what"])
         return CheckpointDamagedError(
             f"checkpoint step {self.step} is damaged ({self.describe()})", step=self.step, item=first["item"],
             file=first["file"], problem=first["what"],
@@ -251,9 +266,9 @@ def verify_local(step_dir: epath.Path, step: int, items: Sequence[str], *, proce
     to_hash = {k: v for k, v in expected.items() if k in digests and k in actual and actual[k] == v}
     mine = assign(to_hash, process_count)[process_index]
     for rel, got in _hash_many(step_dir, mine, _threads()).items():
-        if isinstance(got, Exception):
-            problem(rel, f"unreadable ({type(got).__name__}: {str(got)[:200]})")
-        elif got != digests[rel]:
+        if isinstance(got, Exception):  # listed with the right size, yet unreadable: storage trouble, not damage
+            raise OSError(f"reading {step_dir / rel}: {type(got).__name__}: {str(got)[:200]}")
+        if got != digests[rel]:
             problem(rel, f"{ALGORITHM} differs: {got}, {digests[rel]} expected (contents changed)")
     notice = None
     unhashed = sorted(set(expected) - set(digests))
@@ -300,7 +315,9 @@ def agree(v: Verdict) -> Verdict:
             if p not in problems:
                 problems.append(p)
     statuses = {d["status"] for d in docs}
-    status = "damaged" if "damaged" in statuses else ("unverified" if "unverified" in statuses else "verified")
+    status = next(s for s in ("error", "damaged", "unverified", "verified") if s in statuses)
+    if status == "error":
+        problems = [p for d in docs if d["status"] == "error" for p in d["problems"]][:1]
     notice = next((d["notice"] for d in docs if d["notice"]), None)
     return Verdict(v.step, status, problems, notice, files=v.files, bytes=v.bytes)
 
@@ -313,9 +330,9 @@ def verify(step_dir: epath.Path, step: int, items: Sequence[str]) -> Verdict:
     try:
         local = verify_local(step_dir, step, items, process_index=jax.process_index(),
                              process_count=jax.process_count())
-    except Exception as e:  # listing failed (a bucket error): damaged for everyone, never a hang
-        local = Verdict(step, "damaged", [{"item": TOP_LEVEL_ITEM, "file": str(step_dir),
-                                          "what": f"unreadable ({type(e).__name__}: {str(e)[:200]})"}])
+    except Exception as e:  # listing or reading failed (a bucket error): an error for everyone, never a hang
+        local = Verdict(step, "error", [{"item": TOP_LEVEL_ITEM, "file": str(step_dir),
+                                        "what": f"{type(e).__name__}: {str(e)[:300]}"}])
     return agree(local)
 
 
