@@ -6,6 +6,15 @@ Examples:
   python train.py --config 354m --variant dense --dry-run --json
   python train.py --config tiny --variant kloop --set model.n_loops=2 --set train.steps=50 --workdir runs/k2
   python train.py --config tiny --variant versatile --init-from runs/dense --workdir runs/vffn_cont
+  python train.py --config 354m --workdir gs://my-bucket/runs/354m-versatile   # on every host of a pod
+
+Preemption: on SIGTERM (TPU VMs, SLURM, Kubernetes; on several hosts, at JAX's preemption sync point)
+every process saves the same step, waits for it to commit and exits with status 75; re-run the same
+command to resume. run.ckpt_minutes adds a time-based save as a backstop to run.ckpt_every.
+
+Exit status: 0 done (or --stop-at reached), 2 invalid config/path/bucket or every checkpoint damaged,
+3 diverged (NaN) or checkpoint does not match the config, 4 peers missing at start-up, 75 preempted
+(checkpoint saved; re-run to resume).
 """
 from __future__ import annotations
 
@@ -25,10 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default=None,
                    help=f"FFN variant preset {config_lib.available('variants')}. Default: versatile "
                         "(for a JSON --config: the file's own model.ffn)")
-    p.add_argument("--workdir", help="run directory: checkpoints/, metrics.jsonl, tb/ (TensorBoard), config.json. "
-                                     "Required unless --dry-run")
+    p.add_argument("--workdir", help="run directory, a local path or gs://BUCKET/PATH: checkpoints/, metrics.jsonl, "
+                                     "tb/ (TensorBoard), config.json, compile_cache/. Required unless --dry-run")
     p.add_argument("--steps", type=int, help="total training steps (shorthand for --set train.steps=N)")
-    p.add_argument("--init-from", metavar="DIR",
+    p.add_argument("--init-from", metavar="DIR|gs://...",
                    help="continued pretraining: start from the params of another run of the same shape (its workdir, "
                         "checkpoints/ or checkpoints/STEP; any variant, e.g. dense). Shared weights are copied, new "
                         "routers/experts initialised fresh, optimizer and step reset. Ignored when --workdir already "
@@ -114,18 +123,28 @@ def main(argv=None) -> int:
         distributed.initialize(dist)
         if not args.workdir:
             raise config_lib.ConfigError("--workdir is required to train (where checkpoints and metrics go)")
-        summary = train_lib.train(cfg, args.workdir, progress=not args.no_progress, stop_at=args.stop_at)
+        from vffn_jax import trainer
+
+        summary = trainer.train(cfg, args.workdir, progress=not args.no_progress, stop_at=args.stop_at)
     except (config_lib.ConfigError, FileNotFoundError, ModuleNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # a diverged run or a checkpoint mismatch: say what and where, no traceback wall
-        from vffn_jax.checkpoint import CheckpointMismatchError
-        from vffn_jax.train_lib import TrainingDivergedError
+    except Exception as e:  # a diverged run or a checkpoint problem: say what and where, no traceback wall
+        from vffn_jax.checkpoint import CheckpointDamagedError, CheckpointMismatchError
+        from vffn_jax.loop_actions import TrainingDivergedError
 
+        if isinstance(e, CheckpointDamagedError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if isinstance(e, (TrainingDivergedError, CheckpointMismatchError)):
             print(f"error: {e}", file=sys.stderr)
             return 3
         raise
+    if summary["preempted"]:
+        if summary["is_main"]:
+            print(f"preempted: stopped at step {summary['step']} after saving it to {summary['checkpoint_dir']}; "
+                  f"re-run the same command to resume (exit status {trainer.EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+        return trainer.EXIT_PREEMPTED
     ev = summary["eval"] or {}
     if not ev or not summary["is_main"]:
         return 0

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from vffn_jax import config as config_lib
-from vffn_jax import eval_lib, train_lib
+from vffn_jax import eval_lib, train_lib, trainer
 from vffn_jax.checkpoint import CheckpointMismatchError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     cfg = config_lib.load_config("tiny", "versatile", {**TINY, "data.cache_dir": str(tmp / "cache")})
     workdir = tmp / "run"
-    train_lib.train(cfg, workdir, progress=False)
+    trainer.train(cfg, workdir, progress=False)
     return workdir
 
 

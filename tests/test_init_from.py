@@ -12,7 +12,7 @@ import pytest
 import train as train_cli
 from vffn_jax import checkpoint as ckpt
 from vffn_jax import data as data_lib
-from vffn_jax import train_lib
+from vffn_jax import train_lib, trainer
 from vffn_jax.config import ConfigError, load_config
 
 SMALL = {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 2, "model.d_ff": 128,
@@ -24,7 +24,7 @@ SMALL = {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 2, "model.d_
 def dense_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("init_from")
     over = {**SMALL, "data.cache_dir": str(tmp / "cache")}
-    summary = train_lib.train(load_config("tiny", "dense", over), tmp / "dense", progress=False)
+    summary = trainer.train(load_config("tiny", "dense", over), tmp / "dense", progress=False)
     return tmp / "dense", over, summary
 
 

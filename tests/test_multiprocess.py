@@ -54,9 +54,11 @@ def _launch(workdir, **kw):
     return _run(workdir, **kw)
 
 
-def _run(workdir, *, processes: int, devices_per_process: int, steps: int, extra=(), timeout=TIMEOUT_S):
+def _run(workdir, *, processes: int, devices_per_process: int, steps: int, extra=(), timeout=TIMEOUT_S,
+         sigterm_last_at_step: int | None = None, expect_rc: int = 0):
     """Runs train.py as `processes` local processes; returns their (returncode, output). Kills them all
-    (by PID) if any is still running at the deadline."""
+    (by PID) if any is still running at the deadline. With `sigterm_last_at_step`, the last process
+    alone gets SIGTERM (a preemption notice) once process 0 has logged that step."""
     port = _free_port()
     procs = []
     for i in range(processes):
@@ -69,6 +71,9 @@ def _run(workdir, *, processes: int, devices_per_process: int, steps: int, extra
     deadline = time.monotonic() + timeout
     results = []
     try:
+        if sigterm_last_at_step is not None:
+            _wait_for_logged_step(workdir, sigterm_last_at_step, procs[0], deadline)
+            procs[-1].send_signal(signal.SIGTERM)
         for p in procs:
             out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
             results.append((p.returncode, out))
@@ -79,8 +84,17 @@ def _run(workdir, *, processes: int, devices_per_process: int, steps: int, extra
         outs = [p.communicate()[0] for p in procs]
         pytest.fail(f"{processes}-process run did not finish in {timeout} s:\n" + "\n----\n".join(o[-3000:] for o in outs))
     for rc, out in results:
-        assert rc == 0, out[-4000:] + ("\n" + GLOO_TIMEOUT if any(GLOO_TIMEOUT in o for _, o in results) else "")
+        assert rc == expect_rc, out[-4000:] + ("\n" + GLOO_TIMEOUT if any(GLOO_TIMEOUT in o for _, o in results) else "")
     return results
+
+
+def _wait_for_logged_step(workdir, step: int, proc, deadline: float) -> None:
+    path = Path(workdir) / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()
+                                 if line.strip() and '"loss"' in line):
+            return
+        time.sleep(0.02)
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -88,32 +102,42 @@ def _losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+STEPS = 30
+FAR = ["--set", "run.ckpt_every=1000"]  # periodic saves far away: only the preemption and the last step save
+
+
 @pytest.mark.slow
-def test_two_processes_equal_one_and_checkpoints_move_between_process_counts(tmp_path):
+def test_two_processes_equal_one_survive_preemption_and_move_between_process_counts(tmp_path):
     ref, two = tmp_path / "one_process", tmp_path / "two_processes"
-    _launch(ref, processes=1, devices_per_process=4, steps=6)
-    _launch(two, processes=2, devices_per_process=2, steps=6, extra=["--stop-at", "4"])
+    _launch(ref, processes=1, devices_per_process=4, steps=STEPS, extra=FAR)
+    # Process 1 alone is told to stop (SIGTERM): JAX propagates the notice and both processes save the
+    # same step at the preemption sync point, wait for it to commit, and exit 75.
+    results = _launch(two, processes=2, devices_per_process=2, steps=STEPS, extra=FAR, sigterm_last_at_step=3,
+                      expect_rc=75)
+    (saved,) = [int(p.name) for p in (two / "checkpoints").iterdir() if p.name.isdigit()]
+    assert 3 <= saved < STEPS
+    assert f"preempted: stopped at step {saved}" in results[0][1]
     expected, got = _losses(ref), _losses(two)
-    assert sorted(got) == [1, 2, 3, 4]
+    assert sorted(got) == list(range(1, saved + 1))
     # Same global mesh (data=4) and the same global batches: per-process slices of one sequence.
-    np.testing.assert_allclose([got[s] for s in range(1, 5)], [expected[s] for s in range(1, 5)], rtol=1e-5)
-    assert sorted(int(p.name) for p in (two / "checkpoints").iterdir()) == [2, 4]
-    assert sorted(f.name for f in (two / "checkpoints/4/data").glob("*.json")) == [
+    np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=1e-5)
+    assert sorted(f.name for f in (two / "checkpoints" / str(saved) / "data").glob("*.json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]  # the data-iterator state of each process
 
-    # The 2-process checkpoint resumes in 1 process (4 devices)...
+    # The preempted 2-process checkpoint resumes in 1 process (4 devices)...
     two_again = tmp_path / "two_again"
     shutil.copytree(two, two_again)
-    (out,) = _launch(two, processes=1, devices_per_process=4, steps=6)
-    assert "steps 4->6" in out[1]
+    (out,) = _launch(two, processes=1, devices_per_process=4, steps=STEPS, extra=FAR)
+    assert f"steps {saved}->{STEPS}" in out[1]
     # ...and in 2 processes on a hybrid mesh: data split 2 across processes (DCN) x 2 inside each (ICI).
-    results = _launch(two_again, processes=2, devices_per_process=2, steps=6,
-                      extra=["--set", "mesh.dcn_data=2", "--set", "mesh.data=2"])
-    assert "mesh={'data': 4" in results[0][1] and "steps 4->6" in results[0][1]
+    results = _launch(two_again, processes=2, devices_per_process=2, steps=STEPS,
+                      extra=[*FAR, "--set", "mesh.dcn_data=2", "--set", "mesh.data=2"])
+    assert "mesh={'data': 4" in results[0][1] and f"steps {saved}->{STEPS}" in results[0][1]
     assert "vffn_jax:" not in results[1][1]  # only process 0 reports
     for resumed in (two, two_again):
         got = _losses(resumed)
-        np.testing.assert_allclose([got[5], got[6]], [expected[5], expected[6]], rtol=1e-5)
+        after = list(range(saved + 1, STEPS + 1))
+        np.testing.assert_allclose([got[s] for s in after], [expected[s] for s in after], rtol=1e-5)
 
 
 def test_missing_peer_ends_startup_with_a_clear_error(tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from vffn_jax import checkpoint as ckpt
-from vffn_jax import train_lib
+from vffn_jax import train_lib, trainer
 from vffn_jax.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,10 +33,10 @@ def losses(workdir):
 
 def test_resumed_run_equals_uninterrupted(tmp_path):
     cfg = small_cfg(tmp_path)
-    full = train_lib.train(cfg, tmp_path / "full", progress=False)
-    train_lib.train(cfg, tmp_path / "split", progress=False, stop_at=3)
+    full = trainer.train(cfg, tmp_path / "full", progress=False)
+    trainer.train(cfg, tmp_path / "split", progress=False, stop_at=3)
     assert ckpt.latest_step(tmp_path / "split") == 3
-    resumed = train_lib.train(cfg, tmp_path / "split", progress=False)  # same call again resumes
+    resumed = trainer.train(cfg, tmp_path / "split", progress=False)  # same call again resumes
     a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert [a[s] for s in a] == [b[s] for s in a], "resume must reproduce the uninterrupted losses exactly"
@@ -46,8 +46,8 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
 def test_eight_devices_match_one_device(tmp_path):
     one = small_cfg(tmp_path, **{"mesh.data": 1})
     eight = small_cfg(tmp_path, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
-    train_lib.train(one, tmp_path / "one", devices=jax.devices()[:1], progress=False)
-    train_lib.train(eight, tmp_path / "eight", progress=False)
+    trainer.train(one, tmp_path / "one", devices=jax.devices()[:1], progress=False)
+    trainer.train(eight, tmp_path / "eight", progress=False)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
     np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(a)], rtol=2e-4)
     assert a[6] < a[1]
@@ -55,7 +55,7 @@ def test_eight_devices_match_one_device(tmp_path):
 
 def test_outputs_config_metrics_tensorboard(tmp_path):
     cfg = small_cfg(tmp_path, **{"train.steps": 3})
-    train_lib.train(cfg, tmp_path / "run", progress=False)
+    trainer.train(cfg, tmp_path / "run", progress=False)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["d_model"] == 64 and saved["variant"] == "versatile"
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -83,9 +83,9 @@ def read_event_tags(path):
 
 
 def test_resume_with_different_model_is_refused(tmp_path):
-    train_lib.train(small_cfg(tmp_path, **{"train.steps": 1}), tmp_path / "run", progress=False)
+    trainer.train(small_cfg(tmp_path, **{"train.steps": 1}), tmp_path / "run", progress=False)
     with pytest.raises(ConfigError, match="d_model"):
-        train_lib.train(small_cfg(tmp_path, **{"model.d_model": 32}), tmp_path / "run", progress=False)
+        trainer.train(small_cfg(tmp_path, **{"model.d_model": 32}), tmp_path / "run", progress=False)
 
 
 def run_cli(args, **kw):
@@ -154,3 +154,54 @@ def test_weight_decay_skips_norm_scales_only():
     no_decay = {train_lib.param_name(path) for path, decay in mask if not decay}
     assert no_decay == {"final_norm", "layers/attn_norm", "layers/ffn/norm_scale"}
     assert len(mask) > len(no_decay) + 5
+
+
+def _wait_for_step(workdir, step, proc, deadline_s=240):
+    """Blocks until metrics.jsonl has logged `step` (or the process ended / the deadline passed)."""
+    deadline = time.time() + deadline_s
+    path = Path(workdir) / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and any(json.loads(line).get("step", 0) >= step and "loss" in line
+                                 for line in path.read_text().splitlines() if line.strip()):
+            return
+        time.sleep(0.02)
+    pytest.fail(f"step {step} was never logged in {workdir} (rc={proc.poll()})")
+
+
+def test_sigterm_saves_the_step_reached_and_the_rerun_matches_an_uninterrupted_run(tmp_path):
+    over = {"train.steps": 60, "run.ckpt_every": 1000}  # periodic saves far away: only the preemption saves
+    args = cli_args(tmp_path, tmp_path / "preempted", **over)
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_step(tmp_path / "preempted", 3, proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 75, err[-3000:]
+    (saved,) = ckpt.all_steps(tmp_path / "preempted")
+    assert 3 <= saved < 60
+    assert f"preempted: stopped at step {saved} after saving it" in err and "re-run the same command" in err
+    assert max(losses(tmp_path / "preempted")) == saved  # metrics up to the saved step were flushed
+
+    again = run_cli(args, timeout=300)  # the same command resumes
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"steps {saved}->60" in again.stdout
+    full = run_cli(cli_args(tmp_path, tmp_path / "full", **over), timeout=300)
+    assert full.returncode == 0, full.stderr[-3000:]
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "preempted")
+    assert sorted(a) == sorted(b) == list(range(1, 61))
+    assert [a[s] for s in a] == [b[s] for s in a], "preempted + resumed must reproduce the uninterrupted losses"
+
+
+def test_time_based_saves_back_up_step_based_ones(tmp_path):
+    # ckpt_every far away; a save is due whenever 0.6 ms passed since the last one, checked at log steps
+    cfg = small_cfg(tmp_path, **{"train.steps": 6, "run.ckpt_every": 1000, "run.ckpt_minutes": 1e-5,
+                                 "run.log_every": 2, "run.keep_ckpts": 10})
+    trainer.train(cfg, tmp_path / "timed", progress=False)
+    assert ckpt.all_steps(tmp_path / "timed") == [2, 4, 6]
+    trainer.train(small_cfg(tmp_path, **{"train.steps": 6, "run.ckpt_every": 1000}), tmp_path / "untimed",
+                  progress=False)
+    assert ckpt.all_steps(tmp_path / "untimed") == [6]

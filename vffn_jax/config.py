@@ -128,8 +128,12 @@ class RunConfig:
     eval_every: int = 0  # 0 = only at the end
     eval_batches: int = 8
     ckpt_every: int = 100
+    ckpt_minutes: float = 0.0  # also save when this many minutes passed since the last save (0 = off)
     keep_ckpts: int = 3
     async_checkpointing: bool = True
+    # JAX's persistent compilation cache: "auto" = <workdir>/compile_cache unless one is configured
+    # (JAX_COMPILATION_CACHE_DIR), "off", or a folder (local or gs://)
+    compile_cache: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,6 +353,10 @@ def validate(cfg: Config, n_devices: int | None = None, n_slices: int | None = N
     _check_mesh_sizes(cfg.mesh)
     if cfg.run.ckpt_every < 1 or cfg.run.keep_ckpts < 1 or cfg.run.log_every < 1:
         raise ConfigError("run.ckpt_every, run.keep_ckpts and run.log_every must be >= 1")
+    if cfg.run.ckpt_minutes < 0:
+        raise ConfigError(f"run.ckpt_minutes={cfg.run.ckpt_minutes} must be >= 0 (0 turns the time-based save off)")
+    if not cfg.run.compile_cache:
+        raise ConfigError('run.compile_cache is empty: use "auto", "off" or a folder')
     if n_devices is not None:
         data, fsdp, tensor = resolve_mesh_shape(cfg.mesh, n_devices, n_slices)
         if t.batch_size % (data * fsdp):

@@ -51,6 +51,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from vffn_jax import storage
 from vffn_jax.config import ConfigError
 
 INSTALL_CMD = "pip install --no-deps -r requirements-eval.txt"
@@ -400,7 +401,7 @@ def evaluate_tasks(workdir: str | Path, tasks: str | Sequence[str] = "all", *, s
     from vffn_jax import eval_lib, train_lib
     from vffn_jax.tokenizer import load_tokenizer
 
-    workdir = Path(workdir)
+    workdir = storage.as_path(workdir)
     saved_cfg = eval_lib.load_run_config(workdir)
     step = eval_lib.resolve_step(workdir, step)
     devices = list(devices) if devices is not None else jax.devices()

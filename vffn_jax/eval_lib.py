@@ -23,6 +23,7 @@ per layer from the load aggregated over all evaluated tokens (`train_lib.load_ba
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from vffn_jax import checkpoint as ckpt
+from vffn_jax import storage
 from vffn_jax import config as config_lib
 from vffn_jax.config import Config, ConfigError, MeshConfig
 
@@ -48,8 +50,8 @@ class StepNotFoundError(FileNotFoundError):
 
 def load_run_config(workdir: str | Path) -> Config:
     """The run's saved config; FileNotFoundError naming the missing path and how to create it."""
-    workdir = Path(workdir)
-    if not workdir.is_dir():
+    workdir = storage.as_path(workdir)
+    if not workdir.exists():
         raise FileNotFoundError(
             f"run directory {workdir} does not exist; create it by training, e.g. "
             f"`python train.py --config tiny --workdir {workdir}`")
@@ -67,7 +69,6 @@ def load_run_config(workdir: str | Path) -> Config:
 
 def resolve_step(workdir: str | Path, step: int | None) -> int:
     """`step`, or the latest one; StepNotFoundError listing what exists."""
-    workdir = Path(workdir)
     cdir = ckpt.checkpoint_dir(workdir)
     steps = ckpt.all_steps(workdir)
     if not steps:
@@ -121,7 +122,7 @@ def evaluate_run(workdir: str | Path, *, step: int | None = None, n_batches: int
     from vffn_jax import flops as flops_lib
     from vffn_jax import train_lib
 
-    workdir = Path(workdir)
+    workdir = storage.as_path(workdir)
     saved_cfg = load_run_config(workdir)
     step = resolve_step(workdir, step)
     devices = list(devices) if devices is not None else jax.devices()
@@ -264,8 +265,10 @@ def plot_depth(result: dict[str, Any], path: str | Path) -> Path:
         sub += f", mean alpha {result['mean_alpha']:.3f}"
     ax.set_title(f"{title}\n{sub}", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
+    path = storage.as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    png = io.BytesIO()  # through epath, so a gs:// workdir gets its plot too
+    fig.savefig(png, format="png")
     plt.close(fig)
+    path.write_bytes(png.getvalue())
     return path

@@ -2,33 +2,48 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from vffn_jax import storage
+
 
 class MetricLogger:
     """Appends `{"step": s, ...}` rows to `metrics.jsonl` and scalars to TensorBoard (`tb/`).
 
     On resume, rows past the restored step are dropped so curves never hold a step twice.
+    A `gs://` workdir cannot be appended to (objects are immutable) and tensorboardX's own GCS
+    writer is broken, so both files are written to a local folder and uploaded whole at most every
+    `sync_seconds` and at `close()`.
     """
 
-    def __init__(self, workdir: str | Path, *, enabled: bool = True, resume_step: int = 0):
+    def __init__(self, workdir, *, enabled: bool = True, resume_step: int = 0, sync_seconds: float = 30.0):
         self.enabled = enabled
-        self.path = Path(workdir) / "metrics.jsonl"
         self.tb = None
         if not enabled:
             return
+        self.workdir = storage.as_path(workdir)
+        self.remote = storage.is_gcs(self.workdir)
+        self.local = Path(tempfile.mkdtemp(prefix="vffn_jax_run_")) if self.remote else Path(os.fspath(self.workdir))
+        self.path = self.local / "metrics.jsonl"
+        self.sync_seconds, self.last_sync = sync_seconds, time.monotonic()
+        remote_metrics = self.workdir / "metrics.jsonl"
+        if self.remote and remote_metrics.exists():
+            self.path.write_bytes(remote_metrics.read_bytes())
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         from tensorboardX import SummaryWriter  # writes event files without TensorFlow
 
-        self.tb = SummaryWriter(str(Path(workdir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        self.tb = SummaryWriter(str(self.local / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, step: int, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -42,10 +57,25 @@ class MetricLogger:
                 for i, v in enumerate(value):  # per-layer values, e.g. nothing nested deeper
                     self.tb.add_scalar(f"{key}/{i}", v, step)
         self.tb.flush()
+        if self.remote and time.monotonic() - self.last_sync >= self.sync_seconds:
+            self.sync()
+
+    def sync(self) -> None:
+        """Uploads metrics.jsonl and the TensorBoard event files of a gs:// workdir."""
+        if not (self.enabled and self.remote):
+            return
+        (self.workdir / "metrics.jsonl").write_bytes(self.path.read_bytes())
+        for event_file in (self.local / "tb").glob("*"):
+            (self.workdir / "tb" / event_file.name).write_bytes(event_file.read_bytes())
+        self.last_sync = time.monotonic()
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.sync()
+            if self.remote:
+                shutil.rmtree(self.local, ignore_errors=True)
+            self.tb = None
 
 
 class Progress:

@@ -108,7 +108,7 @@ def write_text_atomic(path: epath.Path, text: str) -> None:
         return
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.write_text(text)
-    tmp.rename(path)
+    tmp.replace(path)
 
 
 def _first_line(e: BaseException) -> str:

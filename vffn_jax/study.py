@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from vffn_jax import compile_cache, storage
 from vffn_jax import config as config_lib
 from vffn_jax.config import DEPTH_KINDS, Config, ConfigError
 
@@ -181,12 +183,22 @@ class RunSpec:
     workdir: Path
 
 
-def study_overrides(preset: Preset, out: Path, steps: int | None, user: dict[str, Any],
+def local_work_dir(out) -> Path:
+    """Where the study keeps its corpus and token cache: inside `out` when it is local, else in the
+    local cache root (a gs:// study writes run outputs to the bucket but tokenises on this machine)."""
+    from vffn_jax.data import cache_root
+
+    if not storage.is_gcs(out):
+        return Path(os.fspath(storage.as_path(out)))
+    return cache_root() / "study" / _sha(str(out))[:16]
+
+
+def study_overrides(preset: Preset, out, steps: int | None, user: dict[str, Any],
                     corpus: tuple[Path, float] | None, scale_steps: int) -> dict[str, Any]:
     over: dict[str, Any] = dict(preset.overrides)
     if corpus is not None:
         over.update({"data.path": str(corpus[0]), "data.holdout_fraction": corpus[1], "data.tokenizer": "byte",
-                     "data.cache_dir": str(out / "cache")})
+                     "data.cache_dir": str(local_work_dir(out) / "cache")})
     over.update(user)
     n = steps or int(over.get("train.steps", scale_steps))
     over["train.steps"] = n
@@ -195,7 +207,7 @@ def study_overrides(preset: Preset, out: Path, steps: int | None, user: dict[str
     return over
 
 
-def plan(preset_name: str, out: Path, *, seeds: int = 3, variants: list[str] | None = None,
+def plan(preset_name: str, out, *, seeds: int = 3, variants: list[str] | None = None,
          regimes: list[str] | None = None, steps: int | None = None, user_overrides: dict[str, Any] | None = None,
          corpus: tuple[Path, float] | None = None) -> list[RunSpec]:
     """Every run of the study, dense_base first (when the continued regime is on)."""
@@ -211,9 +223,10 @@ def plan(preset_name: str, out: Path, *, seeds: int = 3, variants: list[str] | N
     if seeds < 1:
         raise ConfigError("--seeds must be >= 1")
     scale_steps = config_lib.load_config(preset.scale, "dense").train.steps
+    out = storage.as_path(out)
     over = study_overrides(preset, out, steps, user_overrides or {}, corpus, scale_steps)
 
-    def make(regime: str, variant: str, seed: int, workdir: Path, init_from: str = "") -> RunSpec:
+    def make(regime: str, variant: str, seed: int, workdir, init_from: str = "") -> RunSpec:
         preset_variant, extra = VARIANTS[variant]
         o = {**over, **extra, "train.seed": seed, "data.shuffle_seed": seed}
         if init_from:
@@ -230,14 +243,14 @@ def plan(preset_name: str, out: Path, *, seeds: int = 3, variants: list[str] | N
         for variant in variants:
             for seed in range(seeds):
                 runs.append(make(regime, variant, seed, out / regime / variant / f"seed{seed}",
-                                 str(base.resolve()) if regime == "continued" else ""))
+                                 str(base) if regime == "continued" else ""))
     return runs
 
 
 # --------------------------------------------------------------------------- running and collecting
 
 
-def _read_metrics(workdir: Path) -> list[dict[str, Any]]:
+def _read_metrics(workdir) -> list[dict[str, Any]]:
     path = workdir / "metrics.jsonl"
     if not path.is_file():
         return []
@@ -269,7 +282,7 @@ def is_finished(spec: RunSpec) -> bool:
 
 def run_one(spec: RunSpec, devices, log=print) -> dict[str, Any]:
     """Trains (or resumes, or skips when finished) one run; returns its collected numbers."""
-    from vffn_jax import train_lib
+    from vffn_jax import trainer
 
     record = spec.workdir / "study_run.json"
     tag = f"{spec.regime}/{spec.variant}/seed{spec.seed}"
@@ -278,7 +291,7 @@ def run_one(spec: RunSpec, devices, log=print) -> dict[str, Any]:
     else:
         t0 = time.perf_counter()
         prev = json.loads(record.read_text()).get("wall_s", 0.0) if record.is_file() else 0.0
-        train_lib.train(spec.cfg, spec.workdir, devices=devices, progress=False)
+        trainer.train(spec.cfg, spec.workdir, devices=devices, progress=False)
         wall = prev + time.perf_counter() - t0
         record.write_text(json.dumps({"wall_s": wall, "steps": spec.cfg.train.steps}))
         log(f"study: {tag}: trained in {wall:.1f} s")
@@ -434,7 +447,7 @@ def _si(x: float | None) -> str:
 REGIME_TITLES = {"scratch": "From scratch", "continued": "Continued from the dense checkpoint (dense_base)"}
 
 
-def write_results(out: Path, results: list[dict[str, Any]], meta: dict[str, Any], base: dict[str, Any] | None,
+def write_results(out, results: list[dict[str, Any]], meta: dict[str, Any], base: dict[str, Any] | None,
                   variants: list[str]) -> dict[str, Any]:
     """results.json, results.md and the plots; returns the results.json object."""
     agg = aggregate(results)
@@ -486,7 +499,7 @@ def write_results(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]
     return doc
 
 
-def write_plots(out: Path, agg: dict[str, dict[str, dict[str, Any]]], variants: list[str]) -> list[str]:
+def write_plots(out, agg: dict[str, dict[str, dict[str, Any]]], variants: list[str]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -514,8 +527,7 @@ def write_plots(out: Path, agg: dict[str, dict[str, dict[str, Any]]], variants: 
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / "loss_curves.png"
-    fig.savefig(path)
-    plt.close(fig)
+    _save_figure(fig, path)
     paths.append(str(path))
 
     depth_regimes = [r for r in regimes if any("mean_depth_per_layer" in a for a in agg[r].values())]
@@ -541,8 +553,7 @@ def write_plots(out: Path, agg: dict[str, dict[str, dict[str, Any]]], variants: 
             ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / "loops_per_layer.png"
-        fig.savefig(path)
-        plt.close(fig)
+        _save_figure(fig, path)
         paths.append(str(path))
     return paths
 
@@ -550,12 +561,14 @@ def write_plots(out: Path, agg: dict[str, dict[str, dict[str, Any]]], variants: 
 # --------------------------------------------------------------------------- driver
 
 
-def _enable_compile_cache(path: Path) -> None:
-    import jax
+def _save_figure(fig, path) -> None:
+    """PNG through epath, so a gs:// study gets its plots too."""
+    import matplotlib.pyplot as plt
 
-    if not jax.config.jax_compilation_cache_dir:  # keep a cache the caller configured (e.g. tests)
-        jax.config.update("jax_compilation_cache_dir", str(path))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    plt.close(fig)
+    path.write_bytes(png.getvalue())
 
 
 def run_study(preset: str, out: str | Path, *, seeds: int = 3, variants: list[str] | None = None,
@@ -563,13 +576,14 @@ def run_study(preset: str, out: str | Path, *, seeds: int = 3, variants: list[st
               overrides: dict[str, Any] | None = None, dry_run: bool = False, log=print) -> dict[str, Any]:
     """Plans, trains (skipping finished runs) and summarises the study; returns the results.json object
     (or, with `dry_run`, the plan)."""
-    out = Path(out).expanduser().resolve()
+    out = storage.check_writable(out, "--out")
     p = PRESETS[preset]
     variants = list(VARIANTS) if variants is None else variants
     regimes = list(REGIMES) if regimes is None else regimes
     corpus = None
     if p.corpus == "stdlib":
-        corpus = build_stdlib_corpus(out / "corpus", p.corpus_max_files, holdout_files=p.holdout_files)
+        corpus = build_stdlib_corpus(local_work_dir(out) / "corpus", p.corpus_max_files,
+                                     holdout_files=p.holdout_files)
     specs = plan(preset, out, seeds=seeds, variants=variants, regimes=regimes, steps=steps,
                  user_overrides=overrides, corpus=corpus)
     if dry_run:
@@ -578,7 +592,7 @@ def run_study(preset: str, out: str | Path, *, seeds: int = 3, variants: list[st
 
     import jax
 
-    _enable_compile_cache(out / "jax_cache")
+    compile_cache.enable("auto", out)  # <out>/compile_cache unless the caller configured one (e.g. tests)
     devices = jax.devices()[:1] if p.single_device else None
     t0 = time.perf_counter()
     base, results = None, []

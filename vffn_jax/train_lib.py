@@ -1,4 +1,5 @@
-"""Model state, optimizer, the jitted train/eval steps, and the training loop.
+"""Model state, optimizer, the jitted train/eval steps, and continued-pretraining initialisation
+(the loop itself is `trainer.train`).
 
 State is split NNX-style: a static `graphdef` and a pytree of parameters (`nnx.State`). The step
 is a pure `jax.jit` function of (params, opt_state, batch, step) with explicit shardings; the
@@ -10,8 +11,6 @@ import dataclasses
 import functools
 import json
 import math
-import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,14 +22,10 @@ from flax import nnx
 from vffn_jax import checkpoint as ckpt
 from vffn_jax import flops as flops_lib
 from vffn_jax import sharding as shd
+from vffn_jax import storage
 from vffn_jax.config import (DEPTH_KINDS, Config, ConfigError, ModelConfig, TrainConfig, config_from_dict, tau_at,
                              validate)
 from vffn_jax.model import Transformer
-from vffn_jax.run_log import MetricLogger, Progress
-
-
-class TrainingDivergedError(RuntimeError):
-    """Loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
 
 
 # --------------------------------------------------------------------------- model state
@@ -245,15 +240,15 @@ def describe(s: Setup) -> dict[str, Any]:
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff")  # must match between source and run
 
 
-def resolve_init_source(source: str | Path, step: int = -1) -> tuple[Path, int]:
+def resolve_init_source(source, step: int = -1) -> tuple[Any, int]:
     """(source run directory, checkpoint step) for `train.init_from`: a workdir written by train.py,
     its `checkpoints/` folder or one `checkpoints/<step>` folder; `step=-1` is the latest."""
-    path = Path(source).expanduser().resolve()
+    path = storage.check_readable(source, "train.init_from")
     if path.name.isdigit() and path.parent.name == "checkpoints":
         if step not in (-1, int(path.name)):
             raise ConfigError(f"train.init_from={source} names step {path.name} but train.init_step={step}; drop one")
         path, step = path.parent.parent, int(path.name)
-    elif path.name == "checkpoints" and not (path / "checkpoints").is_dir():
+    elif path.name == "checkpoints" and not (path / "checkpoints").exists():
         path = path.parent
     if not (path / "config.json").is_file():
         raise ConfigError(f"train.init_from={source}: {path} has no config.json; point --init-from at a run "
@@ -278,7 +273,7 @@ def check_init_compatible(source: ModelConfig, model: ModelConfig, where: Any) -
                 f"copies weights of the same shape: set --set model.{name}={a} or initialise from another run")
 
 
-def init_from_checkpoint(s: Setup, tx: optax.GradientTransformation, opt_shardings, source: str | Path,
+def init_from_checkpoint(s: Setup, tx: optax.GradientTransformation, opt_shardings, source,
                          step: int = -1):
     """Fresh train state for continued pretraining from another run's checkpoint (any variant).
 
@@ -317,139 +312,10 @@ def init_from_checkpoint(s: Setup, tx: optax.GradientTransformation, opt_shardin
     return params, opt_state, info
 
 
-# --------------------------------------------------------------------------- the training loop
+# --------------------------------------------------------------------------- logging helpers
 
 
-def _prepare_workdir(cfg: Config, workdir: Path, is_main: bool) -> None:
-    """Saves the resolved config; refuses to resume a run whose model differs from this config."""
-    path = workdir / "config.json"
-    if path.exists():
-        saved = config_from_dict(json.loads(path.read_text()))
-        if saved.model != cfg.model:
-            diff = {k: (getattr(saved.model, k), getattr(cfg.model, k)) for k in saved.model.__dataclass_fields__
-                    if getattr(saved.model, k) != getattr(cfg.model, k)}
-            raise ConfigError(f"{workdir} holds a run with a different model (saved vs now: {diff}); "
-                              "re-run with the same flags to resume, or use a new --workdir")
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(cfg.to_json())
-        tmp.replace(path)
-
-
-def train(cfg: Config, workdir: str | Path, *, devices=None, progress: bool = True,
-          stop_at: int | None = None) -> dict[str, Any]:
-    """Trains (or resumes) `cfg` in `workdir`; returns a summary with the final held-out metrics.
-
-    `stop_at` ends this invocation after that step (checkpointed), as a preemption would; re-running
-    continues the same schedule to `cfg.train.steps`.
-    """
-    from vffn_jax import data as data_lib  # tfds/grain import lazily: dry runs and eval-only imports stay light
-
-    workdir = Path(workdir)
-    is_main = jax.process_index() == 0
-    s = setup(cfg, devices)
-    _prepare_workdir(cfg, workdir, is_main)
-    tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"tokenizer {cfg.data.tokenizer!r} has {tokenizer.vocab_size} tokens but "
-                          f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
-
-    tx = make_optimizer(cfg.train)
-    abstract_opt, opt_shardings = opt_state_shardings(tx, s)
-    data_it = data_lib.make_batch_iterator(
-        cfg.data, "train", seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size, seed=cfg.data.shuffle_seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    eval_data = data_lib.eval_batches(
-        cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size, n_batches=cfg.run.eval_batches,
-        process_index=jax.process_index(), process_count=jax.process_count())
-
-    manager = ckpt.make_manager(workdir, cfg.run)
-    start = manager.latest_step()
-    init_info = None  # continued pretraining: where the weights came from (logged as a step-0 metrics row)
-    if start is None:
-        if cfg.train.init_from:
-            params, opt_state, init_info = init_from_checkpoint(s, tx, opt_shardings, cfg.train.init_from,
-                                                                cfg.train.init_step)
-        else:
-            params, opt_state = init_train_state(s, tx, opt_shardings)
-        start = 0
-    else:
-        if cfg.train.init_from and is_main:
-            print(f"vffn_jax: {workdir} has checkpoints: resuming at step {start}, train.init_from ignored", flush=True)
-        params, opt_state = ckpt.restore(
-            manager, start, ckpt.abstract_with_shardings(s.abstract_params, s.param_shardings),
-            ckpt.abstract_with_shardings(abstract_opt, opt_shardings), data_it)
-
-    train_step = make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_shardings)
-    eval_step = make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)
-    info = describe(s)
-    flops_train = info["flops_per_token_train"]
-    peak = flops_lib.peak_flops_per_device()
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-    logger = MetricLogger(workdir, enabled=is_main, resume_step=start)
-    if init_info:
-        logger.log(0, init_info)
-    bar = Progress(total=cfg.train.steps, initial=start, enabled=is_main and progress)
-    if is_main:
-        print(f"vffn_jax: {cfg.scale}/{cfg.variant} ffn={cfg.model.ffn} params={info['params_total']:,} "
-              f"mesh={info['mesh']} steps {start}->{cfg.train.steps} workdir={workdir}", flush=True)
-
-    last_saved = start
-    window: list[dict] = []
-    t_window = time.perf_counter()
-    unchecked = None  # (step, metrics) not yet checked for NaN: checked one step late so dispatch stays ahead
-    step = start
-    end = min(cfg.train.steps, stop_at) if stop_at else cfg.train.steps
-    try:
-        while step < end:
-            batch = global_batch(next(data_it), s.mesh)
-            params, opt_state, metrics = train_step(params, opt_state, batch, jnp.asarray(step, jnp.int32))
-            step += 1
-            if unchecked is not None:
-                _check_finite(*unchecked, last_saved)
-            unchecked = (step, metrics)
-            window.append(metrics)
-            at_log = step % cfg.run.log_every == 0 or step == end
-            at_ckpt = step % cfg.run.ckpt_every == 0 or step == end
-            if at_log or at_ckpt:  # never log or save a step before its loss is known to be finite
-                _check_finite(*unchecked, last_saved)
-                unchecked = None
-            if at_log:
-                elapsed = time.perf_counter() - t_window
-                row = _window_summary(jax.device_get(window))
-                tps = len(window) * tokens_per_step / max(elapsed, 1e-9)
-                row.update(tokens_per_sec=tps, mfu=flops_lib.mfu(tps, flops_train, len(s.mesh.devices.flat), peak))
-                logger.log(step, row)
-                bar.update(step, row)
-                window, t_window = [], time.perf_counter()
-            if at_ckpt:
-                ckpt.save(manager, step, params, opt_state, data_it, force=step == end)
-                last_saved = step
-            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != cfg.train.steps:
-                logger.log(step, _prefixed("eval", evaluate(eval_step, params, eval_data, s.mesh)))
-                t_window = time.perf_counter()
-    finally:
-        manager.wait_until_finished()
-        bar.close()
-    final = None
-    if step == cfg.train.steps:
-        final = evaluate(eval_step, params, eval_data, s.mesh)
-        logger.log(step, _prefixed("eval", final))
-    logger.close()
-    return {"step": step, "eval": final, "is_main": is_main,
-            **{k: info[k] for k in ("params_total", "params_non_embedding")}}
-
-
-def _check_finite(step: int, metrics, last_saved: int) -> None:
-    loss, gnorm = jax.device_get((metrics["total_loss"], metrics["grad_norm"]))
-    if not (np.isfinite(loss) and np.isfinite(gnorm)):
-        raise TrainingDivergedError(
-            f"loss={loss} grad_norm={gnorm} at step {step}: training stopped. The last good checkpoint "
-            f"(step {last_saved}) is kept; lower train.lr or raise train.warmup_frac before resuming.")
-
-
-def _window_summary(window: list[dict]) -> dict[str, Any]:
+def window_summary(window: list[dict]) -> dict[str, Any]:
     """Mean over the logging window; per-layer arrays are kept as lists."""
     row = {}
     for key in window[0]:
@@ -457,7 +323,3 @@ def _window_summary(window: list[dict]) -> dict[str, Any]:
         row[key] = values.tolist() if np.ndim(values) else float(values)
     row["loss_last"] = float(window[-1]["loss"])
     return _with_load_balance(row)
-
-
-def _prefixed(prefix: str, d: dict) -> dict:
-    return {f"{prefix}/{k}": v for k, v in d.items()}

@@ -1,0 +1,190 @@
+"""The periodic actions of the training loop: logging, checkpointing, evaluation, preemption.
+
+The loop (`trainer.train`) only runs steps. After each step it asks every action whether it is due
+(`due(state)`) and then runs those that are. Every decision that stops the loop or saves a checkpoint
+is the same on every process: step counts are, and the two time- or signal-driven decisions are
+agreed on explicitly (`PreemptionWatch` through JAX's preemption sync point, `Checkpointer`'s time
+backstop through a broadcast from process 0).
+"""
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from vffn_jax import checkpoint as ckpt
+from vffn_jax import flops as flops_lib
+
+
+class TrainingDivergedError(RuntimeError):
+    """Loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class LoopState:
+    """What the actions see after a step."""
+
+    step: int
+    end: int  # this invocation stops after this step (train.steps, or --stop-at)
+    params: Any = None
+    opt_state: Any = None
+    metrics: Any = None  # this step's metrics, still on device
+    stop_reason: str | None = None  # "preempted": save this step and stop
+    last_saved: int = 0
+
+    @property
+    def at_end(self) -> bool:
+        return self.step == self.end or self.stop_reason is not None
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+def check_finite(step: int, metrics, last_saved: int) -> None:
+    loss, gnorm = jax.device_get((metrics["total_loss"], metrics["grad_norm"]))
+    if not (np.isfinite(loss) and np.isfinite(gnorm)):
+        raise TrainingDivergedError(
+            f"loss={loss} grad_norm={gnorm} at step {step}: training stopped. The last good checkpoint "
+            f"(step {last_saved}) is kept; lower train.lr or raise train.warmup_frac before resuming.")
+
+
+class DivergenceGuard:
+    """Checks each step's loss one step late, so dispatch stays ahead of the host, and at once before
+    anything is logged or saved: a NaN step is never logged or checkpointed."""
+
+    def __init__(self):
+        self._pending: tuple[int, Any] | None = None
+
+    def __call__(self, state: LoopState, *, now: bool) -> None:
+        if self._pending is not None:
+            check_finite(*self._pending, state.last_saved)
+        self._pending = (state.step, state.metrics)
+        if now:
+            check_finite(*self._pending, state.last_saved)
+            self._pending = None
+
+
+# --------------------------------------------------------------------------- preemption
+
+
+class PreemptionWatch:
+    """Turns a preemption notice into `state.stop_reason = "preempted"` at the same step on every process.
+
+    Multi-process: JAX's distributed runtime catches SIGTERM itself and propagates the notice;
+    `reached_preemption_sync_point(step)` is True on every process at one agreed step. Single process:
+    a SIGTERM handler sets a flag, read after the next step. Either way the loop then saves that step,
+    waits for the save to commit, and ends; re-running the same command resumes.
+    """
+
+    def __init__(self):
+        self._notice = threading.Event()
+        self._previous = None
+        self._installed = False
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._installed = True
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._notice.set()
+
+    def poll(self, state: LoopState) -> None:
+        from jax.experimental import multihost_utils
+
+        if self._notice.is_set() or (jax.process_count() > 1
+                                     and multihost_utils.reached_preemption_sync_point(state.step)):
+            state.stop_reason = "preempted"
+
+    def close(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
+
+
+# --------------------------------------------------------------------------- actions
+
+
+class MetricsLog:
+    """Averages metrics over each window of `log_every` steps; writes a row and updates the progress bar."""
+
+    def __init__(self, logger, bar, *, every: int, tokens_per_step: int, flops_per_token: float, n_devices: int,
+                 summarize: Callable[[list[dict]], dict]):
+        self.logger, self.bar, self.every = logger, bar, every
+        self.tokens_per_step, self.flops_per_token, self.n_devices = tokens_per_step, flops_per_token, n_devices
+        self.summarize = summarize
+        self.peak = flops_lib.peak_flops_per_device()
+        self.window: list[dict] = []
+        self.t_window = time.perf_counter()
+
+    def restart_clock(self) -> None:  # after an evaluation or a save, so tokens/s counts training only
+        self.t_window = time.perf_counter()
+
+    def collect(self, state: LoopState) -> None:
+        self.window.append(state.metrics)
+
+    def due(self, state: LoopState) -> bool:
+        return state.step % self.every == 0 or state.at_end
+
+    def __call__(self, state: LoopState) -> None:
+        elapsed = time.perf_counter() - self.t_window
+        row = self.summarize(jax.device_get(self.window))
+        tps = len(self.window) * self.tokens_per_step / max(elapsed, 1e-9)
+        row.update(tokens_per_sec=tps, mfu=flops_lib.mfu(tps, self.flops_per_token, self.n_devices, self.peak))
+        self.logger.log(state.step, row)
+        self.bar.update(state.step, row)
+        self.window = []
+        self.restart_clock()
+
+
+class Checkpointer:
+    """Saves every `every` steps, at the end of the invocation, on preemption, and at least every
+    `minutes` of wall time (0 = off) as a backstop when steps are slow. Saves are asynchronous."""
+
+    def __init__(self, manager, data_iter, *, every: int, minutes: float, check_every: int,
+                 on_saved: Callable[[], None] = lambda: None):
+        self.manager, self.data_iter = manager, data_iter
+        self.every, self.minutes, self.check_every = every, minutes, check_every
+        self.on_saved = on_saved
+        self.last_time = time.monotonic()
+
+    def _time_due(self, state: LoopState) -> bool:
+        # Only every check_every steps, and decided by process 0 for all: clocks differ between hosts.
+        if not self.minutes or state.step % self.check_every:
+            return False
+        due = time.monotonic() - self.last_time >= 60.0 * self.minutes
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+        return due
+
+    def due(self, state: LoopState) -> bool:
+        return state.step % self.every == 0 or state.at_end or self._time_due(state)
+
+    def __call__(self, state: LoopState) -> None:
+        ckpt.save(self.manager, state.step, state.params, state.opt_state, self.data_iter,
+                  force=state.at_end)
+        state.last_saved = state.step
+        self.last_time = time.monotonic()
+        self.on_saved()
+
+
+class PeriodicEval:
+    """Held-out evaluation every `every` steps (0 = only the final one, which the trainer runs)."""
+
+    def __init__(self, evaluate: Callable[[Any], dict], log: Callable[[int, dict], None], *, every: int,
+                 total_steps: int, on_done: Callable[[], None] = lambda: None):
+        self.evaluate, self.log, self.every, self.total_steps = evaluate, log, every, total_steps
+        self.on_done = on_done
+
+    def due(self, state: LoopState) -> bool:
+        return bool(self.every) and state.step % self.every == 0 and state.step != self.total_steps \
+            and state.stop_reason is None
+
+    def __call__(self, state: LoopState) -> None:
+        self.log(state.step, {f"eval/{k}": v for k, v in self.evaluate(state.params).items()})
+        self.on_done()

@@ -1,0 +1,143 @@
+"""The training loop: restore or initialise, then steps, with the periodic actions of `loop_actions`.
+
+`train(cfg, workdir)` trains (or resumes) a run in a local or `gs://` workdir. Re-running it with the
+same config resumes from the newest checkpoint that verifies. On a preemption notice (SIGTERM, or
+JAX's preemption sync point across hosts) every process saves the same step, waits for it to
+commit, and returns with `summary["preempted"] = True` (train.py then exits with EXIT_PREEMPTED).
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vffn_jax import checkpoint as ckpt
+from vffn_jax import compile_cache
+from vffn_jax import storage
+from vffn_jax.config import Config, ConfigError, config_from_dict
+from vffn_jax.loop_actions import (Checkpointer, DivergenceGuard, LoopState, MetricsLog, PeriodicEval,
+                                   PreemptionWatch, TrainingDivergedError)
+from vffn_jax.run_log import MetricLogger, Progress
+from vffn_jax.train_lib import (describe, evaluate, global_batch, init_from_checkpoint, init_train_state,
+                                make_eval_step, make_optimizer, make_train_step, opt_state_shardings, setup,
+                                window_summary)
+
+__all__ = ["train", "prepare_workdir", "TrainingDivergedError", "EXIT_PREEMPTED"]
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a preemption notice after saving; re-run the same command
+
+
+def prepare_workdir(cfg: Config, workdir, is_main: bool):
+    """Checks the workdir can be written (a missing bucket fails here, before anything is compiled),
+    refuses to resume a run whose model differs, and saves the resolved config beside the run."""
+    path = storage.check_writable(workdir, "--workdir") / "config.json"
+    if path.exists():
+        saved = config_from_dict(json.loads(path.read_text()))
+        if saved.model != cfg.model:
+            diff = {k: (getattr(saved.model, k), getattr(cfg.model, k)) for k in saved.model.__dataclass_fields__
+                    if getattr(saved.model, k) != getattr(cfg.model, k)}
+            raise ConfigError(f"{workdir} holds a run with a different model (saved vs now: {diff}); "
+                              "re-run with the same flags to resume, or use a new --workdir")
+    if is_main:
+        storage.write_text_atomic(path, cfg.to_json())
+    return path.parent
+
+
+def _say(is_main: bool, text: str) -> None:
+    if is_main:
+        print(f"vffn_jax: {text}", flush=True)
+
+
+def train(cfg: Config, workdir, *, devices=None, progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
+    """Trains (or resumes) `cfg` in `workdir`; returns a summary with the final held-out metrics.
+
+    `stop_at` ends this invocation after that step (checkpointed), as a preemption would; re-running
+    continues the same schedule to `cfg.train.steps`.
+    """
+    from vffn_jax import data as data_lib  # tfds/grain import lazily: dry runs and eval-only imports stay light
+
+    is_main = jax.process_index() == 0
+    workdir = prepare_workdir(cfg, workdir, is_main)
+    compile_cache.enable(cfg.run.compile_cache, workdir)
+    s = setup(cfg, devices)
+    tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer {cfg.data.tokenizer!r} has {tokenizer.vocab_size} tokens but "
+                          f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
+
+    tx = make_optimizer(cfg.train)
+    abstract_opt, opt_shardings = opt_state_shardings(tx, s)
+    pcount, pindex = jax.process_count(), jax.process_index()
+    data_it = data_lib.make_batch_iterator(cfg.data, "train", seq_len=cfg.train.seq_len,
+                                           global_batch=cfg.train.batch_size, seed=cfg.data.shuffle_seed,
+                                           process_index=pindex, process_count=pcount)
+    eval_data = data_lib.eval_batches(cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
+                                      n_batches=cfg.run.eval_batches, process_index=pindex, process_count=pcount)
+
+    manager = ckpt.make_manager(workdir, cfg.run)
+    resumed = ckpt.resume_state(manager, ckpt.abstract_with_shardings(s.abstract_params, s.param_shardings),
+                                ckpt.abstract_with_shardings(abstract_opt, opt_shardings), data_it,
+                                log=lambda text: _say(is_main, text.removeprefix("vffn_jax: ")))
+    init_info = None  # continued pretraining: where the weights came from (logged as a step-0 metrics row)
+    if resumed is not None:
+        start, params, opt_state = resumed
+        if cfg.train.init_from:
+            _say(is_main, f"{workdir} has checkpoints: resuming at step {start}, train.init_from ignored")
+    elif cfg.train.init_from:
+        start, (params, opt_state, init_info) = 0, init_from_checkpoint(s, tx, opt_shardings, cfg.train.init_from,
+                                                                        cfg.train.init_step)
+    else:
+        start, (params, opt_state) = 0, init_train_state(s, tx, opt_shardings)
+
+    train_step = make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_shardings)
+    eval_step = make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)
+    info = describe(s)
+    logger = MetricLogger(workdir, enabled=is_main, resume_step=start)
+    if init_info:
+        logger.log(0, init_info)
+    bar = Progress(total=cfg.train.steps, initial=start, enabled=is_main and progress)
+    _say(is_main, f"{cfg.scale}/{cfg.variant} ffn={cfg.model.ffn} params={info['params_total']:,} "
+                  f"mesh={info['mesh']} steps {start}->{cfg.train.steps} workdir={workdir}")
+
+    run_eval = lambda p: evaluate(eval_step, p, eval_data, s.mesh)  # noqa: E731
+    metrics_log = MetricsLog(logger, bar, every=cfg.run.log_every, tokens_per_step=cfg.train.batch_size * cfg.train.seq_len,
+                             flops_per_token=info["flops_per_token_train"], n_devices=s.mesh.devices.size,
+                             summarize=window_summary)
+    actions = [
+        metrics_log,
+        Checkpointer(manager, data_it, every=cfg.run.ckpt_every, minutes=cfg.run.ckpt_minutes,
+                     check_every=cfg.run.log_every, on_saved=metrics_log.restart_clock),
+        PeriodicEval(run_eval, logger.log, every=cfg.run.eval_every, total_steps=cfg.train.steps,
+                     on_done=metrics_log.restart_clock),
+    ]
+    guard, preemption = DivergenceGuard(), PreemptionWatch()
+    state = LoopState(step=start, end=min(cfg.train.steps, stop_at) if stop_at else cfg.train.steps,
+                      params=params, opt_state=opt_state, last_saved=start)
+    final = None
+    try:
+        while state.step < state.end and state.stop_reason is None:
+            batch = global_batch(next(data_it), s.mesh)
+            state.params, state.opt_state, state.metrics = train_step(
+                state.params, state.opt_state, batch, jnp.asarray(state.step, jnp.int32))
+            state.step += 1
+            preemption.poll(state)
+            metrics_log.collect(state)
+            due = [action for action in actions if action.due(state)]
+            guard(state, now=bool(due))  # never log or save a step before its loss is known to be finite
+            for action in due:
+                action(state)
+        if state.step == cfg.train.steps:
+            final = run_eval(state.params)
+            logger.log(state.step, {f"eval/{k}": v for k, v in final.items()})
+    finally:
+        preemption.close()
+        ckpt.wait_until_finished(manager)  # a preemption save commits (with its checksums) before we return
+        bar.close()
+        logger.close()
+    return {"step": state.step, "eval": final, "is_main": is_main, "preempted": state.stop_reason == "preempted",
+            "checkpoint_dir": str(ckpt.checkpoint_dir(workdir)),
+            **{k: info[k] for k in ("params_total", "params_non_embedding")}}
