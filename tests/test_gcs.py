@@ -10,10 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
+import eval as eval_cli
 from vffn_jax import checkpoint as ckpt
-from vffn_jax import downstream, eval_lib, storage, trainer
+from vffn_jax import eval_lib, storage, trainer
 from vffn_jax.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +43,10 @@ def _cli_args(workdir, cache):
 
 
 def _downstream_and_continued(run, root, over):
-    tasks = downstream.evaluate_tasks(run, "arc_easy", limit=8)
+    """eval.py --tasks (its JSON written beside the runs) and --init-from, both on `root`."""
+    assert eval_cli.main(["--workdir", str(run), "--tasks", "arc_easy", "--limit", "8",
+                          "--output", f"{root}/tasks.json"]) == 0
+    tasks = json.loads((storage.as_path(root) / "tasks.json").read_text())
     cont = f"{root}/continued"
     cfg = load_config("tiny", "dense", {**over, "train.steps": 2, "train.init_from": str(run)})
     trainer.train(cfg, cont, progress=False)
@@ -82,7 +84,9 @@ def test_run_cycle_on_gcs_equals_local(tmp_path, gcs_bucket):
     assert [r["eval/loss"] for r in _rows(run) if "eval/loss" in r] == \
            [r["eval/loss"] for r in _rows(local / "run") if "eval/loss" in r]
 
-    ev_remote, ev_local = eval_lib.evaluate_run(run), eval_lib.evaluate_run(local / "run")
+    assert eval_cli.main(["--workdir", str(run), "--output", f"{remote}/eval.json"]) == 0
+    ev_remote = json.loads((storage.as_path(remote) / "eval.json").read_text())
+    ev_local = eval_lib.evaluate_run(local / "run")
     assert ev_remote["loss"] == ev_local["loss"] and ev_remote["step"] == 4
     assert (run / eval_lib.PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the plot went to the bucket
 

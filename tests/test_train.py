@@ -205,3 +205,28 @@ def test_time_based_saves_back_up_step_based_ones(tmp_path):
     trainer.train(small_cfg(tmp_path, **{"train.steps": 6, "run.ckpt_every": 1000}), tmp_path / "untimed",
                   progress=False)
     assert ckpt.all_steps(tmp_path / "untimed") == [6]
+
+
+def test_resume_skips_a_damaged_step_and_retrains_it(tmp_path, capsys):
+    """64 KiB of random bytes in the middle of the newest step's largest params file: the re-run says so,
+    resumes from the step before, and reproduces the uninterrupted losses."""
+    from vffn_jax import ckpt_integrity
+
+    cfg = small_cfg(tmp_path)
+    trainer.train(cfg, tmp_path / "full", progress=False)
+    reference = losses(tmp_path / "full")
+    step_dir = ckpt.checkpoint_dir(tmp_path / "full") / "6"
+    sizes = ckpt_integrity.list_files(step_dir)
+    largest = step_dir / max((k for k in sizes if k.startswith("params/")), key=sizes.get)
+    data = bytearray(largest.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + (64 << 10)] = np.random.default_rng(0).bytes(len(data[middle:middle + (64 << 10)]))
+    largest.write_bytes(bytes(data))
+    capsys.readouterr()
+
+    trainer.train(cfg, tmp_path / "full", progress=False)  # the same call again
+    out = capsys.readouterr().out
+    assert "checkpoint step 6 is damaged (params: file" in out and "resuming from step 3 instead" in out
+    assert "steps 3->6" in out
+    assert losses(tmp_path / "full") == reference
+    assert ckpt.all_steps(tmp_path / "full") == [3, 6]
