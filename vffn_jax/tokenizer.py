@@ -24,6 +24,7 @@ class Tokenizer(abc.ABC):
     vocab_size: int
     eos_id: int
     name: str  # identity of the vocabulary (part of cache keys)
+    sha256: str | None = None  # of the tokenizer file; None for tokenizers without one (byte)
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -79,7 +80,8 @@ class HFTokenizer(Tokenizer):
             raise ConfigError(f"tokenizer {path} has none of the EOS tokens {EOS_CANDIDATES}; add one to its vocabulary")
         self.eos_id = next(i for i in ids if i is not None)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.name = f"{path.stem}-{hashlib.sha256(raw).hexdigest()[:12]}"
+        self.sha256 = hashlib.sha256(raw).hexdigest()
+        self.name = f"{path.stem}-{self.sha256[:12]}"
         self.path = path
 
     def encode(self, text: str) -> list[int]:
