@@ -92,6 +92,32 @@ class DataConfig:
     cache_dir: str = ""  # where tokenised caches go ("" = ~/.cache/vffn_jax)
     shuffle_seed: int = 0
     num_workers: int = 0  # grain worker processes (0 = in-process)
+    # token-shard corpora (manifest.json + shards, see vffn_jax/manifest.py; data.path may name one too):
+    # "PATH=WEIGHT,PATH=WEIGHT" mixes several manifests (file or folder, local or gs://) by weight
+    # (positive, normalised); data.path must then be ""
+    mixture: str = ""
+    verify_shards: str = "sha256"  # start-up check of manifest shards: "sha256" (size and checksum) | "size"
+
+    def mixture_items(self) -> list[tuple[str, float]]:
+        """[(manifest path, normalised weight)] of `mixture` ([] when unset); ConfigError when malformed."""
+        if not self.mixture.strip():
+            return []
+        items = []
+        for part in self.mixture.split(","):
+            path, sep, weight = part.strip().rpartition("=")
+            try:
+                w = float(weight)
+            except ValueError:
+                w = float("nan")
+            if not sep or not path.strip() or not math.isfinite(w) or w <= 0:
+                raise ConfigError(f"data.mixture={self.mixture!r}: entry {part.strip()!r} is not PATH=WEIGHT with a "
+                                  "positive weight; write e.g. data.mixture=gs://b/web=0.7,/data/code=0.3")
+            items.append((path.strip(), w))
+        paths = [p for p, _ in items]
+        if len(set(paths)) != len(paths):
+            raise ConfigError(f"data.mixture={self.mixture!r} names a manifest twice; give each one weight")
+        total = sum(w for _, w in items)
+        return [(p, w / total) for p, w in items]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,6 +376,12 @@ def validate(cfg: Config, n_devices: int | None = None, n_slices: int | None = N
         raise ConfigError("Gumbel schedule needs 0 < train.tau_end <= train.tau_start and 0 < train.tau_decay <= 1")
     if not 0 <= cfg.data.holdout_fraction < 1:
         raise ConfigError(f"data.holdout_fraction={cfg.data.holdout_fraction} must be in [0, 1)")
+    if cfg.data.verify_shards not in ("sha256", "size"):
+        raise ConfigError(f"data.verify_shards={cfg.data.verify_shards!r}: choose sha256 (size and checksum) or size")
+    if cfg.data.mixture and cfg.data.path:
+        raise ConfigError(f"data.mixture={cfg.data.mixture!r} and data.path={cfg.data.path!r} are both set: a "
+                          "mixture names all its manifests; set data.path=\"\" (or drop data.mixture)")
+    cfg.data.mixture_items()  # ConfigError when malformed
     _check_mesh_sizes(cfg.mesh)
     if cfg.run.ckpt_every < 1 or cfg.run.keep_ckpts < 1 or cfg.run.log_every < 1:
         raise ConfigError("run.ckpt_every, run.keep_ckpts and run.log_every must be >= 1")

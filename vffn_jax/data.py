@@ -25,6 +25,36 @@ last `holdout_fraction` of documents (of tokens for .npy/.bin). Batches are wind
 at stride seq_len, shuffled per epoch by grain; global batch b is a pure function of (seed, b) and does not
 depend on the number of processes, each of which gets a contiguous block of its rows.
 
+Token-shard corpora (`manifest.json` + flat shards, written once by `python -m vffn_jax.data tokenize`; see
+vffn_jax/manifest.py and vffn_jax/shards.py) are read in place, local or on gs://, never tokenised or copied:
+  data.path=FOLDER|FOLDER/manifest.json   train = the manifest's "train" shards, validation = its "validation"
+                              shards; a manifest without validation shards holds out the last
+                              `holdout_fraction` of its train windows (windows, in manifest order), as
+                              sources without a split do. Windows (seq_len + 1 tokens at stride seq_len) never
+                              cross shards. gs:// windows are ranged reads of exactly their bytes, a batch's
+                              windows fetched concurrently; a process reads only its own rows.
+  data.mixture=PATH=W,PATH=W  several manifests mixed by weight (normalised) with grain's deterministic
+                              `MapDataset.mix`: each source is shuffled with its own seed (derived from
+                              data.shuffle_seed and its position in the list) and repeated, then element k of
+                              the mixed stream comes from source i at index j by a fixed interleave of the
+                              integer proportions (grain scales the smallest weight to 100), so every
+                              batch's composition is deterministic and global batch g stays a pure function of
+                              (seed, weights, g). All manifests must share data.tokenizer. Validation = the
+                              validation windows (or held-out tails) of every manifest mixed with the same
+                              weights, unshuffled and unrepeated: one stream, which ends when the first source
+                              runs out; eval_batches takes its first batches.
+                              Changing the weights at a resume is allowed: the saved state is the number of
+                              global batches consumed, and the mixed stream is recomputed with the new weights
+                              from there, so source i resumes at index ~ g * B * w_i(new) instead of
+                              g * B * w_i(old): a source whose weight grew skips windows it never showed, one
+                              whose weight shrank shows some windows a second time (each source's shuffle order
+                              is unchanged). Adding or removing entries changes the derived seeds' meaning
+                              only for positions that moved.
+Start-up checks for manifests (ConfigError / FileNotFoundError naming the file and the fix): the manifest's
+tokenizer vs data.tokenizer (`check_corpus`, which also takes the model's vocab size), every shard present
+with exactly tokens * itemsize bytes, and with data.verify_shards="sha256" (default) each shard's sha256,
+hashed once per process and split over processes (`shards.check_shards`); "size" skips the hashing.
+
 CLI: `python -m vffn_jax.data --prepare [--cache-dir D]`.
 """
 from __future__ import annotations
@@ -50,8 +80,10 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vffn_jax import manifest as manifest_lib
 from vffn_jax import storage
 from vffn_jax.config import ConfigError, DataConfig
+from vffn_jax.shards import ShardWindows, check_shards
 from vffn_jax.tokenizer import Tokenizer, load_tokenizer
 
 SPLITS = ("train", "validation")
@@ -64,6 +96,7 @@ CHUNK_DOCS = 1024  # documents per encode_batch call
 COPY_CHUNK = 16 << 20  # bytes per read when copying a gs:// object into the cache
 KJV_VALIDATION_EVERY = 50  # chapter i is held out when i % 50 == 49
 _READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+_READ_GCS = grain.ReadOptions(num_threads=8, prefetch_buffer_size=8)  # batches in flight for ranged gs:// reads
 
 
 def cache_root(cache_dir: str = "") -> Path:
@@ -501,6 +534,10 @@ def _check_split(split: str) -> None:
 def token_split(cfg: DataConfig, split: str) -> np.memmap:
     """All documents of `split`, tokenised and concatenated, each followed by EOS (cached on disk)."""
     _check_split(split)
+    if uses_manifest(cfg):
+        raise ConfigError(f"data.path={cfg.path!r} / data.mixture={cfg.mixture!r} names token shards (manifest.json): "
+                          "they are read in place by make_batch_iterator / eval_batches (shard_sources), "
+                          "not through the token cache")
     source = _open_source(cfg)
     if isinstance(source, np.memmap):
         _, start, stop = _split_range({"train": len(source)}, split, cfg.holdout_fraction, cfg.path, "tokens")
@@ -517,6 +554,118 @@ def token_split(cfg: DataConfig, split: str) -> np.memmap:
             raise ConfigError(f"split {split!r} of {what} is empty")
         _write_atomically(path, (_encode_chunk(tok, texts, dtype) for texts in source.chunks(src_split, start, stop)))
     return np.memmap(path, dtype=dtype, mode="r")
+
+
+# --------------------------------------------------------------------------- token shards (manifest.json)
+
+
+def uses_manifest(cfg: DataConfig) -> bool:
+    """Whether the run reads token shards: data.mixture, or data.path naming a manifest (file or folder)."""
+    return bool(cfg.mixture) or manifest_lib.is_manifest_path(cfg.path)
+
+
+def _manifests(cfg: DataConfig) -> list[tuple[manifest_lib.Manifest, float]]:
+    """[(manifest, normalised weight)] of data.mixture, or [(data.path's manifest, 1.0)]."""
+    if cfg.mixture:
+        if cfg.path:
+            raise ConfigError(f"data.mixture={cfg.mixture!r} and data.path={cfg.path!r} are both set: a mixture "
+                              'names all its manifests; set data.path="" (or drop data.mixture)')
+        return [(manifest_lib.read_manifest(p, "data.mixture entry"), w) for p, w in cfg.mixture_items()]
+    return [(manifest_lib.read_manifest(cfg.path), 1.0)]
+
+
+def _tokenizer_key(m: manifest_lib.Manifest) -> tuple:
+    t = m.tokenizer
+    return (t["name"], t.get("sha256"), t["vocab_size"], t["eos_id"])
+
+
+def check_corpus(cfg: DataConfig, model_vocab_size: int | None = None) -> list[manifest_lib.Manifest]:
+    """The run's manifests, after checking their tokenizer against data.tokenizer (and each other) and, when
+    given, against the model's vocabulary size; ConfigError naming both values otherwise."""
+    manifests = [m for m, _ in _manifests(cfg)]
+    first = manifests[0]
+    for m in manifests[1:]:
+        if _tokenizer_key(m) != _tokenizer_key(first):
+            raise ConfigError(f"data.mixture: {first.path} was tokenised with {first.tokenizer.get('spec') or first.tokenizer['name']!r} "
+                              f"(name {first.tokenizer['name']}, sha256 {first.tokenizer.get('sha256')}) but {m.path} with "
+                              f"{m.tokenizer.get('spec') or m.tokenizer['name']!r} (name {m.tokenizer['name']}, sha256 "
+                              f"{m.tokenizer.get('sha256')}); every manifest of a mixture must use one tokenizer: "
+                              "re-tokenise one of them")
+    tok = load_tokenizer(cfg.tokenizer)
+    for m in manifests:
+        manifest_lib.check_tokenizer(m, tok, model_vocab_size)
+    return manifests
+
+
+def _split_windows(cfg: DataConfig, m: manifest_lib.Manifest, split: str, seq_len: int) -> ShardWindows:
+    """The windows of `split` of one manifest, after checking its shards (a collective on several processes)."""
+    train, val = m.split_shards("train"), m.split_shards("validation")
+    if not train:
+        raise ConfigError(f"{m.path} has no 'train' shards (splits: {sorted(m.splits())}); re-tokenise with a train split")
+    if val:
+        shards, rng = (val if split == "validation" else train), None
+    else:  # the held-out tail of the train windows, by the same rule as sources without a split
+        shards = train
+        n = ShardWindows.from_manifest(m, train, seq_len).n_windows_total
+        if n < 1:
+            raise ConfigError(f"{m.path}: no train shard holds one sequence of seq_len + 1 = {seq_len + 1} tokens; "
+                              "lower train.seq_len or re-tokenise with larger shards")
+        _, start, stop = _split_range({"train": n}, split, cfg.holdout_fraction, str(m.path), "windows")
+        rng = (start, stop)
+    check_shards(m, shards, cfg.verify_shards)
+    src = ShardWindows.from_manifest(m, shards, seq_len)
+    if rng is not None:
+        src = src.with_range(*rng)
+    if len(src) < 1:
+        raise ConfigError(f"the {split} shards of {m.path} hold no sequence of seq_len + 1 = {seq_len + 1} tokens "
+                          "(windows never cross shards); lower train.seq_len or re-tokenise with larger shards")
+    return src
+
+
+def shard_sources(cfg: DataConfig, split: str, seq_len: int) -> tuple[list[ShardWindows], list[float]]:
+    """([ShardWindows per manifest], [weight per manifest]) for `split` of data.path's manifest or data.mixture.
+
+    Checks the tokenizer (not the model's vocab: `check_corpus(cfg, model_vocab_size)`), every shard's size
+    and, with data.verify_shards="sha256", its checksum. Reads no window."""
+    _check_split(split)
+    manifests = check_corpus(cfg)
+    weights = [w for _, w in _manifests(cfg)] if cfg.mixture else [1.0]
+    return [_split_windows(cfg, m, split, seq_len) for m in manifests], weights
+
+
+def _source_seed(seed: int, k: int) -> int:
+    """Shuffle seed of mixture source k, derived from data.shuffle_seed."""
+    return int.from_bytes(hashlib.sha256(f"vffn_jax.mixture:{seed}:{k}".encode()).digest()[:4], "little")
+
+
+class _WindowRefs:
+    """grain source of (source k, window i) references: shuffling and mixing move these, the batch function
+    reads the windows of a whole batch at once (gs:// windows concurrently)."""
+
+    def __init__(self, k: int, n: int):
+        self._k, self._n = k, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        return self._k, int(i)
+
+
+class _ReadWindows:
+    """batch_fn: [(k, i)] -> int32 [len, seq_len + 1], row r = window i of source k."""
+
+    def __init__(self, sources: list[ShardWindows]):
+        self._sources = sources
+
+    def __call__(self, refs: list[tuple[int, int]]) -> np.ndarray:
+        out = np.empty((len(refs), self._sources[0].seq_len + 1), np.int32)
+        by_source: dict[int, list[int]] = {}
+        for r, (k, _) in enumerate(refs):
+            by_source.setdefault(k, []).append(r)
+        for k, rows in by_source.items():
+            out[rows] = self._sources[k].read_many([refs[r][1] for r in rows])
+        return out
 
 
 # --------------------------------------------------------------------------- batches
@@ -553,20 +702,38 @@ class PackedWindows:
         return f"PackedWindows({self._file}, n_tokens={self._n}, seq_len={self._seq_len})"
 
 
-def batch_dataset(tokens: np.memmap, *, seq_len: int, global_batch: int, seed: int | None, repeat: bool,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-    """Per-process batches [global_batch // process_count, seq_len + 1]; seed=None keeps source order."""
+def batch_dataset(tokens: np.memmap | ShardWindows | list[ShardWindows], *, seq_len: int, global_batch: int,
+                  seed: int | None, repeat: bool, process_index: int = 0, process_count: int = 1,
+                  weights: list[float] | None = None) -> grain.MapDataset:
+    """Per-process batches [global_batch // process_count, seq_len + 1]; seed=None keeps source order.
+
+    `tokens`: a token memmap (cut into PackedWindows), or token-shard windows (`shard_sources`): one
+    ShardWindows, or a list of them mixed by `weights` (each shuffled with its own derived seed)."""
     if global_batch % process_count:
         raise ConfigError(f"train.batch_size={global_batch} is not divisible by the number of processes "
                          f"{process_count}; use a multiple of {process_count}")
     if not 0 <= process_index < process_count:
         raise ConfigError(f"process_index={process_index} must be in [0, {process_count})")
-    ds = grain.MapDataset.source(PackedWindows(tokens, seq_len))
-    if seed is not None:
-        ds = ds.shuffle(seed)  # after repeat(), grain reseeds every epoch
-    if repeat:
-        ds = ds.repeat()
+    batch_fn = None
+    if isinstance(tokens, np.ndarray):
+        ds = grain.MapDataset.source(PackedWindows(tokens, seq_len))
+        if seed is not None:
+            ds = ds.shuffle(seed)  # after repeat(), grain reseeds every epoch
+        if repeat:
+            ds = ds.repeat()
     else:
+        sources = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens]
+        if any(src.seq_len != seq_len for src in sources):
+            raise ValueError(f"shard windows of seq_len {[src.seq_len for src in sources]}, batches of {seq_len}")
+        parts = []
+        for k, src in enumerate(sources):
+            part = grain.MapDataset.source(_WindowRefs(k, len(src)))
+            if seed is not None:
+                part = part.shuffle(seed if len(sources) == 1 else _source_seed(seed, k))
+            parts.append(part.repeat() if repeat else part)
+        ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+        batch_fn = _ReadWindows(sources)
+    if not repeat:
         n_windows = len(ds)
         ds = ds[:n_windows // global_batch * global_batch]
         if not len(ds):
@@ -574,7 +741,7 @@ def batch_dataset(tokens: np.memmap, *, seq_len: int, global_batch: int, seed: i
                              f"of {global_batch}; lower the batch size or train.seq_len, or use more data")
     # Global batch g is stream elements [g*B, (g+1)*B) for any process count: process p takes
     # sub-batch g*P + p, i.e. the contiguous rows [p*B/P, (p+1)*B/P) of it.
-    return ds.batch(global_batch // process_count, drop_remainder=True)[process_index::process_count]
+    return ds.batch(global_batch // process_count, drop_remainder=True, batch_fn=batch_fn)[process_index::process_count]
 
 
 def make_batch_iterator(cfg: DataConfig, split: str, *, seq_len: int, global_batch: int, seed: int,
@@ -582,9 +749,15 @@ def make_batch_iterator(cfg: DataConfig, split: str, *, seq_len: int, global_bat
                         repeat: bool = True) -> grain.DatasetIterator:
     """A checkpointable grain iterator of int32 [global_batch // process_count, seq_len + 1] batches."""
     _check_split(split)
-    ds = batch_dataset(token_split(cfg, split), seq_len=seq_len, global_batch=global_batch,
-                       seed=seed if shuffle else None, repeat=repeat,
-                       process_index=process_index, process_count=process_count).to_iter_dataset(_READ)
+    read = _READ
+    if uses_manifest(cfg):
+        tokens, weights = shard_sources(cfg, split, seq_len)
+        read = _READ_GCS if any(src.is_gcs for src in tokens) else _READ
+    else:
+        tokens, weights = token_split(cfg, split), None
+    ds = batch_dataset(tokens, seq_len=seq_len, global_batch=global_batch, seed=seed if shuffle else None,
+                       repeat=repeat, process_index=process_index, process_count=process_count,
+                       weights=weights).to_iter_dataset(read)
     if cfg.num_workers > 0:
         from absl import flags
 
@@ -597,8 +770,12 @@ def make_batch_iterator(cfg: DataConfig, split: str, *, seq_len: int, global_bat
 def eval_batches(cfg: DataConfig, *, seq_len: int, global_batch: int, n_batches: int,
                  process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
     """The first n_batches (fewer if the split is small) unshuffled batches of the validation split."""
-    ds = batch_dataset(token_split(cfg, "validation"), seq_len=seq_len, global_batch=global_batch, seed=None,
-                       repeat=False, process_index=process_index, process_count=process_count)
+    if uses_manifest(cfg):
+        tokens, weights = shard_sources(cfg, "validation", seq_len)
+    else:
+        tokens, weights = token_split(cfg, "validation"), None
+    ds = batch_dataset(tokens, seq_len=seq_len, global_batch=global_batch, seed=None, repeat=False,
+                       process_index=process_index, process_count=process_count, weights=weights)
     return [ds[i] for i in range(min(n_batches, len(ds)))]
 
 
