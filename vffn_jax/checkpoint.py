@@ -18,6 +18,7 @@ unverified. Every process reaches the same verdict (the checks are combined with
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -49,15 +50,30 @@ def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
     return as_path(workdir) / "checkpoints"
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax warns at WARNING that a read-only manager keeps and saves nothing, and that a step's item
+    has no metadata file of its own: expected here, and noise in a user's terminal."""
+    from absl import logging as absl_logging
+
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
 def make_manager(workdir: str | os.PathLike, run: RunConfig | None = None, *, read_only: bool = False) -> ocp.CheckpointManager:
     run = run or RunConfig()
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=run.keep_ckpts,
-        enable_async_checkpointing=run.async_checkpointing and not read_only,
-        read_only=read_only,
-        create=not read_only,
-    )
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+    with _quiet_orbax() if read_only else contextlib.nullcontext():
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=run.keep_ckpts,
+            enable_async_checkpointing=run.async_checkpointing and not read_only,
+            read_only=read_only,
+            create=not read_only,
+        )
+        return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
 def _writer(manager: ocp.CheckpointManager) -> integrity.DigestWriter:
@@ -122,7 +138,8 @@ def saved_param_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, t
     if not path.is_dir():
         raise FileNotFoundError(f"{path} not found: checkpoint step {step} has no params item")
     try:
-        meta = ocp.StandardCheckpointer().metadata(path)
+        with _quiet_orbax():
+            meta = ocp.StandardCheckpointer().metadata(path)
     except Exception:  # unreadable metadata: restore itself still fails loudly
         return None
     tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
