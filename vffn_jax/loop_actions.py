@@ -120,7 +120,7 @@ class MetricsLog:
         self.window: list[dict] = []
         self.t_window = time.perf_counter()
 
-    def restart_clock(self) -> None:  # after an evaluation or a save, so tokens/s counts training only
+    def restart_clock(self) -> None:  # after an evaluation, so tokens/s counts training (and saving) only
         self.t_window = time.perf_counter()
 
     def collect(self, state: LoopState) -> None:
@@ -144,11 +144,9 @@ class Checkpointer:
     """Saves every `every` steps, at the end of the invocation, on preemption, and at least every
     `minutes` of wall time (0 = off) as a backstop when steps are slow. Saves are asynchronous."""
 
-    def __init__(self, manager, data_iter, *, every: int, minutes: float, check_every: int,
-                 on_saved: Callable[[], None] = lambda: None):
+    def __init__(self, manager, data_iter, *, every: int, minutes: float, check_every: int):
         self.manager, self.data_iter = manager, data_iter
         self.every, self.minutes, self.check_every = every, minutes, check_every
-        self.on_saved = on_saved
         self.last_time = time.monotonic()
 
     def _time_due(self, state: LoopState) -> bool:
@@ -170,7 +168,6 @@ class Checkpointer:
                   force=state.at_end)
         state.last_saved = state.step
         self.last_time = time.monotonic()
-        self.on_saved()
 
 
 class PeriodicEval:

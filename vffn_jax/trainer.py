@@ -110,7 +110,7 @@ def train(cfg: Config, workdir, *, devices=None, progress: bool = True, stop_at:
     actions = [
         metrics_log,
         Checkpointer(manager, data_it, every=cfg.run.ckpt_every, minutes=cfg.run.ckpt_minutes,
-                     check_every=cfg.run.log_every, on_saved=metrics_log.restart_clock),
+                     check_every=cfg.run.log_every),
         PeriodicEval(run_eval, logger.log, every=cfg.run.eval_every, total_steps=cfg.train.steps,
                      on_done=metrics_log.restart_clock),
     ]
