@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at", type=int, metavar="STEP",
                    help="end this invocation after STEP (checkpointed), keeping the schedule of train.steps; "
                         "re-running the command continues. For time-boxed jobs")
+    p.add_argument("--profile-steps", metavar="A:B",
+                   help="write a jax.profiler trace of training steps A..B into WORKDIR/tb (TensorBoard's profile "
+                        "tab; the .trace.json.gz opens in Perfetto). Shorthand for --set run.profile_steps=A:B")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set model.d_model=256 --set train.lr=1e-3 "
                         "(repeatable; unknown keys are an error)")
@@ -71,6 +74,8 @@ def resolve_config(args) -> config_lib.Config:
         overrides["train.init_from"] = args.init_from
     if args.init_step is not None:
         overrides["train.init_step"] = args.init_step
+    if args.profile_steps is not None:
+        overrides["run.profile_steps"] = args.profile_steps
     is_file = args.config.endswith(".json")
     variant = args.variant if args.variant or is_file else "versatile"
     return config_lib.load_config(args.config, variant, overrides)

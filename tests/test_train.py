@@ -230,3 +230,13 @@ def test_resume_skips_a_damaged_step_and_retrains_it(tmp_path, capsys):
     assert "steps 3->6" in out
     assert losses(tmp_path / "full") == reference
     assert ckpt.all_steps(tmp_path / "full") == [3, 6]
+
+
+def test_profile_steps_write_a_trace_for_tensorboard(tmp_path):
+    cfg = small_cfg(tmp_path, **{"train.steps": 4, "run.profile_steps": "2:3"})
+    trainer.train(cfg, tmp_path / "prof", progress=False)
+    traces = list((tmp_path / "prof" / "tb" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert list(traces[0].parent.glob("*.trace.json.gz"))  # Perfetto
+    with pytest.raises(ConfigError, match="run.profile_steps='3:2'"):
+        small_cfg(tmp_path, **{"run.profile_steps": "3:2"})

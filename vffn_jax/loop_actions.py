@@ -1,4 +1,4 @@
-"""The periodic actions of the training loop: logging, checkpointing, evaluation, preemption.
+"""The periodic actions of the training loop: logging, checkpointing, evaluation, preemption, profiling.
 
 The loop (`trainer.train`) only runs steps. After each step it asks every action whether it is due
 (`due(state)`) and then runs those that are. Every decision that stops the loop or saves a checkpoint
@@ -9,9 +9,13 @@ backstop through a broadcast from process 0).
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -19,6 +23,7 @@ import numpy as np
 
 from vffn_jax import checkpoint as ckpt
 from vffn_jax import flops as flops_lib
+from vffn_jax import storage
 
 
 class TrainingDivergedError(RuntimeError):
@@ -185,3 +190,55 @@ class PeriodicEval:
     def __call__(self, state: LoopState) -> None:
         self.log(state.step, {f"eval/{k}": v for k, v in self.evaluate(state.params).items()})
         self.on_done()
+
+
+class Profiler:
+    """A `jax.profiler` trace of training steps `first`..`last` (1-based, as logged) written under
+    `<workdir>/tb/plugins/profile/<time>/` on every process: TensorBoard's profile tab shows it, and the
+    `.trace.json.gz` opens in Perfetto. The trace goes to a local folder first (the profiler writes
+    local files only) and is uploaded when the workdir is on gs://."""
+
+    def __init__(self, first: int, last: int, workdir, *, start_step: int):
+        self.first, self.last, self.workdir = first, last, storage.as_path(workdir)
+        self.remote = storage.is_gcs(self.workdir)
+        self.local = (Path(tempfile.mkdtemp(prefix="vffn_jax_profile_")) if self.remote
+                      else Path(os.fspath(self.workdir / "tb")))
+        self.active = False
+        if start_step == first - 1:  # resuming right before the window: open it before the first step
+            self._start()
+
+    def _start(self) -> None:
+        jax.profiler.start_trace(str(self.local))
+        self.active = True
+
+    def due(self, state: LoopState) -> bool:
+        opens = state.step == self.first - 1 and not self.active
+        return opens or (self.active and (state.step >= self.last or state.at_end))
+
+    def __call__(self, state: LoopState) -> None:
+        if not self.active:
+            self._start()
+            return
+        jax.block_until_ready(state.metrics)  # the traced steps' device work belongs in the trace
+        self.close()
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        jax.profiler.stop_trace()
+        self.active = False
+        if self.remote:
+            for f in self.local.rglob("*"):
+                if f.is_file():
+                    target = self.workdir / "tb" / f.relative_to(self.local).as_posix()
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(f.read_bytes())
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+    """`run.profile_steps` "A:B" -> (A, B); "" -> None. Validated in config.validate."""
+    if not text:
+        return None
+    first, _, last = text.partition(":")
+    return int(first), int(last or first)

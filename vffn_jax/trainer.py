@@ -20,7 +20,7 @@ from vffn_jax import compile_cache
 from vffn_jax import storage
 from vffn_jax.config import Config, ConfigError, config_from_dict
 from vffn_jax.loop_actions import (Checkpointer, DivergenceGuard, LoopState, MetricsLog, PeriodicEval,
-                                   PreemptionWatch, TrainingDivergedError)
+                                   PreemptionWatch, Profiler, TrainingDivergedError, parse_profile_steps)
 from vffn_jax.run_log import MetricLogger, Progress
 from vffn_jax.train_lib import (describe, evaluate, global_batch, init_from_checkpoint, init_train_state,
                                 make_eval_step, make_optimizer, make_train_step, opt_state_shardings, setup,
@@ -114,6 +114,9 @@ def train(cfg: Config, workdir, *, devices=None, progress: bool = True, stop_at:
         PeriodicEval(run_eval, logger.log, every=cfg.run.eval_every, total_steps=cfg.train.steps,
                      on_done=metrics_log.restart_clock),
     ]
+    window = parse_profile_steps(cfg.run.profile_steps)
+    if window and window[1] > start:
+        actions.append(Profiler(*window, workdir, start_step=start))
     guard, preemption = DivergenceGuard(), PreemptionWatch()
     state = LoopState(step=start, end=min(cfg.train.steps, stop_at) if stop_at else cfg.train.steps,
                       params=params, opt_state=opt_state, last_saved=start)
@@ -134,6 +137,9 @@ def train(cfg: Config, workdir, *, devices=None, progress: bool = True, stop_at:
             final = run_eval(state.params)
             logger.log(state.step, {f"eval/{k}": v for k, v in final.items()})
     finally:
+        for action in actions:
+            if isinstance(action, Profiler):
+                action.close()
         preemption.close()
         ckpt.wait_until_finished(manager)  # a preemption save commits (with its checksums) before we return
         bar.close()
