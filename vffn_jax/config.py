@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -160,6 +161,7 @@ class RunConfig:
     # JAX's persistent compilation cache: "auto" = <workdir>/compile_cache unless one is configured
     # (JAX_COMPILATION_CACHE_DIR), "off", or a folder (local or gs://)
     compile_cache: str = "auto"
+    profile_steps: str = ""  # "A:B": a jax.profiler trace of steps A..B into <workdir>/tb (--profile-steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,6 +389,13 @@ def validate(cfg: Config, n_devices: int | None = None, n_slices: int | None = N
         raise ConfigError("run.ckpt_every, run.keep_ckpts and run.log_every must be >= 1")
     if cfg.run.ckpt_minutes < 0:
         raise ConfigError(f"run.ckpt_minutes={cfg.run.ckpt_minutes} must be >= 0 (0 turns the time-based save off)")
+    if cfg.run.profile_steps and not re.fullmatch(r"\d+(:\d+)?", cfg.run.profile_steps):
+        raise ConfigError(f"run.profile_steps={cfg.run.profile_steps!r}: expected A:B, the first and last steps "
+                          "to trace (e.g. 10:12)")
+    if cfg.run.profile_steps:
+        first, _, last = cfg.run.profile_steps.partition(":")
+        if not 1 <= int(first) <= int(last or first):
+            raise ConfigError(f"run.profile_steps={cfg.run.profile_steps!r}: need 1 <= A <= B")
     if not cfg.run.compile_cache:
         raise ConfigError('run.compile_cache is empty: use "auto", "off" or a folder')
     if n_devices is not None:
