@@ -2,6 +2,7 @@
 mixtures, start-up checks, and the trainer's use of make_batch_iterator / eval_batches."""
 import hashlib
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -75,6 +76,7 @@ def test_windows_match_numpy_reference(corpus):
     assert weights == [1.0] and len(src) == len(ref) == 24 + 1 + 10 + 62 + 0 + 20
     np.testing.assert_array_equal(np.stack([src[i] for i in range(len(src))]), ref)
     np.testing.assert_array_equal(src.read_many([5, 0, 30, 5]), ref[[5, 0, 30, 5]])
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(src))[7], ref[7])  # for grain worker processes
     # the manifest file itself works too; unshuffled, unrepeated batches are the windows in order
     cfg = DataConfig(path=str(folder / "manifest.json"))
     got = batches(cfg, len(ref) // 8, shuffle=False, repeat=False)
@@ -98,6 +100,7 @@ def test_windows_on_gcs_are_ranged_reads(tmp_path, gcs_bucket, monkeypatch):
     some = list(range(0, len(src), 7)) + [len(src) - 1]  # one ranged GET each
     np.testing.assert_array_equal(np.stack([src[i] for i in some]), ref[some])
     np.testing.assert_array_equal(src.read_many(list(range(len(src)))[::-1]), ref[::-1])  # concurrent GETs
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(src)).read_many([3, 1]), ref[[3, 1]])
     got = batches(cfg, 4, shuffle=False, repeat=False, global_batch=16)
     np.testing.assert_array_equal(np.concatenate(got), ref[:64])
     assert reads and set(reads) == {(SEQ + 1) * 2}  # exactly one window's bytes per read

@@ -14,8 +14,8 @@ Every path may also be `gs://BUCKET/...` (read through `vffn_jax.storage`, i.e. 
     each object's name, size and generation, so a rewritten object is tokenised again.
   - .npy / .bin token files cannot be memory-mapped from a bucket: the object is copied once into the
     token cache (`{stem}-gcs-{digest}{suffix}`, digest of its name, size and generation; written
-    atomically) and that copy is memory-mapped. Every host holds a full copy; ranged reads of token
-    shards are meant to replace this.
+    atomically) and that copy is memory-mapped. Every host holds a full copy; token shards with a manifest
+    (below) are read in place with ranged reads instead.
   - a TFDS dataset directory is copied once into `cache_root()/tfds-gcs/` (ArrayRecord readers need
     local files) and read from there; `tfds:NAME:gs://...` is not supported.
 A missing bucket or a path that matches nothing raises FileNotFoundError/ConfigError naming data.path.
