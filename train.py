@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --dry-run: TPU pre-flight. Ahead-of-time compile the real train step for a TPU "
                         "topology (e.g. v5p:4x4x4, v5e:16x16, v4:2x2x2) on this host and report per-device memory "
                         "against the chip's HBM. Needs libtpu: pip install -r requirements-tpu.txt")
+    p.add_argument("--sweep", nargs="?", const="default", metavar="SPEC",
+                   help="with --dry-run --topology: also compile every combination of SPEC (KEY=V1,V2;KEY=...; default "
+                        "model.remat=none,dots,full;train.grad_accum=1,2,4;model.attention=xla,splash: per-chip "
+                        "microbatch, remat and attention kernel at the run's global batch) and print the fastest by the "
+                        "roofline that fits")
     p.add_argument("--json", action="store_true", help="with --dry-run: print one JSON object instead of text")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to the workdir)")
     distributed.add_arguments(p)
@@ -100,9 +105,11 @@ def print_dry_run(info: dict, as_json: bool) -> None:
     for name, entry in info["shardings"].items():
         print(f"    {name:<32} {str(tuple(entry['shape'])):<24} {entry['spec']:<36} {entry['shards']:>4} shards")
     if "preflight" in info:
-        from vffn_jax.preflight import format_report
+        from vffn_jax.preflight import format_report, format_sweep
 
         print(format_report(info["preflight"]))
+        if "sweep" in info:
+            print(format_sweep(info["sweep"]))
 
 
 def main(argv=None) -> int:
@@ -114,6 +121,8 @@ def main(argv=None) -> int:
 
         if args.topology and not args.dry_run:
             raise config_lib.ConfigError("--topology is a pre-flight check: use it with --dry-run")
+        if args.sweep and not args.topology:
+            raise config_lib.ConfigError("--sweep compiles for a TPU topology: use it with --dry-run --topology NAME")
         if args.dry_run:
             devices = None
             if args.topology:
@@ -123,6 +132,10 @@ def main(argv=None) -> int:
             info = train_lib.describe(train_lib.setup(cfg, devices))
             if args.topology:
                 info["preflight"] = preflight.compile_train_step(cfg, devices)
+            if args.sweep:
+                spec = preflight.DEFAULT_SWEEP if args.sweep == "default" else args.sweep
+                info["sweep"] = preflight.sweep(cfg, devices, spec,
+                                                log=lambda text: None if args.json else print(text, flush=True))
             print_dry_run(info, args.json)
             return 0
         distributed.initialize(dist)

@@ -21,7 +21,8 @@ def _dry_run(*args):
 def test_tiny_step_compiles_for_a_multi_host_tpu_topology_and_reports_memory():
     # v5p:2x2x2 is 8 chips on 2 hosts: a multi-host topology, sharded fsdp x tensor
     res = _dry_run("--topology", "v5p:2x2x2", "--json", "--set", "mesh.data=1", "--set", "mesh.fsdp=-1",
-                   "--set", "mesh.tensor=2")
+                   "--set", "mesh.tensor=2", "--set", "model.attention=xla",
+                   "--sweep", "model.remat=none,full;model.attention=xla")
     assert res.returncode == 0, res.stderr[-3000:]
     info = json.loads(res.stdout)
     pf = info["preflight"]
@@ -32,6 +33,17 @@ def test_tiny_step_compiles_for_a_multi_host_tpu_topology_and_reports_memory():
     assert pf["argument_bytes"] >= 3 * 4 * info["params_total"] / 8
     assert pf["per_device_bytes"] >= pf["argument_bytes"] + pf["temp_bytes"] - pf["alias_bytes"]
     assert pf["temp_bytes"] > 0 and pf["fits"] is True
+    # speed: traced FLOPs equal the analytic count (remat none), and a roofline bound from v5p's figures
+    assert pf["flops_ratio"] == pytest.approx(1.0, rel=1e-6)
+    assert pf["peak_flops"] == 459e12 and pf["hbm_bandwidth"] == 2765e9
+    step_s = max(pf["flops_step_traced"] / 8 / pf["peak_flops"], pf["bytes_per_device_lower_bound"] / pf["hbm_bandwidth"])
+    assert pf["roofline_step_s"] == pytest.approx(step_s) and 0 < pf["roofline_mfu"] <= 1
+    # the sweep compiles both remat policies; full remat recomputes the forward pass (~4/3 of the FLOPs)
+    rows = {r["label"]: r for r in info["sweep"]["rows"]}
+    assert set(rows) == {"remat=none attention=xla", "remat=full attention=xla"}
+    assert 1.25 < rows["remat=full attention=xla"]["flops_ratio"] < 1.34
+    assert rows["remat=full attention=xla"]["temp_bytes"] < rows["remat=none attention=xla"]["temp_bytes"]
+    assert info["sweep"]["best"]["label"] in rows
 
 
 @needs_libtpu

@@ -37,9 +37,29 @@ HBM_BYTES = {
 }
 
 
-def hbm_bytes(device_kind: str) -> int | None:
+# HBM bandwidth per chip in bytes/s (vendor figures), same keys.
+HBM_BANDWIDTH = {
+    "tpu v5 lite": 819e9,
+    "tpu v5e": 819e9,
+    "tpu v5p": 2765e9,
+    "tpu v5": 2765e9,
+    "tpu v6 lite": 1640e9,
+    "tpu v6": 1640e9,
+    "tpu v4": 1228e9,
+    "h200": 4800e9,
+    "h100": 3350e9,
+    "a100": 2039e9,
+}
+
+
+def _lookup(table: dict[str, float], device_kind: str) -> float | None:
     kind = device_kind.lower()
-    return next((int(v) for k, v in HBM_BYTES.items() if k in kind), None)
+    return next((v for k, v in table.items() if k in kind), None)
+
+
+def hbm_bytes(device_kind: str) -> int | None:
+    value = _lookup(HBM_BYTES, device_kind)
+    return None if value is None else int(value)
 
 
 def topology_devices(name: str) -> list:
@@ -71,8 +91,11 @@ def compile_train_step(cfg: Config, devices) -> dict[str, Any]:
     kind = s.mesh.devices.flat[0].device_kind
     hbm = hbm_bytes(kind)
     lowered = step.lower(params, opt_state, batch, step_no)
+    xla_cost = None
     try:
-        mem = lowered.compile().memory_analysis()
+        compiled = lowered.compile()
+        mem = compiled.memory_analysis()
+        xla_cost = compiled.cost_analysis()
     except Exception as e:  # the TPU compiler refuses a program that cannot fit, naming what it needed
         oom = _HBM_OOM.search(str(e))
         if oom is None:
@@ -84,6 +107,8 @@ def compile_train_step(cfg: Config, devices) -> dict[str, Any]:
     args, out, alias = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes
     temp, code = mem.temp_size_in_bytes, mem.generated_code_size_in_bytes
     total = args + out - alias + temp + code  # donated params/opt state alias their outputs
+    speed = predict_speed(cfg, step, (params, opt_state, batch, step_no), n_devices=int(s.mesh.devices.size),
+                          device_kind=kind, io_bytes=args + out - alias, xla_cost=xla_cost)
     return {
         "device_kind": kind,
         "devices": int(s.mesh.devices.size),
@@ -99,7 +124,49 @@ def compile_train_step(cfg: Config, devices) -> dict[str, Any]:
         "per_device_bytes": int(total),
         "hbm_bytes": hbm,
         "fits": None if hbm is None else bool(total <= hbm),
+        **speed,
     }
+
+
+def predict_speed(cfg: Config, step, abstract_args, *, n_devices: int, device_kind: str, io_bytes: int,
+                  xla_cost=None) -> dict[str, Any]:
+    """A roofline lower bound on the step time and the MFU it implies.
+
+    FLOPs: the traced step's matmul FLOPs with loops counted as they run (`flop_count`), against the
+    model's analytic FLOPs (`flops.flops_per_token`); their ratio exposes rematerialisation and any
+    other work beyond the model's (e.g. moe's dense dispatch). Bytes: at least every argument read and
+    every output written once per step (XLA's memory analysis), or XLA's own byte count when larger
+    (XLA counts a loop body once, so its figure is a lower bound too). Time >= max(FLOPs / peak,
+    bytes / HBM bandwidth) per chip.
+    """
+    from vffn_jax import flop_count
+    from vffn_jax import flops as flops_lib
+
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    analytic = flops_lib.flops_per_token(cfg.model, cfg.train.seq_len, train=True) * tokens
+    traced = flop_count.traced_step_flops(step, *abstract_args)
+    notes: list[str] = []
+    cost = (xla_cost[0] if isinstance(xla_cost, list) else xla_cost) or {}
+    xla_bytes = float(cost.get("bytes accessed", 0.0))
+    peak, bandwidth = _lookup(flops_lib.PEAK_FLOPS, device_kind), _lookup(HBM_BANDWIDTH, device_kind)
+    flops_dev, bytes_dev = traced["flops"] / n_devices, max(float(io_bytes), xla_bytes)
+    if traced["pallas_calls"]:
+        notes.append(f"{traced['pallas_calls']} Pallas kernel call(s) (e.g. splash attention) are counted by their "
+                     "declared cost estimate only")
+    out: dict[str, Any] = {
+        "flops_step_analytic": analytic, "flops_step_traced": traced["flops"],
+        "flops_ratio": traced["flops"] / analytic if analytic else None,
+        "xla_flops_per_device_loops_once": float(cost["flops"]) if "flops" in cost else None,
+        "bytes_per_device_lower_bound": bytes_dev, "peak_flops": peak, "hbm_bandwidth": bandwidth,
+        "roofline_step_s": None, "roofline_bound": None, "roofline_mfu": None, "roofline_tokens_per_sec_per_chip": None,
+        "speed_notes": notes,
+    }
+    if peak and bandwidth:
+        t_compute, t_memory = flops_dev / peak, bytes_dev / bandwidth
+        t = max(t_compute, t_memory)
+        out.update(roofline_step_s=t, roofline_bound="compute" if t_compute >= t_memory else "memory",
+                   roofline_mfu=analytic / n_devices / (t * peak), roofline_tokens_per_sec_per_chip=tokens / n_devices / t)
+    return out
 
 
 # XLA:TPU's compile-time OOM: "... HLO temporaries (157.22G) exceeds available HBM (15.75G)"
@@ -125,4 +192,95 @@ def format_report(r: dict[str, Any]) -> str:
         f"  temporaries {gib(r['temp_bytes'])}  (activations, gradients, collectives)",
         f"  outputs     {gib(r['output_bytes'] - r['alias_bytes'])}  (not aliased to donated inputs)",
         f"  total       {gib(r['per_device_bytes'])}  of {hbm} HBM per chip: {verdict}",
+        *_speed_lines(r),
     ])
+
+
+def _speed_lines(r: dict[str, Any]) -> list[str]:
+    if r.get("flops_step_traced") is None:
+        return []
+    lines = [f"  FLOPs/step  {r['flops_step_traced']:.4g} traced (loops as they run) vs {r['flops_step_analytic']:.4g} "
+             f"analytic: ratio {r['flops_ratio']:.3f}  (remat and other extra work)"]
+    lines += [f"  note        {n}" for n in r.get("speed_notes", [])]
+    if r["roofline_step_s"] is None:
+        return lines + ["  roofline    unknown: no peak FLOPs / HBM bandwidth figure for this chip"]
+    return lines + [
+        f"  roofline    step >= {r['roofline_step_s'] * 1e3:.1f} ms ({r['roofline_bound']}-bound: "
+        f"{r['peak_flops'] / 1e12:.0f} TFLOP/s, {r['hbm_bandwidth'] / 1e9:.0f} GB/s per chip) -> at most "
+        f"{r['roofline_tokens_per_sec_per_chip']:,.0f} tokens/s per chip, MFU <= {100 * r['roofline_mfu']:.1f}%"]
+
+
+# --------------------------------------------------------------------------- sweep
+
+DEFAULT_SWEEP = "model.remat=none,dots,full;train.grad_accum=1,2,4;model.attention=xla,splash"
+
+
+def sweep_candidates(cfg: Config, spec: str) -> list[dict[str, str]]:
+    """The override sets of a sweep spec `KEY=V1,V2;KEY=...` (a cartesian product). Keys this config
+    does not have (e.g. an option of another version) are left out."""
+    import itertools
+
+    from vffn_jax.config import apply_overrides
+
+    dims: list[list[tuple[str, str]]] = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        key, sep, values = part.partition("=")
+        if not sep or not values:
+            raise ConfigError(f"--sweep {spec!r}: expected KEY=V1,V2;KEY=V1,... (e.g. {DEFAULT_SWEEP})")
+        try:
+            apply_overrides(cfg, {key.strip(): values.split(",")[0].strip()})
+        except ConfigError as e:
+            if "unknown config key" in str(e):
+                continue
+            raise
+        dims.append([(key.strip(), v.strip()) for v in values.split(",") if v.strip()])
+    return [dict(combo) for combo in itertools.product(*dims)]
+
+
+def sweep(cfg: Config, devices, spec: str = DEFAULT_SWEEP, log=print) -> dict[str, Any]:
+    """Compiles every candidate of `spec` for `devices`; returns {"rows": [...], "best": row or None}:
+    the fitting candidate with the shortest roofline step time (the global batch stays the run's)."""
+    from vffn_jax.config import apply_overrides, validate
+
+    rows = []
+    for over in sweep_candidates(cfg, spec):
+        label = " ".join(f"{k.split('.')[-1]}={v}" for k, v in over.items())
+        try:
+            c = apply_overrides(cfg, over)
+            validate(c, n_devices=len(devices))
+            r = compile_train_step(c, devices)
+        except ConfigError as e:
+            rows.append({"overrides": over, "label": label, "skipped": str(e)})
+            log(f"sweep: {label}: skipped ({e})")
+            continue
+        dp = r["mesh"].get("data", 1) * r["mesh"].get("fsdp", 1)
+        micro = c.train.batch_size // dp // max(getattr(c.train, "grad_accum", 1), 1)
+        row = {"overrides": over, "label": label, "per_chip_microbatch": micro, **r}
+        rows.append(row)
+        t = r["roofline_step_s"]
+        log(f"sweep: {label}: {r['per_device_bytes'] / GiB:.2f} GiB {'fits' if r['fits'] else 'does not fit'}"
+            + (f", step >= {t * 1e3:.1f} ms, MFU <= {100 * r['roofline_mfu']:.1f}%" if t else ""))
+    fitting = [r for r in rows if r.get("fits") and r.get("roofline_step_s")]
+    # ties (memory-bound small models) go to the candidate doing less work
+    best = min(fitting, key=lambda r: (round(r["roofline_step_s"], 6), r["flops_step_traced"])) if fitting else None
+    return {"spec": spec, "rows": rows, "best": best}
+
+
+def format_sweep(result: dict[str, Any]) -> str:
+    lines = [f"sweep ({result['spec']}):",
+             f"  {'candidate':<44} {'micro/chip':>10} {'GiB':>8} {'fits':>5} {'step >= ms':>11} {'MFU <=':>7}"]
+    for r in result["rows"]:
+        if "skipped" in r:
+            lines.append(f"  {r['label']:<44} skipped: {r['skipped'][:80]}")
+            continue
+        t = r["roofline_step_s"]
+        lines.append(f"  {r['label']:<44} {r['per_chip_microbatch']:>10} {r['per_device_bytes'] / GiB:>8.2f} "
+                     f"{'yes' if r['fits'] else 'no':>5} {t * 1e3 if t else float('nan'):>11.1f} "
+                     f"{100 * r['roofline_mfu'] if t else float('nan'):>6.1f}%")
+    best = result["best"]
+    if best is None:
+        lines.append("  no candidate fits: lower the batch, raise grad_accum or remat, or use more chips")
+    else:
+        flags = " ".join(f"--set {k}={v}" for k, v in best["overrides"].items())
+        lines.append(f"  fastest that fits: {best['label']} (step >= {best['roofline_step_s'] * 1e3:.1f} ms): {flags}")
+    return "\n".join(lines)

@@ -133,6 +133,10 @@ class on_mesh:
         with jax.set_mesh(self.mesh):
             return self.jitted.lower(*args, **kwargs)
 
+    def trace(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.trace(*args, **kwargs)
+
 
 def param_name(path) -> str:
     """`layers/ffn/w_gate` for a state leaf's key path."""

@@ -64,6 +64,8 @@ def train(cfg: Config, workdir, *, devices=None, progress: bool = True, stop_at:
     workdir = prepare_workdir(cfg, workdir, is_main)
     compile_cache.enable(cfg.run.compile_cache, workdir)
     s = setup(cfg, devices)
+    if data_lib.uses_manifest(cfg.data):  # a pre-tokenised corpus: its tokenizer must be the run's
+        data_lib.check_corpus(cfg.data, cfg.model.vocab_size)
     tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer {cfg.data.tokenizer!r} has {tokenizer.vocab_size} tokens but "
