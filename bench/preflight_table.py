@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""README's TPU pre-flight table: the paper's three scales AOT-compiled for v5e and v5p slices.
+"""README's TPU pre-flight table: the paper's three scales AOT-compiled for v5e and v5p slices,
+with XLA attention and with the splash kernel (`model.attention`).
 
 Each row is one `python train.py --config SCALE --dry-run --topology TOPO --set mesh.* --json` run
 (a subprocess, so a failure is one row). Needs libtpu (`pip install -r requirements-tpu.txt`); each
-compile takes minutes on a 2-core CPU.
+compile takes a minute or more on a 2-core CPU.
 
-  python bench/preflight_table.py [--only 354m] [--out table.md]
+  python bench/preflight_table.py [--only 354m] [--attention xla,splash] [--set model.doc_mask=true ...] [--out table.md]
 """
 from __future__ import annotations
 
@@ -30,11 +31,13 @@ ROWS = [
 ]
 
 
-def run_row(scale: str, topology: str, mesh: dict, variant: str) -> dict:
+def run_row(scale: str, topology: str, mesh: dict, variant: str, attention: str = "xla", extra=()) -> dict:
     cmd = [sys.executable, "train.py", "--config", scale, "--variant", variant, "--dry-run", "--json",
-           "--topology", topology]
+           "--topology", topology, "--set", f"model.attention={attention}"]
     for k, v in mesh.items():
         cmd += ["--set", f"{k}={v}"]
+    for item in extra:
+        cmd += ["--set", item]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if res.returncode:
         return {"error": (res.stderr.strip().splitlines() or ["?"])[-1], "cmd": " ".join(cmd[1:])}
@@ -45,25 +48,29 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", help="only this scale")
     ap.add_argument("--variant", default="versatile")
+    ap.add_argument("--attention", default="xla,splash", help="comma-separated model.attention kernels, one row each")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every row")
     ap.add_argument("--out", help="also write the markdown table here")
     args = ap.parse_args()
-    lines = ["| scale | topology | chips (hosts) | mesh | batch | args GiB | temps GiB | total GiB / HBM | fits |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| scale | topology | chips (hosts) | mesh | batch | attention | args GiB | temps GiB | total GiB / HBM "
+             "| fits |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for scale, topology, mesh in ROWS:
         if args.only and scale != args.only:
             continue
-        r = run_row(scale, topology, mesh, args.variant)
-        if "error" in r:
-            lines.append(f"| {scale} | {topology} | | | | | | error: {r['error']} | |")
-        else:
-            p = r["preflight"]
-            m = p["mesh"]
-            lines.append(
-                f"| {scale} | {topology} | {p['devices']} ({p['processes']}) | data {m['data']} x fsdp {m['fsdp']} x "
-                f"tensor {m['tensor']} | {p['batch_size']} x {p['seq_len']} | {p['argument_bytes'] / GiB:.2f} | "
-                f"{p['temp_bytes'] / GiB:.2f} | {p['per_device_bytes'] / GiB:.2f} / {p['hbm_bytes'] / GiB:.0f} | "
-                f"{'yes' if p['fits'] else 'no'} |")
-        print(lines[-1], flush=True)
+        for attention in args.attention.split(","):
+            r = run_row(scale, topology, mesh, args.variant, attention, args.set)
+            if "error" in r:
+                lines.append(f"| {scale} | {topology} | | | | {attention} | | | error: {r['error']} | |")
+            else:
+                p = r["preflight"]
+                m = p["mesh"]
+                lines.append(
+                    f"| {scale} | {topology} | {p['devices']} ({p['processes']}) | data {m['data']} x fsdp {m['fsdp']} "
+                    f"x tensor {m['tensor']} | {p['batch_size']} x {p['seq_len']} | {attention} | "
+                    f"{p['argument_bytes'] / GiB:.2f} | {p['temp_bytes'] / GiB:.2f} | "
+                    f"{p['per_device_bytes'] / GiB:.2f} / {p['hbm_bytes'] / GiB:.0f} | {'yes' if p['fits'] else 'no'} |")
+            print(lines[-1], flush=True)
     table = "\n".join(lines)
     print(table)
     if args.out:

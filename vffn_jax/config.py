@@ -20,6 +20,7 @@ EXPERT_KINDS = ("width_only", "versatile", "versatile_avg", "moe")  # have an ex
 VIRTUAL_EXPERT_KINDS = ("width_only", "versatile", "versatile_avg")  # experts are slices of the shared FFN
 DEPTH_KINDS = ("depth_only", "versatile", "versatile_avg")  # have a depth router (1..L loops per token)
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_KINDS = ("auto", "xla", "splash", "cudnn")  # vffn_jax/attention.py
 
 
 class ConfigError(ValueError):
@@ -48,6 +49,11 @@ class ModelConfig:
     remat_loops: bool = False  # rematerialise each depth loop of the FFN as well
     dtype: str = "float32"  # compute dtype; params stay `param_dtype`
     param_dtype: str = "float32"
+    # attention kernel: auto (splash on TPU, cuDNN on GPU with bf16/fp16, XLA elsewhere) | xla | splash | cudnn
+    attention: str = "auto"
+    # document masking: no token attends across an EOS boundary (segment ids from eos_id; RoPE stays absolute)
+    doc_mask: bool = False
+    eos_id: int = -1  # the tokenizer's EOS id (byte: 256), needed by doc_mask; -1 = unset
 
     @property
     def head_dim(self) -> int:
@@ -367,6 +373,19 @@ def validate(cfg: Config, n_devices: int | None = None, n_slices: int | None = N
     for name in ("dtype", "param_dtype"):
         if getattr(m, name) not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.{name}={getattr(m, name)!r}: choose float32, bfloat16 or float16")
+    if m.attention not in ATTENTION_KINDS:
+        raise ConfigError(f"model.attention={m.attention!r}: choose one of {ATTENTION_KINDS}")
+    if m.attention == "cudnn" and m.dtype == "float32":
+        raise ConfigError("model.attention=cudnn needs model.dtype=bfloat16 or float16 (cuDNN flash attention has no "
+                          "float32); use model.attention=auto or xla for float32")
+    if m.attention == "splash" and cfg.train.seq_len % 128:
+        raise ConfigError(f"model.attention=splash needs train.seq_len a multiple of 128 (the kernel's smallest tile), "
+                          f"got {cfg.train.seq_len}")
+    if m.doc_mask and not 0 <= m.eos_id < m.vocab_size:
+        raise ConfigError(f"model.doc_mask=true needs model.eos_id, the tokenizer's EOS id in 0..model.vocab_size-1 "
+                          f"(got {m.eos_id}; the byte tokenizer's is 256)")
+    if m.doc_mask and cfg.data.tokenizer == "byte" and m.eos_id != 256:
+        raise ConfigError(f"model.eos_id={m.eos_id} but the byte tokenizer's EOS id is 256; set model.eos_id=256")
     if t.steps < 1 or t.batch_size < 1 or t.seq_len < 1:
         raise ConfigError("train.steps, train.batch_size and train.seq_len must be >= 1")
     if t.init_step < -1 or (t.init_step != -1 and not t.init_from):

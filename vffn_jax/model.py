@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vffn_jax import attention as attention_lib
 from vffn_jax import ffn as ffn_lib
 from vffn_jax.config import ModelConfig
 from vffn_jax.sharding import constrain
@@ -52,14 +53,15 @@ class Attention(nnx.Module):
         self.w_v = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg)
         self.w_o = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), cfg)
 
-    def __call__(self, x_btd):
+    def __call__(self, x_btd, segment_ids=None):
+        """Causal self-attention; with `segment_ids [B, T]` a token attends only within its own document."""
         dtype = jnp.dtype(self.cfg.dtype)
         x = x_btd.astype(dtype)
         q = rope(jnp.einsum("btd,dnh->btnh", x, self.w_q[...].astype(dtype)), self.cfg.rope_theta)
         k = rope(jnp.einsum("btd,dnh->btnh", x, self.w_k[...].astype(dtype)), self.cfg.rope_theta)
         v = jnp.einsum("btd,dnh->btnh", x, self.w_v[...].astype(dtype))
         q, k, v = (constrain(a, "act_batch", "act_seq", "act_heads", None) for a in (q, k, v))
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        out = attention_lib.attend(q, k, v, segment_ids, kind=self.cfg.attention)
         return jnp.einsum("btnh,nhd->btd", out, self.w_o[...].astype(dtype))
 
 
@@ -91,10 +93,10 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs)
         self.ffn = FFN(cfg, rngs)
 
-    def __call__(self, h_btd, *, train: bool = False, tau=1.0, rng=None):
+    def __call__(self, h_btd, *, train: bool = False, tau=1.0, rng=None, segment_ids=None):
         h_btd = constrain(h_btd, "act_batch", "act_seq", "act_embed")
         normed = ffn_lib.rms_norm(h_btd, self.attn_norm[...], self.cfg.norm_eps)
-        x_btd = h_btd + self.attn(normed).astype(h_btd.dtype)
+        x_btd = h_btd + self.attn(normed, segment_ids).astype(h_btd.dtype)
         return self.ffn(x_btd, train=train, tau=tau, rng=rng)
 
 
@@ -119,12 +121,14 @@ class Transformer(nnx.Module):
         # gathered whole, like any FSDP weight: a lookup into a vocab-sharded table makes XLA rematerialise it
         table = constrain(self.embed[...], None, "act_embed")
         h = constrain(jnp.take(table, tokens_bt, axis=0).astype(dtype), "act_batch", "act_seq", "act_embed")
-        h, aux = self._run_layers(h, train=train, tau=tau, rng=rng)
+        # model.doc_mask: document ids from EOS tokens; RoPE positions stay absolute (scores depend on offsets only)
+        segment_ids = attention_lib.segment_ids(tokens_bt, cfg.eos_id) if cfg.doc_mask else None
+        h, aux = self._run_layers(h, train=train, tau=tau, rng=rng, segment_ids=segment_ids)
         h = ffn_lib.rms_norm(h, self.final_norm[...], cfg.norm_eps)
         logits = jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
         return constrain(logits, "act_batch", "act_seq", "act_vocab"), aux
 
-    def _run_layers(self, h, *, train, tau, rng):
+    def _run_layers(self, h, *, train, tau, rng, segment_ids=None):
         cfg = self.cfg
         graphdef, stacked = nnx.split(self.layers)
         keys = jax.random.split(rng, cfg.n_layers) if rng is not None else jnp.zeros((cfg.n_layers,), jnp.uint32)
@@ -132,7 +136,7 @@ class Transformer(nnx.Module):
         def layer_fn(h, xs):
             layer_state, key = xs
             layer = nnx.merge(graphdef, layer_state)
-            return layer(h, train=train, tau=tau, rng=key if rng is not None else None)
+            return layer(h, train=train, tau=tau, rng=key if rng is not None else None, segment_ids=segment_ids)
 
         if cfg.remat != "none":
             layer_fn = jax.checkpoint(layer_fn, policy=REMAT_POLICIES[cfg.remat])
