@@ -296,6 +296,8 @@ def test_bad_inputs_exit_2_with_a_clear_message(tmp_path, capsys, gcs_emulator):
     (tmp_path / "in" / "ok.jsonl").write_text('{"text": "fine"}\n')
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.jsonl").write_text('{"text": "fine"}\n\n{"body": "no text here"}\n')
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "b.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n{"text": "b\n'))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "e.jsonl").write_text("\n")
     import pyarrow as pa
@@ -309,6 +311,7 @@ def test_bad_inputs_exit_2_with_a_clear_message(tmp_path, capsys, gcs_emulator):
         (["--input", tmp_path / "missing"], "does not exist"),
         (["--input", tmp_path / "empty"], "no documents"),
         (["--input", tmp_path / "bad"], f"{tmp_path / 'bad' / 'a.jsonl'} line 3: record has no field 'text'"),
+        (["--input", tmp_path / "broken"], f"{tmp_path / 'broken' / 'b.jsonl.gz'} line 2: not valid JSON"),
         (["--input", tmp_path / "pq"], f"{tmp_path / 'pq' / 'x.parquet'}: no column 'text'"),
         (["--input", tmp_path / "in", "--tokenizer", "no-such-tokenizer"], "--tokenizer no-such-tokenizer"),
         (["--input", "tfds:no_such_dataset_xyz:" + str(tmp_path)], "no_such_dataset_xyz"),

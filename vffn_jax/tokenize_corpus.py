@@ -4,9 +4,9 @@
         --tokenizer olmo|byte|PATH [--shard-tokens N] [--workers P] [--validation-fraction F] [--text-field text]
 
 Inputs (local or gs://): `.txt` (one document per file), `.jsonl` (one record per line, text in
---text-field; `.json`: JSON lines or one list of records), `.jsonl.gz` / `.json.gz` (Dolma: gzipped JSON lines), `.parquet` (FineWeb: a text column,
-read a row group batch at a time), a TFDS dataset (`tfds:NAME[:DATA_DIR]`, or the directory holding its
-dataset_info.json).
+--text-field; `.json`: JSON lines or one list of records), `.jsonl.gz` / `.json.gz` (Dolma: gzipped JSON
+lines), `.parquet` (FineWeb: a text column, read a row group batch at a time), a TFDS dataset
+(`tfds:NAME[:DATA_DIR]`, or the directory holding its dataset_info.json; splits train and validation).
 
 Design:
   - Units of work. Input files are sorted by path (components, so local and gs:// inputs sort alike); each
@@ -156,6 +156,9 @@ def _file_units(spec: str, output: str) -> list[Unit]:
                     raise InputError(_gcs_missing(fs, spec, "does not exist")) from None
                 if info["type"] == "directory":
                     objects = fs.find(url, detail=True)
+                    if f"{url.removeprefix(storage.GCS_PREFIX)}/dataset_info.json" in objects:
+                        raise InputError(f"--input {spec} is a TFDS dataset directory on gs://, which is not "
+                                         "supported (ArrayRecord reads local files); copy it to a local folder")
                 else:
                     root, objects = posixpath.dirname(url), {url: info}
         except InputError:
@@ -173,8 +176,7 @@ def _file_units(spec: str, output: str) -> list[Unit]:
                 if not any(p.startswith(".") for p in rel.split("/")):
                     found.append((rel, storage.GCS_PREFIX + name, int(info["size"]), _gcs_version(info)))
         if not found:
-            bucket_note = "" if _bucket_exists(fs, spec) else f" (bucket {_bucket(spec)} does not exist or cannot be read)"
-            raise InputError(f"--input {spec} matches no {'/'.join(SUFFIXES)} files{bucket_note}")
+            raise InputError(_gcs_missing(fs, spec, f"matches no {'/'.join(SUFFIXES)} files"))
     else:
         out_local = storage.local_path(output) if not storage.is_gcs(output) else None
         root, files = _local_files(spec, str(out_local) if out_local else None)
@@ -287,7 +289,7 @@ def _json_lines(fh: io.BufferedIOBase, where: str, field: str) -> Iterator[str]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             raise InputError(f"{where} line {n}: not valid JSON ({e})") from None
         yield _text(record, f"{where} line {n}", field)
 
@@ -329,7 +331,7 @@ def _file_docs(unit: Unit, field: str) -> Iterator[str]:
         elif suffix == ".json" and _starts_list(raw):  # one JSON list of records
             try:
                 records = json.loads(raw.read())
-            except json.JSONDecodeError as e:
+            except ValueError as e:
                 raise InputError(f"{where}: not valid JSON ({e})") from None
             for n, record in enumerate(records):
                 yield _text(record, f"{where} record {n}", field)
@@ -712,8 +714,8 @@ def _run(args: argparse.Namespace) -> int:
               0.0 if own_validation else args.validation_fraction, args.text_field)
     new_tokens = _tokenize(job, pending, min(args.workers, max(len(pending), 1)), done, quiet=args.quiet)
     for u in pending:  # shards the unit's previous record listed that the new run did not write again
-        stale = {s["file"] for s in old.get(u.index, {}).get("shards", [])} - {s["file"] for s in done[u.index]["shards"]}
-        _delete(output, sorted(stale))
+        written = {s["file"] for s in done[u.index]["shards"]}
+        _delete(output, sorted({s["file"] for s in old.get(u.index, {}).get("shards", [])} - written))
 
     shards = [manifest_lib.Shard(**s) for u in units for s in done[u.index]["shards"]]
     n_docs = sum(done[u.index]["documents"] for u in units)
