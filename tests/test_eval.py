@@ -190,3 +190,22 @@ def test_dense_has_no_depth_keys(run, tmp_path):
 
     text = eval_cli.format_report(out)
     assert "loops per token" not in text and "expert load" not in text and "no depth router" in text
+
+
+def test_export_is_a_params_only_run_that_eval_restores(run, tmp_path):
+    from vffn_jax import export
+
+    info = export.export(run, tmp_path / "f32")
+    assert info["step"] == 4 and info["param_dtype"] == "float32"
+    step_dir = tmp_path / "f32" / "checkpoints" / "4"
+    assert (step_dir / "params").is_dir() and not (step_dir / "opt_state").exists() and not (step_dir / "data").exists()
+    assert list(step_dir.glob("vffn_checksums.*.json"))  # verified on restore like any checkpoint
+    reference = eval_lib.evaluate_run(run, plot=False)
+    assert eval_lib.evaluate_run(tmp_path / "f32", plot=False)["loss"] == reference["loss"]
+
+    half = export.export(run, tmp_path / "bf16", dtype="bfloat16")
+    assert half["param_bytes"] * 2 == info["param_bytes"]
+    saved = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert saved["model"]["param_dtype"] == "bfloat16"
+    assert abs(eval_lib.evaluate_run(tmp_path / "bf16", plot=False)["loss"] - reference["loss"]) < 0.02
+    assert export.main(["--workdir", str(run), "--out", str(tmp_path / "f32")]) == 2  # not an empty folder

@@ -99,7 +99,9 @@ def save(manager: ocp.CheckpointManager, step: int, params, opt_state, data_iter
         return False
     writer = _writer(manager)
     writer.wait()
-    items = {"params": ocp.args.StandardSave(params), "opt_state": ocp.args.StandardSave(opt_state)}
+    items = {"params": ocp.args.StandardSave(params)}
+    if opt_state is not None:  # None: a params-only checkpoint (python -m vffn_jax.export)
+        items["opt_state"] = ocp.args.StandardSave(opt_state)
     if data_iter is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     saved = manager.save(step, args=ocp.args.Composite(**items), force=force)

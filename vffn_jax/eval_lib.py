@@ -106,6 +106,39 @@ def fit_to_devices(cfg: Config, n_devices: int) -> tuple[Config, int, list[str]]
     return cfg, batch, notes
 
 
+@dataclasses.dataclass
+class RestoredRun:
+    """A run's parameters restored for inference onto the devices that exist now."""
+
+    workdir: Any
+    step: int
+    cfg: Config  # the saved config, its mesh (and eval batch) fitted to the devices
+    setup: Any  # train_lib.Setup
+    params: Any
+    eval_batch: int
+    notes: list[str]
+
+
+def restore_params(workdir, step: int | None = None, devices: Sequence[Any] | None = None) -> RestoredRun:
+    """Params only (never the optimizer state or the data iterator), verified, resharded to `devices`."""
+    import jax
+
+    from vffn_jax import train_lib
+
+    workdir = storage.as_path(workdir)
+    saved_cfg = load_run_config(workdir)
+    step = resolve_step(workdir, step)
+    devices = list(devices) if devices is not None else jax.devices()
+    cfg, eval_batch, notes = fit_to_devices(saved_cfg, len(devices))
+    s = train_lib.setup(cfg, devices)
+    manager = ckpt.make_manager(workdir, cfg.run, read_only=True)
+    try:
+        params, _ = ckpt.restore(manager, step, ckpt.abstract_with_shardings(s.abstract_params, s.param_shardings))
+    finally:
+        manager.close()
+    return RestoredRun(workdir, step, cfg, s, params, eval_batch, notes)
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -122,21 +155,13 @@ def evaluate_run(workdir: str | Path, *, step: int | None = None, n_batches: int
     from vffn_jax import flops as flops_lib
     from vffn_jax import train_lib
 
-    workdir = storage.as_path(workdir)
-    saved_cfg = load_run_config(workdir)
-    step = resolve_step(workdir, step)
-    devices = list(devices) if devices is not None else jax.devices()
-    cfg, eval_batch, notes = fit_to_devices(saved_cfg, len(devices))
-    n_batches = cfg.run.eval_batches if n_batches is None else n_batches
-    if n_batches < 1:
+    if n_batches is not None and n_batches < 1:
         raise ConfigError(f"number of eval batches must be >= 1, got {n_batches}")
-
-    s = train_lib.setup(cfg, devices)
-    manager = ckpt.make_manager(workdir, cfg.run, read_only=True)
-    try:  # params only: never the optimizer state or the data iterator
-        params, _ = ckpt.restore(manager, step, ckpt.abstract_with_shardings(s.abstract_params, s.param_shardings))
-    finally:
-        manager.close()
+    run = restore_params(workdir, step, devices)
+    workdir, step, cfg, s, params, eval_batch, notes = (run.workdir, run.step, run.cfg, run.setup, run.params,
+                                                        run.eval_batch, run.notes)
+    devices = list(s.mesh.devices.flat)
+    n_batches = cfg.run.eval_batches if n_batches is None else n_batches
 
     batches = data_lib.eval_batches(cfg.data, seq_len=cfg.train.seq_len, global_batch=eval_batch, n_batches=n_batches,
                                     process_index=jax.process_index(), process_count=jax.process_count())

@@ -8,12 +8,10 @@ commit, and returns with `summary["preempted"] = True` (train.py then exits with
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vffn_jax import checkpoint as ckpt
 from vffn_jax import compile_cache
