@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Time the jitted training step of versatile, dense and kloop (K=4) at the same shape, in one run.
+"""Time the jitted training step of versatile, dense and kloop (K=4) at the same shape, in one run,
+optionally at several gradient-accumulation settings (`--grad-accum 1,4`).
 
 Measures `train_lib.make_train_step` only: random token batches already on the devices, no data
 pipeline, no checkpointing, no logging. Every variant is compiled and warmed up first; then the
@@ -14,10 +15,16 @@ versatile is <= 1.1). On small shapes the non-matmul work (norms, softmax, atten
 per-op overheads are a large share of a step, so the quotient is only meaningful where matmuls
 dominate: use --set to try larger shapes.
 
+With `--grad-accum 1,4` every variant is also compiled with `train.grad_accum=4` (the same global batch
+in 4 microbatches): the extra columns give each row's time relative to the same variant at the first
+grad_accum value, and the compiled step's temporary memory per device (XLA's `memory_analysis`:
+activations, gradients, collectives; the figure accumulation is meant to shrink).
+
 Examples:
   python bench/step_time.py
   python bench/step_time.py --set model.d_model=256 --set model.d_ff=1024 --set train.seq_len=256 --steps 3
   python bench/step_time.py --json
+  python bench/step_time.py --grad-accum 1,4
 """
 from __future__ import annotations
 
@@ -48,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (dense, versatile, kloop, repeat). "
                                                           "Default: 3")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant after compiling. Default: 1")
+    p.add_argument("--grad-accum", default="1", metavar="N[,N...]",
+                   help="train.grad_accum values to time each variant at (comma-separated, e.g. 1,4); the global "
+                        "batch stays train.batch_size. Default: 1")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--moe", action="store_true",
                    help="also time the moe baseline. Its FLOPs count k of E experts (model FLOPs, 1.25x dense FFN for "
@@ -80,6 +90,24 @@ def prepare(cfg, n_batches: int = 2):
     return compiled, params, opt_state, batches, s, time.perf_counter() - t0
 
 
+def temp_bytes(compiled) -> int | None:
+    """The compiled step's temporary memory per device (None where the backend does not report it)."""
+    try:
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - a backend without memory analysis
+        return None
+
+
+def parse_accum(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1 or len(set(values)) != len(values):
+        raise config_lib.ConfigError(f"--grad-accum {text!r}: give distinct positive integers, e.g. 1,4")
+    return values
+
+
 def run(args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -87,12 +115,15 @@ def run(args) -> dict:
     from vffn_jax import flops as flops_lib
 
     base = config_lib.parse_set_args(args.overrides)
+    accums = parse_accum(args.grad_accum)
     states = {}
-    for name, extra in VARIANTS + ((("moe", {}),) if args.moe else ()):
-        cfg = config_lib.load_config(args.config, name, {**extra, **base})
-        compiled, params, opt_state, batches, s, compile_s = prepare(cfg)
-        states[name] = {"cfg": cfg, "step": compiled, "params": params, "opt": opt_state, "batches": batches,
-                        "compile_s": compile_s, "times": [], "n": 0, "setup": s}
+    for accum in accums:
+        for name, extra in VARIANTS + ((("moe", {}),) if args.moe else ()):
+            cfg = config_lib.load_config(args.config, name, {**extra, **base, "train.grad_accum": accum})
+            compiled, params, opt_state, batches, s, compile_s = prepare(cfg)
+            states[(name, accum)] = {"cfg": cfg, "step": compiled, "params": params, "opt": opt_state,
+                                     "batches": batches, "compile_s": compile_s, "times": [], "n": 0, "setup": s,
+                                     "temp_bytes": temp_bytes(compiled)}
 
     counters = [jnp.asarray(i, jnp.int32) for i in range(args.warmup + args.rounds * args.steps)]
 
@@ -113,26 +144,32 @@ def run(args) -> dict:
         for st in states.values():
             run_steps(st, args.steps, record=True)
 
-    dense = states["dense"]
-    d_time = statistics.median(dense["times"])
+    dense = states[("dense", accums[0])]
     d_flops = flops_lib.flops_per_token(dense["cfg"].model, dense["cfg"].train.seq_len, train=True)
     rows = []
-    for name, st in states.items():
+    for (name, accum), st in states.items():
         cfg = st["cfg"]
         med = statistics.median(st["times"])
+        d_time = statistics.median(states[("dense", accum)]["times"])  # dense at the same grad_accum
+        first = states[(name, accums[0])]
         tokens = cfg.train.batch_size * cfg.train.seq_len
         fpt = flops_lib.flops_per_token(cfg.model, cfg.train.seq_len, train=True)
         time_ratio, flop_ratio = med / d_time, fpt / d_flops
+        temp, temp_first = st["temp_bytes"], first["temp_bytes"]
         rows.append({
             "variant": name if name != "kloop" else f"kloop-{cfg.model.n_loops}", "ffn": cfg.model.ffn,
+            "grad_accum": accum,
             "median_step_s": med, "min_step_s": min(st["times"]), "tokens_per_s": tokens / med,
             "time_ratio_vs_dense": time_ratio, "flop_ratio_vs_dense": flop_ratio,
             "time_over_flop_ratio": time_ratio / flop_ratio, "flops_per_token_train": fpt,
             "achieved_gflops": fpt * tokens / med / 1e9, "compile_s": st["compile_s"], "samples": len(st["times"]),
+            "time_ratio_vs_first_accum": med / statistics.median(first["times"]),
+            "temp_bytes": temp,
+            "temp_ratio_vs_first_accum": None if temp is None or not temp_first else temp / temp_first,
         })
     m, t = dense["cfg"].model, dense["cfg"].train
     s = dense["setup"]
-    versatile = next(r for r in rows if r["ffn"] == "versatile")
+    versatile = next(r for r in rows if r["ffn"] == "versatile" and r["grad_accum"] == accums[0])
     return {
         "config": args.config, "overrides": args.overrides,
         "shape": {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
@@ -140,7 +177,7 @@ def run(args) -> dict:
                   "n_experts": m.n_experts, "top_k": m.top_k, "max_depth": m.max_depth},
         "devices": f"{len(s.mesh.devices.flat)} x {jax.devices()[0].device_kind}",
         "mesh": dict(zip(s.mesh.axis_names, (int(x) for x in s.mesh.devices.shape))),
-        "rounds": args.rounds, "steps_per_round": args.steps,
+        "rounds": args.rounds, "steps_per_round": args.steps, "grad_accum": accums,
         "rows": rows,
         "versatile_time_over_flop_ratio": versatile["time_over_flop_ratio"],
         "target": TARGET, "meets_target": versatile["time_over_flop_ratio"] <= TARGET,
@@ -156,16 +193,27 @@ def print_table(r: dict) -> None:
     print(f"  {r['devices']} mesh {r['mesh']}; {r['rounds']} interleaved rounds x {r['steps_per_round']} steps, "
           "median per variant")
     print()
-    print(f"  {'variant':<10} {'step ms':>9} {'min ms':>8} {'tokens/s':>10} {'GFLOP/s':>8} {'time/dense':>11} "
-          f"{'FLOPs/dense':>12} {'time/FLOPs':>11} {'compile s':>10}")
+    accum_cols = len(r["grad_accum"]) > 1
+    first = r["grad_accum"][0]
+    extra = f" {'time/accum' + str(first):>13} {'temp MiB':>9} {'temp/accum' + str(first):>13}" if accum_cols else ""
+    print(f"  {'variant':<10} {'accum':>5} {'step ms':>9} {'min ms':>8} {'tokens/s':>10} {'GFLOP/s':>8} "
+          f"{'time/dense':>11} {'FLOPs/dense':>12} {'time/FLOPs':>11} {'compile s':>10}{extra}")
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     for row in r["rows"]:
-        print(f"  {row['variant']:<10} {1e3 * row['median_step_s']:>9.1f} {1e3 * row['min_step_s']:>8.1f} "
-              f"{row['tokens_per_s']:>10,.0f} {row['achieved_gflops']:>8.1f} {row['time_ratio_vs_dense']:>11.2f} "
-              f"{row['flop_ratio_vs_dense']:>12.2f} {row['time_over_flop_ratio']:>11.2f} {row['compile_s']:>10.1f}")
+        extra = (f" {row['time_ratio_vs_first_accum']:>13.2f} "
+                 f"{fmt(None if row['temp_bytes'] is None else row['temp_bytes'] / 2 ** 20, '.1f'):>9} "
+                 f"{fmt(row['temp_ratio_vs_first_accum'], '.2f'):>13}") if accum_cols else ""
+        print(f"  {row['variant']:<10} {row['grad_accum']:>5} {1e3 * row['median_step_s']:>9.1f} "
+              f"{1e3 * row['min_step_s']:>8.1f} {row['tokens_per_s']:>10,.0f} {row['achieved_gflops']:>8.1f} "
+              f"{row['time_ratio_vs_dense']:>11.2f} {row['flop_ratio_vs_dense']:>12.2f} "
+              f"{row['time_over_flop_ratio']:>11.2f} {row['compile_s']:>10.1f}{extra}")
     print()
     verdict = "meets" if r["meets_target"] else "MISSES"
     print(f"  versatile: (measured time ratio) / (FLOP ratio) = {r['versatile_time_over_flop_ratio']:.2f}, "
-          f"{verdict} the target <= {r['target']}")
+          f"{verdict} the target <= {r['target']}" + (f" (at grad_accum {first})" if accum_cols else ""))
+    if accum_cols:
+        print("  time/accumN, temp/accumN: the same variant at the first --grad-accum value (temp = the compiled "
+              "step's temporary memory per device)")
 
 
 def main(argv=None) -> int:

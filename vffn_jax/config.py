@@ -66,6 +66,13 @@ class TrainConfig:
 
     steps: int = 1000
     batch_size: int = 384  # global batch, in sequences
+    # gradient accumulation: each global batch runs as this many microbatches in sequence (lax.scan),
+    # gradients averaged before one optimizer update; activation memory is that of one microbatch.
+    # batch_size must be a multiple of grad_accum x the data-parallel size (mesh.data*mesh.fsdp)
+    grad_accum: int = 1
+    # with grad_accum > 1: the Switch balance loss's gradient uses the whole batch's expert load f (exactly
+    # the one-batch update) at the cost of one extra forward pass over the batch; off: each microbatch's f
+    grad_accum_exact_balance: bool = False
     seq_len: int = 4096
     lr: float = 5e-4  # peak learning rate
     warmup_frac: float = 0.05
@@ -388,6 +395,9 @@ def validate(cfg: Config, n_devices: int | None = None, n_slices: int | None = N
         raise ConfigError(f"model.eos_id={m.eos_id} but the byte tokenizer's EOS id is 256; set model.eos_id=256")
     if t.steps < 1 or t.batch_size < 1 or t.seq_len < 1:
         raise ConfigError("train.steps, train.batch_size and train.seq_len must be >= 1")
+    if t.grad_accum < 1 or t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.grad_accum={t.grad_accum} must be >= 1 and divide train.batch_size={t.batch_size} "
+                          "(the global batch is split into grad_accum equal microbatches)")
     if t.init_step < -1 or (t.init_step != -1 and not t.init_from):
         raise ConfigError(f"train.init_step={t.init_step}: a checkpoint step >= 0 (or -1 = latest) of the "
                           "run named by train.init_from (--init-from DIR); set both or neither")
@@ -423,6 +433,11 @@ def validate(cfg: Config, n_devices: int | None = None, n_slices: int | None = N
             raise ConfigError(
                 f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "
                 f"mesh.data*mesh.fsdp={data * fsdp}; use a multiple of {data * fsdp}")
+        if t.batch_size % (t.grad_accum * data * fsdp):
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum} x the "
+                f"data-parallel size mesh.data*mesh.fsdp={data * fsdp}: every device needs the same number of rows "
+                f"in each microbatch; use a batch_size multiple of {t.grad_accum * data * fsdp} or a smaller grad_accum")
         if m.d_ff % tensor or m.n_heads % tensor or m.vocab_size % tensor:
             raise ConfigError(
                 f"mesh.tensor={tensor} must divide model.d_ff={m.d_ff}, model.n_heads={m.n_heads} "

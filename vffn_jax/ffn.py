@@ -88,6 +88,7 @@ def router_stats(expert_logits, top_idx, n_experts: int) -> Aux:
         "balance_loss": n_experts * jnp.sum(jax.lax.stop_gradient(load) * mean_prob),
         "z_loss": jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2),
         "expert_load": load,
+        "router_prob": mean_prob,  # P_i: with expert_load, forms the exact balance loss of a split batch
         "router_entropy": jnp.mean(-jnp.sum(probs * jnp.log(probs + 1e-9), axis=-1)),
     }
 
@@ -104,9 +105,28 @@ def width_ffn(params: Params, x, *, n_experts: int, top_k: int, dtype=None, eps:
 # --------------------------------------------------------------------------- depth path
 
 
-def straight_through_gumbel(logits, tau, rng):
-    """Hard one-hot forward, gradient of `softmax((logits + G) / tau)` (SPEC §2 training)."""
-    gumbel = jax.random.gumbel(rng, logits.shape, jnp.float32)
+def gumbel_noise(rng, shape, row_ids=None):
+    """Standard Gumbel noise `[R, ...]` whose row r is drawn from its own key `fold_in(rng, row_ids[r])`.
+
+    A token's noise is then a function of (rng, its global row index, its position in the row) only, not
+    of the other rows in the array: a microbatch given its rows' global indices (`row_ids`, default
+    `0..R-1`) gets exactly the noise those rows get in the whole batch (gradient accumulation,
+    `train.grad_accum`), on any mesh. Each row is an ordinary `jax.random.gumbel` draw, so the
+    distribution is exactly Gumbel(0, 1) and rows are independent.
+    """
+    if len(shape) < 2:
+        return jax.random.gumbel(rng, shape, jnp.float32)
+    if row_ids is None:
+        row_ids = jnp.arange(shape[0], dtype=jnp.int32)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, row_ids)
+    return jax.vmap(lambda k: jax.random.gumbel(k, tuple(shape[1:]), jnp.float32))(keys)
+
+
+def straight_through_gumbel(logits, tau, rng, row_ids=None):
+    """Hard one-hot forward, gradient of `softmax((logits + G) / tau)` (SPEC §2 training).
+
+    `G = gumbel_noise(rng, logits.shape, row_ids)`: the leading axis of `logits` is the batch row."""
+    gumbel = gumbel_noise(rng, logits.shape, row_ids)
     soft = jax.nn.softmax((logits + gumbel) / tau, axis=-1)
     hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits.shape[-1], dtype=soft.dtype)
     return hard + (soft - jax.lax.stop_gradient(soft))  # exactly `hard` in the forward pass
@@ -145,22 +165,22 @@ def depth_infer(p: Params, y1, depth, *, eps: float):
     return y
 
 
-def depth_choice(depth_logits, *, train: bool, tau, rng):
+def depth_choice(depth_logits, *, train: bool, tau, rng, row_ids=None):
     """Loop weights `g [..., L]` (straight-through in training) and the chosen depth 1..L per token."""
     max_depth = depth_logits.shape[-1]
     if train:
         if rng is None:
             raise ValueError("train=True needs an rng for the Gumbel noise of the depth router")
-        g = straight_through_gumbel(depth_logits, tau, rng)
+        g = straight_through_gumbel(depth_logits, tau, rng, row_ids)
     else:
         g = jax.nn.one_hot(jnp.argmax(depth_logits, axis=-1), max_depth, dtype=jnp.float32)
     depth = jnp.argmax(g, axis=-1).astype(jnp.int32) + 1
     return g, depth
 
 
-def _depth_and_alpha(p, x, hidden, depth_logits, *, train, tau, rng, eps, remat_loops):
+def _depth_and_alpha(p, x, hidden, depth_logits, *, train, tau, rng, eps, remat_loops, row_ids=None):
     max_depth = depth_logits.shape[-1]
-    g, depth = depth_choice(depth_logits, train=train, tau=tau, rng=rng)
+    g, depth = depth_choice(depth_logits, train=train, tau=tau, rng=rng, row_ids=row_ids)
     y1 = x + hidden @ p["w_down"]
     if train:
         x_depth = depth_train(p, y1, g, eps=eps, remat_loops=remat_loops)
@@ -174,14 +194,14 @@ def _depth_and_alpha(p, x, hidden, depth_logits, *, train, tau, rng, eps, remat_
     return x_depth, alpha, aux
 
 
-def depth_ffn(params: Params, x, *, max_depth: int, train: bool = False, tau=1.0, rng=None,
+def depth_ffn(params: Params, x, *, max_depth: int, train: bool = False, tau=1.0, rng=None, row_ids=None,
               dtype=None, eps: float = 1e-6, remat_loops: bool = False, **_):
     """Depth-only ablation: learned per-token loop count, no width path (alpha forced to 0)."""
     p = _cast(params, dtype or x.dtype)
     depth_logits = x.astype(jnp.float32) @ params["depth_router"].astype(jnp.float32)
     assert depth_logits.shape[-1] == max_depth, (depth_logits.shape, max_depth)
     x_depth, _, aux = _depth_and_alpha(p, x, swiglu_hidden(p, x, eps), depth_logits, train=train, tau=tau,
-                                       rng=rng, eps=eps, remat_loops=remat_loops)
+                                       rng=rng, eps=eps, remat_loops=remat_loops, row_ids=row_ids)
     aux["alpha"] = jnp.zeros_like(aux["alpha"])
     return x_depth, aux
 
@@ -190,7 +210,7 @@ def depth_ffn(params: Params, x, *, max_depth: int, train: bool = False, tau=1.0
 
 
 def versatile_ffn(params: Params, x, *, n_experts: int, top_k: int, max_depth: int, train: bool = False,
-                  tau=1.0, rng=None, dtype=None, eps: float = 1e-6, remat_loops: bool = False,
+                  tau=1.0, rng=None, row_ids=None, dtype=None, eps: float = 1e-6, remat_loops: bool = False,
                   fixed_alpha: float | None = None, **_):
     """VersatileFFN (SPEC §2): `(1 - alpha) * x_depth + alpha * x_width`, alpha from the token's depth.
 
@@ -198,7 +218,7 @@ def versatile_ffn(params: Params, x, *, n_experts: int, top_k: int, max_depth: i
     `fixed_alpha` replaces the difficulty-aware gate by a constant (the `versatile_avg` ablation);
     the depth router still picks each token's depth, and then gets gradient through `g` only.
     aux: `depth [...] int32` (1..L), `alpha [...]` (the gate actually used), `expert_load [E]`,
-    `balance_loss`, `z_loss`, `router_entropy`, `depth_entropy`.
+    `router_prob [E]`, `balance_loss`, `z_loss`, `router_entropy`, `depth_entropy`.
     """
     if params["expert_router"].shape[-1] != n_experts or params["depth_router"].shape[-1] != max_depth:
         raise ValueError(f"router shapes {params['expert_router'].shape}, {params['depth_router'].shape} "
@@ -212,7 +232,7 @@ def versatile_ffn(params: Params, x, *, n_experts: int, top_k: int, max_depth: i
     gates, top_idx = expert_gates(expert_logits, top_k)
     x_width = width_from_hidden(p, x, hidden, gates)
     x_depth, alpha, aux = _depth_and_alpha(p, x, hidden, depth_logits, train=train, tau=tau, rng=rng,
-                                           eps=eps, remat_loops=remat_loops)
+                                           eps=eps, remat_loops=remat_loops, row_ids=row_ids)
     if fixed_alpha is not None:
         alpha = aux["alpha"] = jnp.full_like(alpha, fixed_alpha)
     a = alpha[..., None].astype(x.dtype)

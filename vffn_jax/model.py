@@ -78,12 +78,12 @@ class FFN(nnx.Module):
     def params(self) -> dict[str, jax.Array]:
         return {name: getattr(self, name)[...] for name in self.param_names}
 
-    def __call__(self, x_btd, *, train: bool = False, tau=1.0, rng=None):
+    def __call__(self, x_btd, *, train: bool = False, tau=1.0, rng=None, row_ids=None):
         c = self.cfg
         return ffn_lib.apply_ffn(
             c.ffn, self.params(), x_btd, n_experts=c.n_experts, top_k=c.top_k, max_depth=c.max_depth,
-            n_loops=c.n_loops, train=train, tau=tau, rng=rng, dtype=jnp.dtype(c.dtype), eps=c.norm_eps,
-            remat_loops=c.remat_loops)
+            n_loops=c.n_loops, train=train, tau=tau, rng=rng, row_ids=row_ids, dtype=jnp.dtype(c.dtype),
+            eps=c.norm_eps, remat_loops=c.remat_loops)
 
 
 class Block(nnx.Module):
@@ -93,11 +93,11 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs)
         self.ffn = FFN(cfg, rngs)
 
-    def __call__(self, h_btd, *, train: bool = False, tau=1.0, rng=None, segment_ids=None):
+    def __call__(self, h_btd, *, train: bool = False, tau=1.0, rng=None, row_ids=None, segment_ids=None):
         h_btd = constrain(h_btd, "act_batch", "act_seq", "act_embed")
         normed = ffn_lib.rms_norm(h_btd, self.attn_norm[...], self.cfg.norm_eps)
         x_btd = h_btd + self.attn(normed, segment_ids).astype(h_btd.dtype)
-        return self.ffn(x_btd, train=train, tau=tau, rng=rng)
+        return self.ffn(x_btd, train=train, tau=tau, rng=rng, row_ids=row_ids)
 
 
 class Transformer(nnx.Module):
@@ -114,8 +114,12 @@ class Transformer(nnx.Module):
         self.final_norm = param(rngs, (cfg.d_model,), ("embed",), cfg, ones=True)
         self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
 
-    def __call__(self, tokens_bt, *, train: bool = False, tau=1.0, rng=None):
-        """Returns f32 logits `[B, T, V]` and the per-layer FFN aux, stacked on a leading layer axis."""
+    def __call__(self, tokens_bt, *, train: bool = False, tau=1.0, rng=None, row_ids=None):
+        """Returns f32 logits `[B, T, V]` and the per-layer FFN aux, stacked on a leading layer axis.
+
+        `row_ids [B]`: the rows' indices in the global batch (default `0..B-1`). The depth router's
+        Gumbel noise of a token depends on (rng, layer, row id, position) only, so a microbatch of
+        gradient accumulation passes its rows' global indices and gets the whole batch's noise."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         # gathered whole, like any FSDP weight: a lookup into a vocab-sharded table makes XLA rematerialise it
@@ -123,12 +127,12 @@ class Transformer(nnx.Module):
         h = constrain(jnp.take(table, tokens_bt, axis=0).astype(dtype), "act_batch", "act_seq", "act_embed")
         # model.doc_mask: document ids from EOS tokens; RoPE positions stay absolute (scores depend on offsets only)
         segment_ids = attention_lib.segment_ids(tokens_bt, cfg.eos_id) if cfg.doc_mask else None
-        h, aux = self._run_layers(h, train=train, tau=tau, rng=rng, segment_ids=segment_ids)
+        h, aux = self._run_layers(h, train=train, tau=tau, rng=rng, row_ids=row_ids, segment_ids=segment_ids)
         h = ffn_lib.rms_norm(h, self.final_norm[...], cfg.norm_eps)
         logits = jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
         return constrain(logits, "act_batch", "act_seq", "act_vocab"), aux
 
-    def _run_layers(self, h, *, train, tau, rng, segment_ids=None):
+    def _run_layers(self, h, *, train, tau, rng, row_ids=None, segment_ids=None):
         cfg = self.cfg
         graphdef, stacked = nnx.split(self.layers)
         keys = jax.random.split(rng, cfg.n_layers) if rng is not None else jnp.zeros((cfg.n_layers,), jnp.uint32)
@@ -136,7 +140,8 @@ class Transformer(nnx.Module):
         def layer_fn(h, xs):
             layer_state, key = xs
             layer = nnx.merge(graphdef, layer_state)
-            return layer(h, train=train, tau=tau, rng=key if rng is not None else None, segment_ids=segment_ids)
+            return layer(h, train=train, tau=tau, rng=key if rng is not None else None, row_ids=row_ids,
+                         segment_ids=segment_ids)
 
         if cfg.remat != "none":
             layer_fn = jax.checkpoint(layer_fn, policy=REMAT_POLICIES[cfg.remat])
