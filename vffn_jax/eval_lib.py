@@ -102,6 +102,11 @@ def fit_to_devices(cfg: Config, n_devices: int) -> tuple[Config, int, list[str]]
                      "sequences instead (the held-out tokens differ from training's eval/ metrics)")
         batch = new
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
+    # evaluation splits its batch like training (train.grad_accum): keep the largest split that still fits
+    accum = max(a for a in range(1, cfg.train.grad_accum + 1)
+                if cfg.train.grad_accum % a == 0 and batch % (a * n_devices) == 0) if batch % n_devices == 0 else 1
+    if accum != cfg.train.grad_accum:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=accum))
     config_lib.validate(cfg, n_devices=n_devices)  # anything left (e.g. vocab vs tensor) is a real error
     return cfg, batch, notes
 
