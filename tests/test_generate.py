@@ -1,0 +1,272 @@
+"""KV-cache decoding (vffn_jax/decode.py), sampling and generate.py.
+
+The central check: prefill + one-token cached steps give the full forward's logits (and each token's
+per-layer depth) at every position, for every FFN variant, with rows of different prompt lengths."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vffn_jax import config as config_lib
+from vffn_jax import decode, sampling, train_lib
+from vffn_jax.config import FFN_KINDS, ConfigError, ModelConfig, MeshConfig
+from vffn_jax.model import Transformer
+
+# init_std 0.2: loops change the residual stream a lot, so a wrong depth shows in the logits
+SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, n_experts=4, top_k=2, max_depth=4,
+             n_loops=3, init_std=0.2)
+B, T, T_PROMPT, S = 3, 10, 8, 16
+LENGTHS = np.array([3, 5, 1], np.int32)
+
+
+def small(ffn="versatile", **kw) -> ModelConfig:
+    return ModelConfig(**{**SMALL, "ffn": ffn, **kw})
+
+
+def build(m: ModelConfig, seed=0):
+    g, st = nnx.split(Transformer(m, nnx.Rngs(seed)))
+    return g, st
+
+
+def full_forward(g, st, toks):
+    return jax.jit(lambda s, t: nnx.merge(g, s)(t))(st, toks)
+
+
+def teacher_forced(m, params, toks, lengths):
+    """Prefill each row's first `lengths[b]` tokens, then feed the rest one per step (rows advance
+    independently). Returns per-(row, position) logits and depth, and the executed loops per step."""
+    pre = jax.jit(functools.partial(decode.prefill, m, cache_len=S, all_logits=True))
+    step = jax.jit(functools.partial(decode.decode_step, m))
+    tp = np.where(np.arange(T_PROMPT)[None] < lengths[:, None], np.asarray(toks)[:, :T_PROMPT], 0)
+    logits_p, cache, depth_p, _, seg = pre(params, jnp.asarray(tp), jnp.asarray(lengths))
+    logits = np.full((B, T, m.vocab_size), np.nan, np.float32)
+    depth = np.zeros((B, T, m.n_layers), np.int32)
+    for b in range(B):
+        logits[b, :lengths[b]] = np.asarray(logits_p[b, :lengths[b]])
+        depth[b, :lengths[b]] = np.asarray(depth_p[b, :lengths[b]])
+    steps = []
+    for j in range(T - lengths.min()):
+        pos = lengths + j
+        active = pos < T
+        feed = np.asarray(toks)[np.arange(B), np.minimum(pos, T - 1)]
+        if m.doc_mask:  # document index of the fed token: EOS tokens strictly before it
+            seg = jnp.asarray([int(np.sum(np.asarray(toks)[b, :pos[b]] == m.eos_id)) for b in range(B)])
+        lg, cache, d, loops = step(params, cache, jnp.asarray(feed), jnp.asarray(pos), seg, jnp.asarray(active))
+        lg, d = np.asarray(lg), np.asarray(d)
+        for b in np.flatnonzero(active):
+            logits[b, pos[b]], depth[b, pos[b]] = lg[b], d[b]
+        steps.append((active, d, np.asarray(loops)))
+    return logits, depth, steps
+
+
+@pytest.mark.parametrize("ffn", FFN_KINDS)
+def test_cache_matches_full_forward_every_position(ffn):
+    m = small(ffn)
+    g, st = build(m)
+    toks = jax.random.randint(jax.random.key(1), (B, T), 0, m.vocab_size)
+    full, aux = full_forward(g, st, toks)
+    logits, depth, steps = teacher_forced(m, decode.pure_params(st), toks, LENGTHS)
+    assert not np.isnan(logits).any()
+    np.testing.assert_allclose(logits, np.asarray(full), rtol=1e-4, atol=2e-5)
+    if "depth" in aux:  # each token's own depth equals the full forward's, layer by layer
+        np.testing.assert_array_equal(depth, np.moveaxis(np.asarray(aux["depth"]), 0, -1))
+        assert len(np.unique(depth)) > 1, "the test should see tokens of different depths"
+        for active, d, loops in steps:  # executed loops: the deepest active token of the step
+            np.testing.assert_array_equal(loops, np.max(np.where(active[:, None], d, 0), axis=0))
+            assert (d[~active] == 1).all()  # finished rows never extend the loop
+    else:
+        fixed = decode.loops_per_layer(m)
+        assert (depth == fixed).all() and all((lo == fixed).all() for _, _, lo in steps)
+
+
+def test_cache_matches_full_forward_with_document_mask():
+    m = small("versatile", doc_mask=True, eos_id=5)
+    g, st = build(m)
+    toks = np.array(jax.random.randint(jax.random.key(2), (B, T), 0, m.vocab_size))
+    toks[:, [1, 6]] = 5  # an EOS inside the prompt of rows 1 (length 5) and inside the decoded part
+    full, _ = full_forward(g, st, jnp.asarray(toks))
+    logits, _, _ = teacher_forced(m, decode.pure_params(st), toks, LENGTHS)
+    np.testing.assert_allclose(logits, np.asarray(full), rtol=1e-4, atol=2e-5)
+
+
+def _prompts(vocab, lengths=(4, 7, 2), seed=3):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+def test_greedy_generation_is_the_full_forward_argmax():
+    m = small("versatile")
+    g, st = build(m)
+    prompts = _prompts(m.vocab_size)
+    gens, stats = decode.generate(m, st, prompts, max_new_tokens=6, context=32,
+                                  sampling_cfg=sampling.SamplingConfig(temperature=0.0), valid_vocab=60)
+    assert stats.decode_steps == 5 and stats.step_loops.shape == (5, m.n_layers)
+    for gen in gens:
+        assert len(gen.ids) == 6 and gen.finish_reason == "length" and max(gen.ids) < 60
+        seq = jnp.asarray([gen.prompt_ids + gen.ids])
+        full, aux = full_forward(g, st, seq)
+        n = len(gen.prompt_ids)
+        pred = np.asarray(full[0, n - 1:-1])  # the logits that chose each generated token
+        np.testing.assert_array_equal(np.argmax(pred[:, :60], -1), gen.ids)
+        logp = jax.nn.log_softmax(jnp.where(jnp.arange(m.vocab_size) < 60, pred, -jnp.inf), -1)
+        np.testing.assert_allclose(gen.logprobs, np.asarray(logp)[np.arange(6), gen.ids], atol=1e-4)
+        np.testing.assert_array_equal(gen.depth, np.asarray(aux["depth"])[:, 0, n - 1:-1].T)
+        assert (gen.loops >= gen.depth).all()  # a step runs as deep as its deepest row
+    all_depth = np.stack([gen.depth[1:] for gen in gens])  # [rows, steps, layers]
+    np.testing.assert_array_equal(stats.step_loops, all_depth.max(0))
+
+
+def test_eos_context_and_rows_are_independent():
+    m = small("depth_only")
+    _, st = build(m)
+    prompts = _prompts(m.vocab_size)
+    greedy = sampling.SamplingConfig(temperature=0.0)
+    ref, _ = decode.generate(m, st, prompts, max_new_tokens=5, context=32, sampling_cfg=greedy)
+    ids = ref[1].ids
+    i = max(j for j in range(len(ids)) if ids[j] not in ids[:j])  # stop row 1 at the last new token it makes
+    gens, _ = decode.generate(m, st, prompts, max_new_tokens=5, context=32, sampling_cfg=greedy, eos_id=ids[i])
+    assert gens[1].ids == ids[:i + 1] and gens[1].finish_reason == ("eos")
+    eos = ids[i]
+    for a, b in zip(gens, ref):  # other rows unaffected (unless they hit the same token)
+        if eos not in b.ids:
+            assert a.ids == b.ids and (a.depth == b.depth).all()
+    gens, _ = decode.generate(m, st, prompts, max_new_tokens=20, context=9, sampling_cfg=greedy)
+    for gen in gens:  # a row ends when its next token would not fit: prompt + generated <= context + 1
+        assert len(gen.prompt_ids) + len(gen.ids) == 10 and gen.finish_reason == "context"
+    with pytest.raises(ConfigError, match="context"):
+        decode.generate(m, st, [[1] * 10], max_new_tokens=2, context=9)
+    # sampling: a prompt's sample does not depend on its batch companions
+    s = sampling.SamplingConfig(temperature=1.0, top_p=0.9)
+    both, _ = decode.generate(m, st, prompts[:2], max_new_tokens=5, context=32, sampling_cfg=s, seed=7)
+    alone, _ = decode.generate(m, st, prompts[:1], max_new_tokens=5, context=32, sampling_cfg=s, seed=7)
+    assert both[0].ids == alone[0].ids
+    other, _ = decode.generate(m, st, prompts[:1], max_new_tokens=5, context=32, sampling_cfg=s, seed=8)
+    assert isinstance(other[0].ids, list)
+
+
+def test_sharded_decode_matches_one_device():
+    """Cache rows over data (2), heads and FFN hidden units over tensor (2): same tokens, depths, log-probs."""
+    m = small("versatile")
+    from vffn_jax import sharding as shd
+
+    devices = jax.devices()
+    mesh = shd.make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), devices[:4])
+    _, params, _ = train_lib.init_params(m, mesh, seed=1)
+    _, params1, _ = train_lib.init_params(m, shd.make_mesh(MeshConfig(data=1), devices[:1]), seed=1)
+    prompts = _prompts(m.vocab_size)
+    kw = dict(max_new_tokens=5, context=32, sampling_cfg=sampling.SamplingConfig(temperature=0.0))
+    sharded, _ = decode.generate(m, params, prompts, mesh=mesh, **kw)
+    single, _ = decode.generate(m, params1, prompts, **kw)
+    for a, b in zip(sharded, single):
+        assert a.ids == b.ids and (a.depth == b.depth).all()
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_sampling_filters():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    np.testing.assert_array_equal(np.isfinite(sampling.filter_logits(logits, top_k=2)), [[1, 1, 0, 0]])
+    np.testing.assert_array_equal(np.isfinite(sampling.filter_logits(logits, top_p=0.8)), [[1, 1, 0, 0]])
+    np.testing.assert_array_equal(np.isfinite(sampling.filter_logits(logits, top_p=0.81)), [[1, 1, 1, 0]])
+    np.testing.assert_array_equal(np.isfinite(sampling.filter_logits(logits, top_p=0.1)), [[1, 0, 0, 0]])
+    np.testing.assert_array_equal(np.isfinite(sampling.mask_vocab(logits, 3)), [[1, 1, 1, 0]])
+    key, rows = jax.random.key(0), jnp.arange(1)
+    greedy = sampling.sample(logits, sampling.SamplingConfig(temperature=0.0), key, rows, 0)
+    assert int(greedy[0]) == 0
+    draws = [int(sampling.sample(logits, sampling.SamplingConfig(1.0, top_k=2), key, rows, t)[0]) for t in range(40)]
+    assert set(draws) == {0, 1}
+    for bad in (sampling.SamplingConfig(temperature=-0.1), sampling.SamplingConfig(top_p=0.0),
+                sampling.SamplingConfig(top_p=1.5), sampling.SamplingConfig(top_k=-1)):
+        with pytest.raises(ConfigError):
+            sampling.validate(bad)
+
+
+# --------------------------------------------------------------------------- generate.py
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A params-only run of a tiny versatile model (byte tokenizer, context 48), no training needed."""
+    from vffn_jax import checkpoint as ckpt
+    from vffn_jax import sharding as shd
+    from vffn_jax import trainer
+
+    cfg = config_lib.load_config("tiny", "versatile", {
+        "model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2, "model.d_ff": 64, "model.init_std": 0.2,
+        "train.seq_len": 48, "train.batch_size": 8, "run.async_checkpointing": False})
+    workdir = tmp_path_factory.mktemp("gen") / "run"
+    trainer.prepare_workdir(cfg, workdir, True)
+    _, params, _ = train_lib.init_params(cfg.model, shd.make_mesh(cfg.mesh), cfg.train.seed)
+    manager = ckpt.make_manager(workdir, cfg.run)
+    ckpt.save(manager, 3, params, None, force=True)
+    ckpt.wait_until_finished(manager)
+    manager.close()
+    return workdir
+
+
+def _main(capsys, *args):
+    import generate
+
+    rc = generate.main(list(map(str, args)))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_json_and_text(run_dir, capsys, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("And God said\n\nLet there be\n")
+    rc, out, err = _main(capsys, "--workdir", run_dir, "--prompts-file", prompts, "--prompt", "", "--max-new-tokens",
+                         6, "--seed", 3, "--json")
+    assert rc == 0, err
+    r = json.loads(out)
+    assert r["step"] == 3 and r["ffn"] == "versatile" and r["n_layers"] == 2 and r["max_depth"] == 4
+    assert [g["prompt"] for g in r["generations"]] == ["", "And God said", "Let there be"]
+    assert r["generations"][1]["prompt_tokens"] == 1 + len("And God said")  # EOS prefix
+    for g in r["generations"]:
+        assert 1 <= g["n_tokens"] <= 6 and len(g["tokens"]) == g["n_tokens"]
+        for t in g["tokens"]:
+            assert len(t["depth"]) == 2 and all(1 <= d <= 4 for d in t["depth"])
+            assert all(lo >= d for lo, d in zip(t["loops"], t["depth"]))
+            assert t["logprob"] <= 0 and 0 <= t["id"] < 257
+    rc, out2, _ = _main(capsys, "--workdir", run_dir, "--prompts-file", prompts, "--prompt", "", "--max-new-tokens", 6,
+                        "--seed", 3, "--json")
+    assert json.loads(out2)["generations"] == r["generations"]  # reproducible
+    rc, text, _ = _main(capsys, "--workdir", run_dir, "--prompt", "Amen", "--max-new-tokens", 4, "--temperature", 0,
+                        "--depth-marks", "brackets")
+    assert rc == 0 and "Amen" in text and text.count("[") >= 1 and "]" in text
+    rc, text, _ = _main(capsys, "--workdir", run_dir, "--prompt", "Amen", "--max-new-tokens", 4, "--temperature", 0,
+                        "--depth-marks", "color")
+    assert rc == 0 and "\x1b[30;48;5;" in text
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--prompt", "x" * 48], "longer than the model's context"),
+    (["--prompts-file", "EMPTY"], "holds no prompt"),
+    (["--prompts-file", "MISSING"], "not found"),
+    ([], "nothing to continue"),
+    (["--prompt", "a", "--step", "7"], "no checkpoint for step 7"),
+    (["--prompt", "a", "--top-p", "0"], "--top-p"),
+    (["--prompt", "a", "--top-p", "1.5"], "--top-p"),
+    (["--prompt", "a", "--temperature", "-1"], "--temperature"),
+    (["--prompt", "a", "--top-k", "-2"], "--top-k"),
+    (["--prompt", "a", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--prompt", "", "--no-eos-prefix"], "empty"),
+])
+def test_cli_bad_input_exits_2(run_dir, capsys, tmp_path, args, match):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    args = [str(empty) if a == "EMPTY" else str(tmp_path / "nope.txt") if a == "MISSING" else a for a in args]
+    rc, out, err = _main(capsys, "--workdir", run_dir, *args)
+    assert rc == 2 and err.startswith("error: ") and match in err, err
+    assert out == ""
+
+
+def test_cli_missing_run(capsys, tmp_path):
+    rc, _, err = _main(capsys, "--workdir", tmp_path / "none", "--prompt", "a")
+    assert rc == 2 and "does not exist" in err
