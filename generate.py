@@ -16,7 +16,7 @@ depth (1..L) and the loops each layer executed in that step.
 Examples:
   python generate.py --workdir runs/tiny --prompt "And God said"
   python generate.py --workdir runs/tiny --prompt "In the beginning" --temperature 0 --max-new-tokens 80
-  python generate.py --workdir runs/tiny --prompts-file prompts.txt --top-p 0.9 --seed 1 --json > out.json
+  python generate.py --workdir runs/tiny --prompts prompts.jsonl --top-p 0.9 --seed 1 --json > out.json
   python generate.py --workdir runs/tiny-export --prompt "Jesus wept" --depth-marks brackets
 
 Prompts are preceded by the tokenizer's EOS token (a document start, as in the packed training
@@ -46,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a prompt to continue (repeatable; an empty string samples from a document start)")
-    p.add_argument("--prompts-file", metavar="FILE", default=None,
-                   help="one prompt per line (blank lines are skipped); with --prompt, these come after")
+    p.add_argument("--prompts", "--prompts-file", dest="prompts_file", metavar="FILE", default=None,
+                   help="prompts from a file, local or gs://: FILE.jsonl holds one JSON object per line with a "
+                        "\"prompt\" (or \"text\") field, or a JSON string; any other file is one prompt per line "
+                        "(blank lines are skipped). With --prompt, these come after")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate per prompt "
                    "(default 64; fewer when EOS comes first or the context fills)")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
@@ -136,24 +138,47 @@ def format_text(result: dict, tokenizer, marks: str) -> str:
 # --------------------------------------------------------------------------- the command
 
 
+def _jsonl_prompt(line: str, name: str, number: int) -> str:
+    from vffn_jax.config import ConfigError
+
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--prompts {name} line {number}: not valid JSON ({e})") from None
+    if isinstance(record, str):
+        return record
+    for key in ("prompt", "text"):
+        if isinstance(record, dict) and isinstance(record.get(key), str):
+            return record[key]
+    raise ConfigError(f"--prompts {name} line {number}: expected a JSON string or an object with a \"prompt\" "
+                      "(or \"text\") field")
+
+
 def read_prompts(args) -> list[str]:
     from vffn_jax.config import ConfigError
 
     prompts = list(args.prompt)
     if args.prompts_file is not None:
+        from vffn_jax import storage
+
+        name = args.prompts_file
         try:
-            with open(args.prompts_file, encoding="utf-8") as f:
-                lines = [line.rstrip("\r\n") for line in f]
+            path = storage.as_path(name)
+            if not path.is_file():
+                raise FileNotFoundError
+            lines = [line.rstrip("\r") for line in path.read_bytes().decode("utf-8").split("\n")]
         except FileNotFoundError:
-            raise FileNotFoundError(f"--prompts-file {args.prompts_file} not found") from None
+            raise FileNotFoundError(f"--prompts {name} not found") from None
         except UnicodeDecodeError as e:
-            raise ConfigError(f"--prompts-file {args.prompts_file} is not UTF-8 text ({e})") from None
-        from_file = [line for line in lines if line.strip()]
-        if not from_file:
-            raise ConfigError(f"--prompts-file {args.prompts_file} holds no prompt (it is empty or blank)")
-        prompts += from_file
+            raise ConfigError(f"--prompts {name} is not UTF-8 text ({e})") from None
+        lines = [line for line in lines if line.strip()]
+        if name.endswith(".jsonl"):
+            lines = [_jsonl_prompt(line, name, i) for i, line in enumerate(lines, start=1)]
+        if not lines:
+            raise ConfigError(f"--prompts {name} holds no prompt (it is empty or blank)")
+        prompts += lines
     if not prompts:
-        raise ConfigError("nothing to continue: give --prompt TEXT (repeatable) or --prompts-file FILE")
+        raise ConfigError("nothing to continue: give --prompt TEXT (repeatable) or --prompts FILE")
     return prompts
 
 

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", default="1", metavar="N[,N...]",
                    help="train.grad_accum values to time each variant at (comma-separated, e.g. 1,4); the global "
                         "batch stays train.batch_size. Default: 1")
+    p.add_argument("--attention", default="auto", metavar="KIND[,KIND...]",
+                   help="model.attention kernels to time each variant with (auto, xla, splash, cudnn; e.g. xla,splash "
+                        "on a TPU, xla,cudnn on a GPU). Off TPU splash runs in Pallas interpret mode: correct, not fast")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--moe", action="store_true",
                    help="also time the moe baseline. Its FLOPs count k of E experts (model FLOPs, 1.25x dense FFN for "
@@ -116,14 +119,17 @@ def run(args) -> dict:
 
     base = config_lib.parse_set_args(args.overrides)
     accums = parse_accum(args.grad_accum)
+    kernels = [k.strip() for k in args.attention.split(",") if k.strip()]
     states = {}
-    for accum in accums:
-        for name, extra in VARIANTS + ((("moe", {}),) if args.moe else ()):
-            cfg = config_lib.load_config(args.config, name, {**extra, **base, "train.grad_accum": accum})
-            compiled, params, opt_state, batches, s, compile_s = prepare(cfg)
-            states[(name, accum)] = {"cfg": cfg, "step": compiled, "params": params, "opt": opt_state,
-                                     "batches": batches, "compile_s": compile_s, "times": [], "n": 0, "setup": s,
-                                     "temp_bytes": temp_bytes(compiled)}
+    for kernel in kernels:
+        for accum in accums:
+            for name, extra in VARIANTS + ((("moe", {}),) if args.moe else ()):
+                cfg = config_lib.load_config(args.config, name, {**extra, **base, "train.grad_accum": accum,
+                                                                 "model.attention": kernel})
+                compiled, params, opt_state, batches, s, compile_s = prepare(cfg)
+                states[(name, accum, kernel)] = {"cfg": cfg, "step": compiled, "params": params, "opt": opt_state,
+                                                 "batches": batches, "compile_s": compile_s, "times": [], "n": 0,
+                                                 "setup": s, "temp_bytes": temp_bytes(compiled)}
 
     counters = [jnp.asarray(i, jnp.int32) for i in range(args.warmup + args.rounds * args.steps)]
 
@@ -144,21 +150,23 @@ def run(args) -> dict:
         for st in states.values():
             run_steps(st, args.steps, record=True)
 
-    dense = states[("dense", accums[0])]
+    dense = states[("dense", accums[0], kernels[0])]
     d_flops = flops_lib.flops_per_token(dense["cfg"].model, dense["cfg"].train.seq_len, train=True)
     rows = []
-    for (name, accum), st in states.items():
+    for (name, accum, kernel), st in states.items():
         cfg = st["cfg"]
         med = statistics.median(st["times"])
-        d_time = statistics.median(states[("dense", accum)]["times"])  # dense at the same grad_accum
-        first = states[(name, accums[0])]
+        d_time = statistics.median(states[("dense", accum, kernel)]["times"])  # dense at the same accum and kernel
+        first = states[(name, accums[0], kernel)]
+        first_kernel = states[(name, accum, kernels[0])]
         tokens = cfg.train.batch_size * cfg.train.seq_len
         fpt = flops_lib.flops_per_token(cfg.model, cfg.train.seq_len, train=True)
         time_ratio, flop_ratio = med / d_time, fpt / d_flops
         temp, temp_first = st["temp_bytes"], first["temp_bytes"]
         rows.append({
             "variant": name if name != "kloop" else f"kloop-{cfg.model.n_loops}", "ffn": cfg.model.ffn,
-            "grad_accum": accum,
+            "grad_accum": accum, "attention": kernel,
+            "time_ratio_vs_first_attention": med / statistics.median(first_kernel["times"]),
             "median_step_s": med, "min_step_s": min(st["times"]), "tokens_per_s": tokens / med,
             "time_ratio_vs_dense": time_ratio, "flop_ratio_vs_dense": flop_ratio,
             "time_over_flop_ratio": time_ratio / flop_ratio, "flops_per_token_train": fpt,
@@ -169,7 +177,8 @@ def run(args) -> dict:
         })
     m, t = dense["cfg"].model, dense["cfg"].train
     s = dense["setup"]
-    versatile = next(r for r in rows if r["ffn"] == "versatile" and r["grad_accum"] == accums[0])
+    versatile = next(r for r in rows if r["ffn"] == "versatile" and r["grad_accum"] == accums[0]
+                     and r["attention"] == kernels[0])
     return {
         "config": args.config, "overrides": args.overrides,
         "shape": {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
@@ -177,7 +186,7 @@ def run(args) -> dict:
                   "n_experts": m.n_experts, "top_k": m.top_k, "max_depth": m.max_depth},
         "devices": f"{len(s.mesh.devices.flat)} x {jax.devices()[0].device_kind}",
         "mesh": dict(zip(s.mesh.axis_names, (int(x) for x in s.mesh.devices.shape))),
-        "rounds": args.rounds, "steps_per_round": args.steps, "grad_accum": accums,
+        "rounds": args.rounds, "steps_per_round": args.steps, "grad_accum": accums, "attention": kernels,
         "rows": rows,
         "versatile_time_over_flop_ratio": versatile["time_over_flop_ratio"],
         "target": TARGET, "meets_target": versatile["time_over_flop_ratio"] <= TARGET,
@@ -196,14 +205,17 @@ def print_table(r: dict) -> None:
     accum_cols = len(r["grad_accum"]) > 1
     first = r["grad_accum"][0]
     extra = f" {'time/accum' + str(first):>13} {'temp MiB':>9} {'temp/accum' + str(first):>13}" if accum_cols else ""
-    print(f"  {'variant':<10} {'accum':>5} {'step ms':>9} {'min ms':>8} {'tokens/s':>10} {'GFLOP/s':>8} "
+    attn_cols = len(r["attention"]) > 1
+    extra += f" {'time/' + r['attention'][0]:>12}" if attn_cols else ""
+    print(f"  {'variant':<10} {'attn':>6} {'accum':>5} {'step ms':>9} {'min ms':>8} {'tokens/s':>10} {'GFLOP/s':>8} "
           f"{'time/dense':>11} {'FLOPs/dense':>12} {'time/FLOPs':>11} {'compile s':>10}{extra}")
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     for row in r["rows"]:
         extra = (f" {row['time_ratio_vs_first_accum']:>13.2f} "
                  f"{fmt(None if row['temp_bytes'] is None else row['temp_bytes'] / 2 ** 20, '.1f'):>9} "
                  f"{fmt(row['temp_ratio_vs_first_accum'], '.2f'):>13}") if accum_cols else ""
-        print(f"  {row['variant']:<10} {row['grad_accum']:>5} {1e3 * row['median_step_s']:>9.1f} "
+        extra += f" {row['time_ratio_vs_first_attention']:>12.2f}" if attn_cols else ""
+        print(f"  {row['variant']:<10} {row['attention']:>6} {row['grad_accum']:>5} {1e3 * row['median_step_s']:>9.1f} "
               f"{1e3 * row['min_step_s']:>8.1f} {row['tokens_per_s']:>10,.0f} {row['achieved_gflops']:>8.1f} "
               f"{row['time_ratio_vs_dense']:>11.2f} {row['flop_ratio_vs_dense']:>12.2f} "
               f"{row['time_over_flop_ratio']:>11.2f} {row['compile_s']:>10.1f}{extra}")

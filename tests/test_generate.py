@@ -152,12 +152,13 @@ def test_eos_context_and_rows_are_independent():
 
 
 def test_sharded_decode_matches_one_device():
-    """Cache rows over data (2), heads and FFN hidden units over tensor (2): same tokens, depths, log-probs."""
+    """A (2,2,2) mesh: cache rows over data x fsdp, heads and FFN hidden units over tensor; same tokens,
+    depths and log-probs as one device."""
     m = small("versatile")
     from vffn_jax import sharding as shd
 
     devices = jax.devices()
-    mesh = shd.make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), devices[:4])
+    mesh = shd.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), devices[:8])
     _, params, _ = train_lib.init_params(m, mesh, seed=1)
     _, params1, _ = train_lib.init_params(m, shd.make_mesh(MeshConfig(data=1), devices[:1]), seed=1)
     prompts = _prompts(m.vocab_size)
@@ -167,6 +168,36 @@ def test_sharded_decode_matches_one_device():
     for a, b in zip(sharded, single):
         assert a.ids == b.ids and (a.depth == b.depth).all()
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_greedy_is_the_same_alone_and_in_a_batch_of_other_lengths():
+    m = small("versatile")
+    _, st = build(m)
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(0, m.vocab_size, n)) for n in (4, 9, 1, 6)]  # shorter and longer companions
+    kw = dict(max_new_tokens=6, context=32, sampling_cfg=sampling.SamplingConfig(temperature=0.0))
+    batch, _ = decode.generate(m, st, prompts, **kw)
+    for i, prompt in enumerate(prompts):
+        (alone,), _ = decode.generate(m, st, [prompt], **kw)
+        assert alone.ids == batch[i].ids and (alone.depth == batch[i].depth).all()
+        np.testing.assert_allclose(alone.logprobs, batch[i].logprobs, atol=1e-5)
+    again, _ = decode.generate(m, st, prompts, **kw)
+    assert [g.ids for g in again] == [g.ids for g in batch]  # greedy is deterministic
+
+
+@pytest.mark.parametrize("top_k,top_p,allowed", [(0, 1.0, 4), (2, 1.0, 2), (0, 0.8, 2), (3, 0.9, 3)])
+def test_sampling_frequencies_match_the_softmax_of_the_allowed_set(top_k, top_p, allowed):
+    probs = np.asarray([0.5, 0.3, 0.15, 0.05])
+    n = 20000  # one row per draw: every row has its own key
+    logits = jnp.tile(jnp.log(jnp.asarray(probs, jnp.float32)), (n, 1))
+    cfg = sampling.SamplingConfig(temperature=1.0, top_k=top_k, top_p=top_p)
+    draws = np.asarray(sampling.sample(logits, cfg, jax.random.key(0), jnp.arange(n), 0))
+    assert draws.max() < allowed  # never a token outside the top-k / top-p set
+    expected = probs[:allowed] / probs[:allowed].sum()
+    freq = np.bincount(draws, minlength=4)[:allowed] / n
+    np.testing.assert_allclose(freq, expected, atol=4 * np.sqrt(expected * (1 - expected) / n).max())
+    again = np.asarray(sampling.sample(logits, cfg, jax.random.key(0), jnp.arange(n), 0))
+    np.testing.assert_array_equal(draws, again)  # a seed reproduces its samples
 
 
 def test_sampling_filters():
@@ -219,9 +250,9 @@ def _main(capsys, *args):
 
 
 def test_cli_json_and_text(run_dir, capsys, tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("And God said\n\nLet there be\n")
-    rc, out, err = _main(capsys, "--workdir", run_dir, "--prompts-file", prompts, "--prompt", "", "--max-new-tokens",
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "And God said"}\n\n"Let there be"\n')
+    rc, out, err = _main(capsys, "--workdir", run_dir, "--prompts", prompts, "--prompt", "", "--max-new-tokens",
                          6, "--seed", 3, "--json")
     assert rc == 0, err
     r = json.loads(out)
@@ -249,6 +280,7 @@ def test_cli_json_and_text(run_dir, capsys, tmp_path):
     (["--prompt", "x" * 48], "longer than the model's context"),
     (["--prompts-file", "EMPTY"], "holds no prompt"),
     (["--prompts-file", "MISSING"], "not found"),
+    (["--prompts", "BAD.jsonl"], "line 1: expected a JSON string or an object"),
     ([], "nothing to continue"),
     (["--prompt", "a", "--step", "7"], "no checkpoint for step 7"),
     (["--prompt", "a", "--top-p", "0"], "--top-p"),
@@ -261,7 +293,10 @@ def test_cli_json_and_text(run_dir, capsys, tmp_path):
 def test_cli_bad_input_exits_2(run_dir, capsys, tmp_path, args, match):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    args = [str(empty) if a == "EMPTY" else str(tmp_path / "nope.txt") if a == "MISSING" else a for a in args]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "no prompt field"}\n')
+    files = {"EMPTY": str(empty), "MISSING": str(tmp_path / "nope.txt"), "BAD.jsonl": str(bad)}
+    args = [files.get(a, a) for a in args]
     rc, out, err = _main(capsys, "--workdir", run_dir, *args)
     assert rc == 2 and err.startswith("error: ") and match in err, err
     assert out == ""

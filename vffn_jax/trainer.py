@@ -68,6 +68,9 @@ def train(cfg: Config, workdir, *, devices=None, progress: bool = True, stop_at:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer {cfg.data.tokenizer!r} has {tokenizer.vocab_size} tokens but "
                           f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
+    if cfg.model.doc_mask and cfg.model.eos_id != tokenizer.eos_id:
+        raise ConfigError(f"model.doc_mask=true splits documents at model.eos_id={cfg.model.eos_id}, but the EOS of "
+                          f"data.tokenizer={cfg.data.tokenizer!r} is {tokenizer.eos_id}: set model.eos_id={tokenizer.eos_id}")
 
     tx = make_optimizer(cfg.train)
     abstract_opt, opt_shardings = opt_state_shardings(tx, s)
