@@ -88,8 +88,14 @@ def test_resume_with_different_model_is_refused(tmp_path):
         trainer.train(small_cfg(tmp_path, **{"model.d_model": 32}), tmp_path / "run", progress=False)
 
 
+# train.py processes share the tests' persistent compilation cache: the same small programs compile once
+CLI_ENV = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+
+
 def run_cli(args, **kw):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, **kw)
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, env=CLI_ENV,
+                          **kw)
 
 
 def cli_args(tmp_path, workdir, **over):
@@ -118,7 +124,7 @@ def test_kill_during_async_save_keeps_earlier_checkpoints(tmp_path):
     workdir = tmp_path / "killed"
     over = {"train.steps": 400, "run.ckpt_every": 1, "run.keep_ckpts": 50}
     args = cli_args(tmp_path, workdir, **over)
-    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=CLI_ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     ckdir = workdir / "checkpoints"
     deadline = time.time() + 240
@@ -171,7 +177,7 @@ def _wait_for_step(workdir, step, proc, deadline_s=240):
 def test_sigterm_saves_the_step_reached_and_the_rerun_matches_an_uninterrupted_run(tmp_path):
     over = {"train.steps": 60, "run.ckpt_every": 1000}  # periodic saves far away: only the preemption saves
     args = cli_args(tmp_path, tmp_path / "preempted", **over)
-    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=CLI_ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for_step(tmp_path / "preempted", 3, proc)
