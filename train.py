@@ -94,9 +94,14 @@ def print_dry_run(info: dict, as_json: bool) -> None:
     print(f"  params total          {info['params_total']:>16,}")
     print(f"  params non-embedding  {info['params_non_embedding']:>16,}")
     print(f"  FLOPs/token train     {info['flops_per_token_train']:>16,.0f}")
-    depth = info["inference_depth_assumed"]
-    suffix = f" (at {depth} loops)" if depth else ""
-    print(f"  FLOPs/token inference {info['flops_per_token_inference']:>16,.0f}{suffix}")
+    depth, run = info["inference_depth_assumed"], info["inference_executed_depth_assumed"]
+    print(f"  FLOPs/token inference {info['flops_per_token_inference']:>16,.0f}  ideal: each token at its own depth"
+          + (f" (assumed mean {depth} loops, depth uniform over 1..L)" if depth else ""))
+    print(f"                        {info['flops_per_token_inference_executed']:>16,.0f}  executed: what the batch runs"
+          + (f" (the depth loop to the batch's deepest token: assumed {run} loops)" if run else "")
+          + (" (the dense dispatch runs all E experts)" if info["ffn"] == "moe" else ""))
+    print(f"                        {info['flops_per_token_inference_paper']:>16,.0f}  paper: FFN only, sparse experts "
+          f"(Table 2's convention) = {info['paper_ffn_vs_dense']:.3f} x dense FFN per layer")
     print(f"  tokens per step       {info['tokens_per_batch']:>16,}")
     print(f"  mesh                  {info['mesh']} on {info['devices']}")
     print(f"  param bytes/device    {info['param_bytes_per_device']:>16,}  (replicated "

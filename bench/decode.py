@@ -15,6 +15,10 @@ Columns:
   time vs k4     time per token / kloop4's at the same batch
   loops vs k4    exec loops / 4
 
+"own depth" and "exec loops" are the depths behind the ideal and executed inference FLOPs of
+`vffn_jax/flops.py` (`inference_flops(cfg, seq_len, mean_depth=own, executed_depth=exec)`); this table
+reports loops and time, not FLOPs.
+
 Weights are a fresh initialisation of the tiny scale (random routers give near-uniform depths), unless
 --versatile-run names a trained versatile run of the same shape (e.g. runs/tiny), which adds a row
 with its learned depths.

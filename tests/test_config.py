@@ -48,10 +48,16 @@ def test_experts_must_align_with_tensor_shards():
 
 
 def test_tau_schedule_is_pure_function_of_step():
-    train = load_config("354m").train
+    # the paper's explicit per-step factor (train.tau_decay > 0 takes precedence over train.tau_decay_frac)
+    train = load_config("354m", overrides={"train.tau_decay": 0.99984}).train
     assert float(tau_at(0, train)) == pytest.approx(5.0)
     assert float(tau_at(1000, train)) == pytest.approx(5.0 * 0.99984 ** 1000, rel=1e-5)
     assert float(tau_at(30000, train)) == pytest.approx(0.1)
+    # the default derives the factor from the run length: the floor at 96% of the 354m preset's 25,431 steps,
+    # within 0.2% of the paper's per-step factor (0.99984 reaches it at step 24,448, 96.1%)
+    train = load_config("354m").train
+    assert float(tau_at(1000, train)) == pytest.approx(5.0 * 0.99984 ** 1000, rel=3e-4)
+    assert float(tau_at(24413, train)) > 0.1 and float(tau_at(24414, train)) == pytest.approx(0.1)
 
 
 def test_cli_errors_are_clear_and_help_explains_flags(tmp_path):

@@ -14,7 +14,7 @@ from vffn_jax.config import ConfigError, DataConfig
 
 
 def test_ordering_held_from_numbers():
-    losses = {"versatile": [2.00, 2.01, 2.02], "depth_only": [2.05, 2.06, 2.04], "width_only": [2.07, 2.08, 2.06],
+    losses = {"versatile": [2.00, 2.01, 2.02], "depth_only": [2.05, 2.06, 2.04], "width_shared": [2.07, 2.08, 2.06],
               "dense": [2.10, 2.12, 2.11], "moe": [1.0]}
     v = study.ordering_verdict(losses)
     assert v["held"] is True
@@ -25,19 +25,19 @@ def test_ordering_held_from_numbers():
 
 
 def test_ordering_not_held_names_the_failed_comparison():
-    losses = {"versatile": [2.00, 2.02], "depth_only": [2.05, 2.06], "width_only": [2.15, 2.13],
+    losses = {"versatile": [2.00, 2.02], "depth_only": [2.05, 2.06], "width_shared": [2.15, 2.13],
               "dense": [2.10, 2.12]}
     v = study.ordering_verdict(losses)
     assert v["held"] is False
     assert "did NOT hold" in v["sentence"]
-    assert "width_only (2.1400) is not below dense (2.1100" in v["sentence"]
+    assert "width_shared (2.1400) is not below dense (2.1100" in v["sentence"]
     failed = [c for c in v["comparisons"] if not c["held"]]
-    assert [(c["better"], c["worse"]) for c in failed] == [("width_only", "dense")]
+    assert [(c["better"], c["worse"]) for c in failed] == [("width_shared", "dense")]
 
 
 def test_ordering_within_spread_and_per_seed_count():
     # means in order but seed 1 reverses versatile vs depth_only: held on means, 1 of 2 seeds
-    losses = {"versatile": [2.00, 2.10], "depth_only": [2.08, 2.04], "width_only": [2.09, 2.09],
+    losses = {"versatile": [2.00, 2.10], "depth_only": [2.08, 2.04], "width_shared": [2.09, 2.09],
               "dense": [2.20, 2.20]}
     v = study.ordering_verdict(losses)
     assert v["held"] is True and v["seeds_all_held"] == 1
@@ -47,7 +47,7 @@ def test_ordering_within_spread_and_per_seed_count():
 def test_ordering_missing_variant():
     v = study.ordering_verdict({"versatile": [1.0], "dense": [2.0]})
     assert v["held"] is None and "cannot be checked" in v["sentence"]
-    assert set(v["missing"]) == {"depth_only", "width_only"}
+    assert set(v["missing"]) == {"depth_only", "width_shared"}
 
 
 def test_plan_composes_variants_and_continued_runs(tmp_path):

@@ -15,9 +15,9 @@ from typing import Any, get_type_hints
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-FFN_KINDS = ("dense", "kloop", "width_only", "depth_only", "versatile", "versatile_avg", "moe")
-EXPERT_KINDS = ("width_only", "versatile", "versatile_avg", "moe")  # have an expert router (top-k of E)
-VIRTUAL_EXPERT_KINDS = ("width_only", "versatile", "versatile_avg")  # experts are slices of the shared FFN
+FFN_KINDS = ("dense", "kloop", "width_only", "width_shared", "depth_only", "versatile", "versatile_avg", "moe")
+EXPERT_KINDS = ("width_only", "width_shared", "versatile", "versatile_avg", "moe")  # have an expert router (top-k of E)
+VIRTUAL_EXPERT_KINDS = ("width_only", "width_shared", "versatile", "versatile_avg")  # experts are slices of the shared FFN
 DEPTH_KINDS = ("depth_only", "versatile", "versatile_avg")  # have a depth router (1..L loops per token)
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_KINDS = ("auto", "xla", "splash", "cudnn")  # vffn_jax/attention.py
@@ -82,8 +82,14 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1  # not applied to norm scales
     grad_clip: float = 1.0
-    tau_start: float = 5.0  # Gumbel temperature tau(step) = max(tau_start * tau_decay**step, tau_end)
-    tau_decay: float = 0.99984
+    # Gumbel temperature tau(step) = max(tau_start * decay**step, tau_end) (`tau_at`). The per-step decay is
+    # tau_decay when > 0 (an explicit factor, e.g. the paper's 0.99984); with tau_decay = 0 (default) it is
+    # derived from the run length so that tau reaches tau_end at step tau_decay_frac * steps:
+    # decay = (tau_end / tau_start) ** (1 / (tau_decay_frac * steps)). The default 0.96 is where the paper's
+    # schedule (decay 0.99984: the floor after 24,448 steps) reaches the floor in its main run (354m, 25,431 steps)
+    tau_start: float = 5.0
+    tau_decay: float = 0.0
+    tau_decay_frac: float = 0.96
     tau_end: float = 0.1
     balance_coef: float = 1e-5  # Switch load-balance loss on the virtual-expert router
     z_loss_coef: float = 0.0  # router z-loss (off by default)
@@ -403,8 +409,16 @@ def validate(cfg: Config, n_devices: int | None = None, n_slices: int | None = N
                           "run named by train.init_from (--init-from DIR); set both or neither")
     if not 0 <= t.warmup_frac < 1:
         raise ConfigError(f"train.warmup_frac={t.warmup_frac} must be in [0, 1)")
-    if not 0 < t.tau_end <= t.tau_start or not 0 < t.tau_decay <= 1:
-        raise ConfigError("Gumbel schedule needs 0 < train.tau_end <= train.tau_start and 0 < train.tau_decay <= 1")
+    if not 0 < t.tau_end <= t.tau_start:
+        raise ConfigError(f"Gumbel schedule needs 0 < train.tau_end <= train.tau_start (got tau_end={t.tau_end}, "
+                          f"tau_start={t.tau_start})")
+    if not 0 <= t.tau_decay <= 1:
+        raise ConfigError(f"train.tau_decay={t.tau_decay} must be in (0, 1] (an explicit per-step factor) or 0 "
+                          "(derive it from train.tau_decay_frac and train.steps)")
+    if not 0 < t.tau_decay_frac <= 1:
+        raise ConfigError(f"train.tau_decay_frac={t.tau_decay_frac} must be in (0, 1]: the fraction of train.steps "
+                          "at which the Gumbel temperature reaches train.tau_end (or set an explicit "
+                          "train.tau_decay per-step factor, which takes precedence)")
     if not 0 <= cfg.data.holdout_fraction < 1:
         raise ConfigError(f"data.holdout_fraction={cfg.data.holdout_fraction} must be in [0, 1)")
     if cfg.data.verify_shards not in ("sha256", "size"):
@@ -455,9 +469,18 @@ def validate(cfg: Config, n_devices: int | None = None, n_slices: int | None = N
                 "change mesh.tensor or model.n_experts")
 
 
+def tau_decay_per_step(train: TrainConfig) -> float:
+    """The per-step factor of the Gumbel schedule: `train.tau_decay` when set (> 0), else the factor that
+    reaches `tau_end` at step `tau_decay_frac * steps` (1.0, a constant tau, when tau_end == tau_start)."""
+    if train.tau_decay > 0:
+        return train.tau_decay
+    return (train.tau_end / train.tau_start) ** (1.0 / (train.tau_decay_frac * train.steps))
+
+
 def tau_at(step, train: TrainConfig):
     """Gumbel temperature as a pure function of the step (works on ints and traced arrays)."""
     import jax.numpy as jnp
 
-    log_decay = math.log(train.tau_decay)  # in float64: decay**step in float32 drifts by ~1e-5 per 1k steps
+    # in float64: decay**step in float32 drifts by ~1e-5 per 1k steps
+    log_decay = math.log(tau_decay_per_step(train))
     return jnp.maximum(train.tau_start * jnp.exp(jnp.asarray(step, jnp.float32) * log_decay), train.tau_end)

@@ -19,8 +19,13 @@ Conventions (those of OLMo's `olmo_eval/tasks.py`, re-implemented here):
     option), the continuation is " " + the rest of the sentence after the blank (shared by the options).
   * a choice's score is the sum of its continuation tokens' log-probabilities given the context
     (inference-mode forward, `train=False`). `acc`: the argmax of the sums is the label; `len_norm`:
-    the argmax of sum / len(continuation) in characters (leading space included) is the label. Ties go
-    to the first choice. The per-task default metric (`DEFAULT_METRIC`) is len_norm for piqa,
+    the argmax of sum / (the continuation's length in characters) is the label. Ties go to the first
+    choice. The length has two conventions (`LEN_NORM_CONVENTIONS`, `eval.py --len-norm`): `olmo1`
+    (default) divides by the length without the leading space (`len(continuation) - 1`), as OLMo-1's
+    in-loop evaluator does (`olmo/eval/downstream.py`: "continuation contain leading blank"), the
+    evaluator the paper used (SPEC §6; its released code is an OLMo patch); `olmo-eval` divides by the
+    whole string, leading space included, as ai2-olmo-eval 0.9.0's `len_norm` does (it keeps the other
+    one as `cont_str_len_no_leading_space`). The default follows the paper so its numbers compare. The per-task default metric (`DEFAULT_METRIC`) is len_norm for piqa,
     hellaswag, openbook_qa, arc_challenge, commonsense_qa and acc for winogrande, sciq, arc_easy;
     `average` is the mean of the defaults over the requested tasks.
   * length: a request keeps its whole continuation and as much of its context (cut from the left) as
@@ -271,9 +276,28 @@ def pack(requests: Requests, rows: Sequence[int], batch_rows: int, width: int) -
     return tokens, spans
 
 
-def choice_metrics(sums: np.ndarray, requests: Requests, examples: Sequence[Example]) -> dict[str, float]:
-    """acc and len_norm from per-request log-prob sums (first maximum wins ties, like OLMo's argmax)."""
+# len_norm's divisor: the continuation's characters without its leading space (OLMo-1, the paper's evaluator)
+# or with it (ai2-olmo-eval 0.9.0); see the module docstring
+LEN_NORM_CONVENTIONS = ("olmo1", "olmo-eval")
+DEFAULT_LEN_NORM = "olmo1"
+
+
+def len_norm_divisor(cont_chars: np.ndarray, convention: str = DEFAULT_LEN_NORM) -> np.ndarray:
+    """Characters each continuation's log-prob sum is divided by for `len_norm` under `convention`."""
+    cont_chars = np.asarray(cont_chars, np.int64)
+    if convention == "olmo1":
+        return np.maximum(cont_chars - 1, 1)  # OLMo-1: len(continuation) - 1 (the leading blank); never 0
+    if convention == "olmo-eval":
+        return cont_chars
+    raise ConfigError(f"--len-norm {convention!r}: choose one of {', '.join(LEN_NORM_CONVENTIONS)}")
+
+
+def choice_metrics(sums: np.ndarray, requests: Requests, examples: Sequence[Example],
+                   len_norm: str = DEFAULT_LEN_NORM) -> dict[str, float]:
+    """acc and len_norm from per-request log-prob sums (first maximum wins ties, like OLMo's argmax);
+    `len_norm` names the length convention (`LEN_NORM_CONVENTIONS`)."""
     sums = np.asarray(sums, np.float64)
+    divisor = len_norm_divisor(requests.cont_chars, len_norm)
     acc = norm = 0
     start = 0
     for i, ex in enumerate(examples):
@@ -281,7 +305,7 @@ def choice_metrics(sums: np.ndarray, requests: Requests, examples: Sequence[Exam
         assert (requests.example[start:stop] == i).all()
         s = sums[start:stop]
         acc += int(np.argmax(s) == ex.label)
-        norm += int(np.argmax(s / requests.cont_chars[start:stop]) == ex.label)
+        norm += int(np.argmax(s / divisor[start:stop]) == ex.label)
         start = stop
     n = max(len(examples), 1)
     return {"acc": acc / n, "len_norm": norm / n}
@@ -356,15 +380,17 @@ def batch_rows_for(n_requests: int, width: int, dp: int, token_budget: int, batc
 
 
 def evaluate_examples(score_fn, params, mesh, tokenizer, examples: Sequence[Example], *, seq_len: int, dp: int,
-                      token_budget: int, batch_rows: int | None = None) -> dict[str, Any]:
-    """Scores one task's examples; returns acc, len_norm and the request statistics."""
+                      token_budget: int, batch_rows: int | None = None,
+                      len_norm: str = DEFAULT_LEN_NORM) -> dict[str, Any]:
+    """Scores one task's examples; returns acc, len_norm (under the `len_norm` convention) and the request
+    statistics."""
     requests = build_requests(examples, tokenizer, seq_len)
     width = round_up(requests.width, ROW_ALIGN)
     if requests.width <= seq_len:
         width = min(width, max(seq_len, 1))
     rows = batch_rows_for(len(requests.tokens), width, dp, token_budget, batch_rows)
     sums = score_requests(score_fn, params, requests, mesh, rows, width) if requests.tokens else np.zeros(0)
-    return {**choice_metrics(sums, requests, examples), "n_requests": len(requests.tokens),
+    return {**choice_metrics(sums, requests, examples, len_norm), "n_requests": len(requests.tokens),
             "truncated": requests.truncated, "over_seq_len": requests.over_seq_len,
             "width": width, "batch_rows": rows, "sums": sums}
 
@@ -374,10 +400,10 @@ def evaluate_examples(score_fn, params, mesh, tokenizer, examples: Sequence[Exam
 
 def evaluate_tasks(workdir: str | Path, tasks: str | Sequence[str] = "all", *, step: int | None = None,
                    limit: int | None = None, devices: Sequence[Any] | None = None,
-                   batch_rows: int | None = None) -> dict[str, Any]:
+                   batch_rows: int | None = None, len_norm: str = DEFAULT_LEN_NORM) -> dict[str, Any]:
     """Zero-shot multiple choice on a run's checkpoint (parameters only). Returns
 
-        {"workdir", "step", "tokenizer", "limit", "mesh", "devices", "tasks": [names],
+        {"workdir", "step", "tokenizer", "limit", "mesh", "devices", "tasks": [names], "len_norm_convention",
          <task>: {"acc", "len_norm", "metric" (the default's name), "score" (its value), "n_examples"
                   (evaluated: min(limit, n_total)), "n_total" (in the split), "chance" (mean 1/choices),
                   "n_requests", "truncated", "over_seq_len", "width", "batch_rows"},
@@ -392,6 +418,7 @@ def evaluate_tasks(workdir: str | Path, tasks: str | Sequence[str] = "all", *, s
         raise ConfigError(f"--limit must be >= 1, got {limit}")
     if batch_rows is not None and batch_rows < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_rows}")
+    len_norm_divisor(np.ones(1, np.int64), len_norm)  # ConfigError for an unknown convention, before any work
     olmo_eval_dir()  # fail before restoring anything when the data is missing
 
     from vffn_jax import eval_lib
@@ -409,7 +436,8 @@ def evaluate_tasks(workdir: str | Path, tasks: str | Sequence[str] = "all", *, s
 
     result: dict[str, Any] = {"workdir": str(workdir), "step": step, "tokenizer": cfg.data.tokenizer, "limit": limit,
                               "seq_len": seq_len, "mesh": mesh_shape,
-                              "devices": f"{len(devices)} x {devices[0].device_kind}", "tasks": names}
+                              "devices": f"{len(devices)} x {devices[0].device_kind}", "tasks": names,
+                              "len_norm_convention": len_norm}
     for name in names:
         spec = TASKS[name]
         examples, n_total = load_examples(name, limit)
@@ -418,7 +446,7 @@ def evaluate_tasks(workdir: str | Path, tasks: str | Sequence[str] = "all", *, s
                          f"{PACKAGE} has {spec.n_total}")
         r = evaluate_examples(score_fn, params, s.mesh, tokenizer, examples, seq_len=seq_len, dp=dp,
                               token_budget=min(cfg.train.batch_size * seq_len, dp * SHARD_TOKENS),
-                              batch_rows=batch_rows)
+                              batch_rows=batch_rows, len_norm=len_norm)
         r.pop("sums")
         if r["over_seq_len"]:
             notes.append(f"{name}: {r['over_seq_len']} of {r['n_requests']} continuations are longer than "
@@ -445,6 +473,10 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"  {name:<15} {acc:>7} {norm:>9} {100 * t['chance']:>7.1f} "
                      f"{t['n_examples']:>6}/{t['n_total']:<6}  {t['truncated']}/{t['n_requests']}")
     lines.append(f"  {'average':<15} {100 * r['average']:.1f} (mean of the * metrics, OLMo's per-task defaults)")
+    conv = r.get("len_norm_convention", DEFAULT_LEN_NORM)
+    lines.append(f"  len_norm divides by the continuation's characters "
+                 + ("without its leading space (olmo1: OLMo-1's evaluator, the paper's)" if conv == "olmo1" else
+                    "including its leading space (olmo-eval: ai2-olmo-eval 0.9.0)"))
     for note in r.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)

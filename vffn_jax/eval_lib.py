@@ -38,7 +38,7 @@ from vffn_jax.config import Config, ConfigError, MeshConfig
 
 PLOT_NAME = "depth_per_layer.png"
 DEPTH_KINDS = ("versatile", "depth_only", "versatile_avg")
-EXPERT_KINDS = ("versatile", "width_only", "versatile_avg", "moe")
+EXPERT_KINDS = ("versatile", "width_only", "width_shared", "versatile_avg", "moe")
 
 
 class StepNotFoundError(FileNotFoundError):
@@ -222,10 +222,17 @@ def evaluate_run(workdir: str | Path, *, step: int | None = None, n_batches: int
         })
 
     result["flops_per_token_train"] = flops_lib.flops_per_token(m, cfg.train.seq_len, train=True)
-    result["flops_per_token_inference"] = flops_lib.flops_per_token(m, cfg.train.seq_len, train=False,
-                                                                    mean_depth=mean_depth)
+    # inference three ways (vffn_jax/flops.py): ideal at the measured mean own depth, executed at the measured
+    # mean (over layers and batches) of each batch's deepest token, paper = FFN only with sparse experts
+    executed_depth = float(np.mean(raw["executed_depth"])) if "executed_depth" in raw else None
+    width_fraction = float(1.0 - np.mean(np.asarray(raw["depth_hist"])[:, -1])) if "depth_hist" in raw else None
+    inference = flops_lib.inference_flops(m, cfg.train.seq_len, mean_depth=mean_depth, executed_depth=executed_depth,
+                                          width_fraction=width_fraction)
+    result.update(flops_lib.inference_flops_fields(inference))
     if mean_depth is not None:
-        result["inference_flops_depth"] = mean_depth  # loops counted: the measured mean depth
+        result["inference_flops_depth"] = mean_depth  # loops counted by the ideal figure: the measured mean depth
+        result["inference_flops_executed_depth"] = executed_depth  # and by the executed one
+        result["executed_depth_per_layer"] = [float(x) for x in np.ravel(raw["executed_depth"])]
     result["flops_per_token_inference_dense"] = flops_lib.flops_per_token(
         dataclasses.replace(m, ffn="dense"), cfg.train.seq_len, train=False)
 

@@ -94,11 +94,38 @@ def router_stats(expert_logits, top_idx, n_experts: int) -> Aux:
 
 
 def width_ffn(params: Params, x, *, n_experts: int, top_k: int, dtype=None, eps: float = 1e-6, **_):
-    """Width-only ablation: virtual experts only (alpha = 1)."""
+    """Width-only ablation, the k-slices reading: virtual experts only (VersatileFFN's width path, alpha = 1).
+
+    `y = x + (m * act(x)) W_down`: each token uses the k/E of the hidden units its router picked, so this
+    is a strict sub-network of the dense FFN (see `width_shared_ffn` for the paper's width sweep)."""
     p = _cast(params, dtype or x.dtype)
     expert_logits = x.astype(jnp.float32) @ params["expert_router"].astype(jnp.float32)
     gates, top_idx = expert_gates(expert_logits, top_k)
     y = width_from_hidden(p, x, swiglu_hidden(p, x, eps), gates)
+    return y, router_stats(expert_logits, top_idx, n_experts)
+
+
+def width_shared_ffn(params: Params, x, *, n_experts: int, top_k: int, dtype=None, eps: float = 1e-6, **_):
+    """The paper's width ablation (SPEC §5 width-shared): one shared expert plus the top-k routed virtual experts.
+
+    The paper's width sweep "maintained one shared expert for the width-versatile pathway, while disabling
+    virtual experts within the depth-versatile pathway". Our reading: the shared expert is the full FFN
+    (every hidden unit, applied to every token, as the dense FFN is the always-on part of the paper's MoE
+    baseline), and the routed experts are the usual virtual experts, slices of that same FFN:
+
+        y = x + act(x) W_down + sum_j w_j act(x)[S_idx_j] W_down[S_idx_j]
+          = x + ((1 + m) * act(x)) W_down
+
+    with `w = softmax` over the k selected router logits and `m` the gate mask of `width_from_hidden`. The
+    second line is what runs: the routed experts reuse the shared expert's hidden activation, so the cost is
+    one dense FFN (a single down-projection of the rescaled hidden units) plus the router. Same router
+    (`x W_er`, no bias), balance/z losses and statistics as `width_ffn`. It equals VersatileFFN with the
+    depth path cut to its first loop and the two paths summed instead of gated.
+    """
+    p = _cast(params, dtype or x.dtype)
+    expert_logits = x.astype(jnp.float32) @ params["expert_router"].astype(jnp.float32)
+    gates, top_idx = expert_gates(expert_logits, top_k)
+    y = width_from_hidden(p, x, swiglu_hidden(p, x, eps), 1 + gates)  # shared (1 on every unit) + routed (gates)
     return y, router_stats(expert_logits, top_idx, n_experts)
 
 
@@ -281,7 +308,7 @@ def param_shapes(kind: str, d: int, f: int, n_experts: int, max_depth: int) -> d
         "w_up": ((d, f), ("embed", "mlp")),
         "w_down": ((f, d), ("mlp", "embed")),
     }
-    if kind in ("width_only", "versatile", "versatile_avg", "moe"):
+    if kind in ("width_only", "width_shared", "versatile", "versatile_avg", "moe"):
         shapes["expert_router"] = ((d, n_experts), ("embed", None))
     if kind in ("depth_only", "versatile", "versatile_avg"):
         shapes["depth_router"] = ((d, max_depth), ("embed", None))
@@ -296,6 +323,7 @@ FFN_FUNCTIONS: dict[str, Callable[..., tuple[jax.Array, Aux]]] = {
     "dense": dense_ffn,
     "kloop": kloop_ffn,
     "width_only": width_ffn,
+    "width_shared": width_shared_ffn,
     "depth_only": depth_ffn,
     "versatile": versatile_ffn,
     "versatile_avg": versatile_avg_ffn,

@@ -9,11 +9,21 @@ trains, in one process (compiles shared through JAX's persistent cache in OUT/ja
   OUT/continued/<variant>/seed<k>/       each variant initialised from dense_base (`train.init_from`), `steps`
                                          more steps: optimizer and schedule reset, new routers/experts fresh
 
-for the variants dense, kloop2, kloop4, width_only, depth_only, versatile_avg, versatile and moe (seed k sets
-`train.seed` and `data.shuffle_seed`), then writes OUT/results.md (a table per regime and a sentence, computed
-from the numbers, saying whether the paper's ordering held), OUT/results.json (every number) and the PNG plots
+for the variants dense, kloop2, kloop4, width_only, width_shared, depth_only, versatile_avg, versatile and moe
+(seed k sets `train.seed`), then writes OUT/results.md (a table per regime and a sentence, computed from the
+numbers, saying whether the paper's ordering held), OUT/results.json (every number) and the PNG plots
 OUT/loss_curves.png and OUT/loops_per_layer.png. Re-running the same command skips finished runs (their
 last checkpoint is at `steps` and their held-out loss is logged) and resumes unfinished ones.
+
+Data order (`data.shuffle_seed`): dense_base and the scratch runs of seed k shuffle with seed k; the
+continuation stage has its own order for every seed, `continued_shuffle_seed(k)` (a hash of
+("continued", k) above 1,000,002, never a base/scratch seed), so no continued run replays the batches dense_base was trained on (before,
+continued seed 0 used dense_base's shuffle seed and a fresh iterator, i.e. saw the same batches again
+in the same order).
+
+The width ablation: the ordering sentence uses `width_shared` (the paper's width sweep, one shared expert
+plus top-k routed virtual experts; vffn_jax/ffn.py) and reports `width_only` (the k routed slices alone, a
+strict sub-network of dense) beside it without making it part of the verdict.
 
 Presets: `cpu` (configs/scales/study_cpu.json on the Python standard library's source, byte tokenizer; about
 an hour on 2 CPU cores with the defaults), `micro` (a seconds-long smoke test of the pipeline) and `354m`
@@ -47,14 +57,25 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "kloop2": ("kloop", {"model.n_loops": 2}),
     "kloop4": ("kloop", {"model.n_loops": 4}),
     "width_only": ("width_only", {}),
+    "width_shared": ("width_shared", {}),
     "depth_only": ("depth_only", {}),
     "versatile_avg": ("versatile_avg", {}),
     "versatile": ("versatile", {}),
     "moe": ("moe", {}),
 }
-# The paper's ordering on loss at equal tokens (SPEC §5): versatile < {depth_only, width_only} < dense.
-ORDERING = (("versatile", "depth_only"), ("versatile", "width_only"), ("depth_only", "dense"), ("width_only", "dense"))
-ORDERING_TEXT = "versatile < depth_only, width_only < dense"
+# The paper's ordering on loss at equal tokens (SPEC §5): versatile < {depth_only, width ablation} < dense, where the
+# paper's width ablation is width_shared (one shared expert + routed virtual experts). width_only (routed slices
+# only) is reported beside it (WIDTH_ONLY_CHECK), not part of the verdict.
+ORDERING = (("versatile", "depth_only"), ("versatile", "width_shared"), ("depth_only", "dense"),
+            ("width_shared", "dense"))
+ORDERING_TEXT = "versatile < depth_only, width_shared < dense"
+WIDTH_ONLY_CHECK = (("versatile", "width_only"), ("width_only", "dense"))
+
+
+def continued_shuffle_seed(seed: int) -> int:
+    """`data.shuffle_seed` of the continuation stage for study seed `seed`: a hash of ("continued", seed) above
+    1,000,002, so it is never a base/scratch shuffle seed (0..n-1), and the seeds' continued orders differ."""
+    return 1_000_003 + int.from_bytes(hashlib.sha256(f"continued/{seed}".encode()).digest()[:4], "big") % (1 << 30)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,8 +250,9 @@ def plan(preset_name: str, out, *, seeds: int = 3, variants: list[str] | None = 
     def make(regime: str, variant: str, seed: int, workdir, init_from: str = "") -> RunSpec:
         preset_variant, extra = VARIANTS[variant]
         o = {**over, **extra, "train.seed": seed, "data.shuffle_seed": seed}
-        if init_from:
+        if init_from:  # the continuation stage: its own data order (the base run's shuffle seed would replay it)
             o["train.init_from"] = init_from
+            o["data.shuffle_seed"] = continued_shuffle_seed(seed)
         cfg = config_lib.load_config(preset.scale, preset_variant, o)
         cfg = dataclasses.replace(cfg, variant=variant)
         return RunSpec(regime, variant, seed, cfg, workdir)
@@ -313,11 +335,16 @@ def collect(spec: RunSpec) -> dict[str, Any]:
     train_rows = [r for r in rows if "loss" in r and "tokens_per_sec" in r]
     tps = [r["tokens_per_sec"] for r in train_rows]
     record = spec.workdir / "study_run.json"
-    mean_depth, per_layer = None, None
+    mean_depth, per_layer, executed_depth, width_fraction = None, None, None, None
     if m.ffn in DEPTH_KINDS and "eval/depth_hist" in final:
         hist = np.asarray(final["eval/depth_hist"], np.float64)
         per_layer = (hist @ np.arange(1, hist.shape[1] + 1)).tolist()
         mean_depth = float(final["eval/mean_depth"])
+        width_fraction = float(1.0 - hist[:, -1].mean())  # tokens with depth < L (alpha > 0)
+        if "eval/executed_depth" in final:  # runs logged before the eval step returned it: assumed L
+            executed_depth = float(np.mean(final["eval/executed_depth"]))
+    inference = flops_lib.inference_flops(m, cfg.train.seq_len, mean_depth=mean_depth, executed_depth=executed_depth,
+                                          width_fraction=width_fraction)
     loops = mean_depth if mean_depth is not None else (m.n_loops if m.ffn == "kloop" else 1)
     return {
         "regime": spec.regime, "variant": spec.variant, "ffn": m.ffn, "seed": spec.seed,
@@ -328,8 +355,8 @@ def collect(spec: RunSpec) -> dict[str, Any]:
         "params_total": flops_lib.analytic_params(m),
         "params_non_embedding": flops_lib.analytic_params(m) - 2 * m.vocab_size * m.d_model,
         "flops_per_token_train": flops_lib.flops_per_token(m, cfg.train.seq_len, train=True),
-        "flops_per_token_inference": flops_lib.flops_per_token(m, cfg.train.seq_len, train=False,
-                                                               mean_depth=mean_depth),
+        **flops_lib.inference_flops_fields(inference),  # ideal (flops_per_token_inference), executed, paper
+        "executed_depth": inference["depth_executed"],
         # median over logging windows: robust to the first window, which includes compilation
         "tokens_per_sec": float(np.median(tps)) if tps else float("nan"),
         "mean_loops": float(loops), "mean_depth": mean_depth, "mean_depth_per_layer": per_layer,
@@ -362,7 +389,9 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, An
                 "loss_min": float(np.min(losses)), "loss_max": float(np.max(losses)),
                 "params_total": runs[0]["params_total"], "params_non_embedding": runs[0]["params_non_embedding"],
                 "flops_per_token_train": runs[0]["flops_per_token_train"],
-                "flops_per_token_inference": float(np.mean([r["flops_per_token_inference"] for r in runs])),
+                **{k: float(np.mean([r.get(k, np.nan) for r in runs]))
+                   for k in ("flops_per_token_inference", "flops_per_token_inference_executed",
+                             "flops_per_token_inference_paper", "paper_ffn_vs_dense")},
                 "tokens_per_sec": float(np.mean([r["tokens_per_sec"] for r in runs])),
                 "mean_loops": float(np.mean([r["mean_loops"] for r in runs])),
                 "mean_loops_std": _std([r["mean_loops"] for r in runs]),
@@ -381,18 +410,21 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, An
 
 
 def ordering_verdict(losses: dict[str, list[float]], seeds: dict[str, list[int]] | None = None) -> dict[str, Any]:
-    """Whether the paper's ordering (versatile < depth_only, width_only < dense) held on mean held-out loss.
+    """Whether the paper's ordering (versatile < depth_only, width_shared < dense) held on mean held-out loss.
 
     `losses[variant]` are per-seed held-out losses (at equal tokens); `seeds[variant]` the matching seeds
     (default 0..n-1), used to count in how many seeds every comparison held. Returns `held` (True/False, or
-    None when a variant is missing), the comparisons and a plain sentence quoting mean ± std over seeds.
+    None when a variant is missing), the comparisons and a plain sentence quoting mean ± std over seeds;
+    `width_only` (the routed-slices-only ablation, when trained) is reported after it as `width_only_check`
+    (its comparisons with versatile and dense, not part of `held`).
     """
     needed = sorted({v for pair in ORDERING for v in pair})
     missing = [v for v in needed if not losses.get(v)]
+    width_only = _width_only_check(losses)
     if missing:
-        return {"held": None, "comparisons": [], "missing": missing,
+        return {"held": None, "comparisons": [], "missing": missing, "width_only_check": width_only["comparisons"],
                 "sentence": f"The paper's ordering ({ORDERING_TEXT}) cannot be checked: no results for "
-                            f"{', '.join(missing)}."}
+                            f"{', '.join(missing)}." + width_only["sentence"]}
     seeds = seeds or {v: list(range(len(x))) for v, x in losses.items()}
     stats = {v: (float(np.mean(losses[v])), _std(losses[v]), len(losses[v])) for v in needed}
     per_seed = {v: dict(zip(seeds[v], losses[v])) for v in needed}
@@ -410,7 +442,7 @@ def ordering_verdict(losses: dict[str, list[float]], seeds: dict[str, list[int]]
     fmt = {v: f"{v} {stats[v][0]:.4f}" + ("" if single else f" ± {stats[v][1]:.4f}") for v in needed}
     n_text = ("one seed, so no seed spread" if single else
               f"mean ± std over {n[0]} seeds" if len(n) == 1 else f"mean ± std over {n[0]}–{n[-1]} seeds")
-    chain = f"{fmt['versatile']}; {fmt['depth_only']}; {fmt['width_only']}; {fmt['dense']}"
+    chain = f"{fmt['versatile']}; {fmt['depth_only']}; {fmt['width_shared']}; {fmt['dense']}"
     if held:
         tight = min(comps, key=lambda c: c["gap"])
         resolved = all(c["gap"] > c["spread"] for c in comps)
@@ -432,7 +464,22 @@ def ordering_verdict(losses: dict[str, list[float]], seeds: dict[str, list[int]]
         sentence = (f"The paper's ordering ({ORDERING_TEXT}) did NOT hold on mean held-out loss at equal tokens "
                     f"({chain}; {n_text}): {failed}.")
     return {"held": held, "comparisons": comps, "seeds_all_held": every_seed, "seeds_compared": len(common),
-            "sentence": sentence}
+            "width_only_check": width_only["comparisons"], "sentence": sentence + width_only["sentence"]}
+
+
+def _width_only_check(losses: dict[str, list[float]]) -> dict[str, Any]:
+    """width_only (the k routed slices alone) against versatile and dense, reported beside the verdict."""
+    if not losses.get("width_only"):
+        return {"comparisons": [], "sentence": ""}
+    mean = {v: float(np.mean(x)) for v, x in losses.items() if x}
+    comps = [{"better": a, "worse": b, "held": mean[a] < mean[b], "gap": mean[b] - mean[a]}
+             for a, b in WIDTH_ONLY_CHECK if a in mean and b in mean]
+    parts = [f"{'below' if c['held'] else 'NOT below'} {c['worse']} ({mean[c['worse']]:.4f})" if c["better"] ==
+             "width_only" else f"{'above' if c['held'] else 'NOT above'} {c['better']} ({mean[c['better']]:.4f})"
+             for c in comps]
+    sentence = (f" Beside it, width_only (the k routed slices alone, a strict sub-network of dense; not part of the "
+                f"verdict) has {mean['width_only']:.4f}" + (": " + ", ".join(parts) if parts else "") + ".")
+    return {"comparisons": comps, "sentence": sentence}
 
 
 def _si(x: float | None) -> str:
@@ -462,12 +509,17 @@ def write_results(out, results: list[dict[str, Any]], meta: dict[str, Any], base
     lines += [f"- model: {meta['model']}", f"- data: {meta['data']}",
               f"- every run: {meta['steps']} steps x {meta['batch_size']} x {meta['seq_len']} tokens = "
               f"{meta['tokens_per_run']:,} tokens (equal tokens for all variants); seeds {meta['seeds']} "
-              "(train.seed = data.shuffle_seed = seed)",
+              "(train.seed = seed; data.shuffle_seed = seed for dense_base and scratch runs, a seed derived from "
+              "(\"continued\", seed) for continued runs, so a continuation never replays dense_base's batches)",
               f"- held-out loss: {meta['eval_tokens']:,} tokens of held-out documents, the same for every run; "
               "reported as mean ± std (sample std over seeds) with the min–max",
-              "- FLOPs/token: analytic (vffn_jax.flops, matmuls as executed); inference at the measured mean depth "
-              "for the depth-routed variants; tokens/s: measured training throughput (median over logging windows, "
-              "mean over seeds) on " + meta["device"], ""]
+              "- FLOPs/token: analytic (vffn_jax.flops, matmuls). Inference three ways: *ideal* = each token at its "
+              "own depth (the measured mean depth on the held-out data); *executed* = what the evaluation batches "
+              "ran (the depth loop runs to each batch's deepest token per layer; moe's dense dispatch runs all E "
+              "experts); *paper* = the paper's Table 2 convention, FFN matmuls only with sparse experts (width path "
+              "counted only for tokens with alpha > 0), also given as a multiple of the dense FFN",
+              "- tokens/s: measured training throughput (median over logging windows, mean over seeds) on "
+              + meta["device"], ""]
     for regime in [r for r in REGIMES if r in agg]:
         by = agg[regime]
         lines += [f"## {REGIME_TITLES[regime]}", ""]
@@ -476,8 +528,8 @@ def write_results(out, results: list[dict[str, Any]], meta: dict[str, Any], base
                       f"{base['loss']:.4f}. Every continued run then trains {meta['steps']} more steps from it "
                       "(optimizer and schedule reset, routers/experts new).", ""]
         lines += ["| variant | held-out loss (mean ± std) | min–max | params (total) | train FLOPs/token | "
-                  "inference FLOPs/token | tokens/s | mean loops |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "inference FLOPs/token ideal | executed | paper (FFN only, x dense) | tokens/s | mean loops |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for v in [v for v in variants if v in by]:
             a = by[v]
             loops = f"{a['mean_loops']:.2f}" + (f" ± {a['mean_loops_std']:.2f}" if a["mean_loops_std"] else "")
@@ -485,6 +537,8 @@ def write_results(out, results: list[dict[str, Any]], meta: dict[str, Any], base
             lines.append(f"| {v} | {a['loss_mean']:.4f}{spread} (n={a['n']}) | "
                          f"{a['loss_min']:.4f}–{a['loss_max']:.4f} | {a['params_total']:,} | "
                          f"{_si(a['flops_per_token_train'])} | {_si(a['flops_per_token_inference'])} | "
+                         f"{_si(a.get('flops_per_token_inference_executed'))} | "
+                         f"{_si(a.get('flops_per_token_inference_paper'))} ({a.get('paper_ffn_vs_dense', math.nan):.2f}x) | "
                          f"{a['tokens_per_sec']:,.0f} | {loops} |")
         lines += ["", f"**Ordering.** {verdicts[regime]['sentence']}", ""]
     if plots:

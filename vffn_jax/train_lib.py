@@ -296,7 +296,10 @@ def make_eval_step(graphdef, cfg: Config, mesh, param_shardings):
     def eval_fn(params, batch):
         def one(micro, _row_ids):
             _, (ce, aux) = forward_loss(graphdef, params, micro, cfg, train=False)
-            return (), _microbatch_stats(ce, aux, cfg.model.max_depth)
+            stats = _microbatch_stats(ce, aux, cfg.model.max_depth)
+            if "depth" in aux:  # loops the inference while_loop ran per layer: this (micro)batch's deepest token
+                stats["executed_depth"] = aux["depth"].max(axis=(1, 2)).astype(jnp.float32)  # [layers]
+            return (), stats
 
         n = math.gcd(cfg.train.grad_accum, batch.shape[0])  # an eval batch resized by eval_lib may not split
         _, stats = _scan_microbatches(one, batch, n, init=())
@@ -360,15 +363,15 @@ def describe(s: Setup) -> dict[str, Any]:
     cfg = s.cfg
     counts = flops_lib.count_params(s.abstract_params)
     report = shd.sharding_report(s.abstract_params, s.param_shardings)
-    expected_depth = (cfg.model.max_depth + 1) / 2
+    inference = flops_lib.inference_flops(cfg.model, cfg.train.seq_len)  # depth assumed uniform over 1..L
     return {
         "scale": cfg.scale, "variant": cfg.variant, "ffn": cfg.model.ffn,
         **counts,
         "params_analytic": flops_lib.analytic_params(cfg.model),
         "flops_per_token_train": flops_lib.flops_per_token(cfg.model, cfg.train.seq_len, train=True),
-        "flops_per_token_inference": flops_lib.flops_per_token(cfg.model, cfg.train.seq_len, train=False,
-                                                               mean_depth=expected_depth),
-        "inference_depth_assumed": expected_depth if cfg.model.ffn in DEPTH_KINDS else None,
+        **flops_lib.inference_flops_fields(inference),
+        "inference_depth_assumed": inference["depth_ideal"],  # None without a depth router
+        "inference_executed_depth_assumed": inference["depth_executed"],
         "tokens_per_batch": cfg.train.batch_size * cfg.train.seq_len,
         "mesh": dict(zip(s.mesh.axis_names, (int(x) for x in s.mesh.devices.shape))),
         "devices": f"{s.mesh.devices.size} x {s.mesh.devices.flat[0].device_kind}",
