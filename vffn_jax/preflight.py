@@ -267,8 +267,10 @@ def sweep(cfg: Config, devices, spec: str = DEFAULT_SWEEP, log=print) -> dict[st
         log(f"sweep: {label}: {r['per_device_bytes'] / GiB:.2f} GiB {'fits' if r['fits'] else 'does not fit'}"
             + (f", step >= {t * 1e3:.1f} ms, MFU <= {100 * r['roofline_mfu']:.1f}%" if t else ""))
     fitting = [r for r in rows if r.get("fits") and r.get("roofline_step_s")]
-    # ties (memory-bound small models) go to the candidate doing less work
-    best = min(fitting, key=lambda r: (round(r["roofline_step_s"], 6), r["flops_step_traced"])) if fitting else None
+    # ties (the roofline sees neither kernel efficiency nor activation traffic) go to less work, then the larger
+    # per-chip microbatch (better utilisation in practice), then the smaller footprint
+    best = min(fitting, key=lambda r: (round(r["roofline_step_s"], 6), r["flops_step_traced"],
+                                       -r["per_chip_microbatch"], r["per_device_bytes"])) if fitting else None
     return {"spec": spec, "rows": rows, "best": best}
 
 
