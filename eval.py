@@ -163,9 +163,8 @@ def main(argv=None) -> int:
     from absl import logging as absl_logging  # orbax logs read-only/handler warnings at WARNING
 
     absl_logging.set_verbosity(absl_logging.ERROR)
-    from vffn_jax.checkpoint import CheckpointDamagedError, CheckpointMismatchError
-    from vffn_jax.config import ConfigError
-    from vffn_jax import distributed, eval_lib
+    from vffn_jax import cli_errors, distributed, eval_lib
+    from vffn_jax.checkpoint import CheckpointDamagedError
 
     try:
         distributed.initialize(distributed.from_args(args))  # multi-host: every process runs this command
@@ -189,15 +188,9 @@ def main(argv=None) -> int:
             out = storage.as_path(args.output)
             out.parent.mkdir(parents=True, exist_ok=True)
             storage.write_text_atomic(out, json.dumps(result, indent=2) + "\n")
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointMismatchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except CheckpointDamagedError as e:
-        print(f"error: {e}{_earlier_steps_hint(args.workdir, e.step)}", file=sys.stderr)
-        return 2
+    except Exception as e:  # bad input: `error: ...` and exit 2 or 3 (cli_errors); anything else is a bug
+        hint = _earlier_steps_hint(args.workdir, e.step) if isinstance(e, CheckpointDamagedError) else ""
+        return cli_errors.report(e, hint)
     print(json.dumps(result, indent=2) if args.json else report(result))
     return 0
 

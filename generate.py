@@ -253,8 +253,8 @@ def main(argv=None) -> int:
 
     absl_logging.set_verbosity(absl_logging.ERROR)
     from vffn_jax import distributed
-    from vffn_jax.checkpoint import CheckpointDamagedError, CheckpointMismatchError
-    from vffn_jax.config import ConfigError, DEPTH_KINDS
+    from vffn_jax import cli_errors
+    from vffn_jax.config import DEPTH_KINDS
 
     stdout = sys.stdout
     try:
@@ -264,12 +264,8 @@ def main(argv=None) -> int:
         if jax.process_index() != 0:
             stdout = open(os.devnull, "w")
         result, tok = run(args)
-    except (ConfigError, FileNotFoundError, CheckpointDamagedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointMismatchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    except Exception as e:  # bad input: `error: ...` and exit 2 or 3 (cli_errors); anything else is a bug
+        return cli_errors.report(e)
     if args.json:
         print(json.dumps(result, indent=1), file=stdout)
         return 0

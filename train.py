@@ -149,20 +149,10 @@ def main(argv=None) -> int:
         from vffn_jax import trainer
 
         summary = trainer.train(cfg, args.workdir, progress=not args.no_progress, stop_at=args.stop_at)
-    except (config_lib.ConfigError, FileNotFoundError, ModuleNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a diverged run or a checkpoint problem: say what and where, no traceback wall
-        from vffn_jax.checkpoint import CheckpointDamagedError, CheckpointMismatchError
-        from vffn_jax.loop_actions import TrainingDivergedError
+    except Exception as e:  # bad input, damage, divergence: say what and where, no traceback wall (cli_errors)
+        from vffn_jax import cli_errors
 
-        if isinstance(e, CheckpointDamagedError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if isinstance(e, (TrainingDivergedError, CheckpointMismatchError)):
-            print(f"error: {e}", file=sys.stderr)
-            return 3
-        raise
+        return cli_errors.report(e)
     if summary["preempted"]:
         if summary["is_main"]:
             print(f"preempted: stopped at step {summary['step']} after saving it to {summary['checkpoint_dir']}; "

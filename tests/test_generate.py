@@ -4,7 +4,6 @@ The central check: prefill + one-token cached steps give the full forward's logi
 per-layer depth) at every position, for every FFN variant, with rows of different prompt lengths."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 

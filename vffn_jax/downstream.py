@@ -474,7 +474,7 @@ def format_report(r: dict[str, Any]) -> str:
                      f"{t['n_examples']:>6}/{t['n_total']:<6}  {t['truncated']}/{t['n_requests']}")
     lines.append(f"  {'average':<15} {100 * r['average']:.1f} (mean of the * metrics, OLMo's per-task defaults)")
     conv = r.get("len_norm_convention", DEFAULT_LEN_NORM)
-    lines.append(f"  len_norm divides by the continuation's characters "
+    lines.append("  len_norm divides by the continuation's characters "
                  + ("without its leading space (olmo1: OLMo-1's evaluator, the paper's)" if conv == "olmo1" else
                     "including its leading space (olmo-eval: ai2-olmo-eval 0.9.0)"))
     for note in r.get("notes", []):

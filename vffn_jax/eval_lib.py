@@ -34,11 +34,9 @@ import numpy as np
 from vffn_jax import checkpoint as ckpt
 from vffn_jax import storage
 from vffn_jax import config as config_lib
-from vffn_jax.config import Config, ConfigError, MeshConfig
+from vffn_jax.config import DEPTH_KINDS, Config, ConfigError, MeshConfig
 
 PLOT_NAME = "depth_per_layer.png"
-DEPTH_KINDS = ("versatile", "depth_only", "versatile_avg")
-EXPERT_KINDS = ("versatile", "width_only", "width_shared", "versatile_avg", "moe")
 
 
 class StepNotFoundError(FileNotFoundError):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -56,17 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)
-    from vffn_jax.checkpoint import CheckpointDamagedError, CheckpointMismatchError
-    from vffn_jax.config import ConfigError
+    from vffn_jax import cli_errors
 
     try:
         info = export(args.workdir, args.out, step=args.step, dtype=args.dtype)
-    except (ConfigError, FileNotFoundError, CheckpointDamagedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointMismatchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    except Exception as e:  # bad input: `error: ...` and exit 2 or 3 (cli_errors); anything else is a bug
+        return cli_errors.report(e)
     print(f"exported {info['workdir']} step {info['step']} -> {info['out']} ({info['param_dtype']}, "
           f"{info['param_bytes'] / 2**20:,.1f} MiB of parameters)")
     return 0

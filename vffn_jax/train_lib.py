@@ -23,7 +23,7 @@ from vffn_jax import checkpoint as ckpt
 from vffn_jax import flops as flops_lib
 from vffn_jax import sharding as shd
 from vffn_jax import storage
-from vffn_jax.config import (DEPTH_KINDS, EXPERT_KINDS, Config, ConfigError, ModelConfig, TrainConfig, config_from_dict,
+from vffn_jax.config import (EXPERT_KINDS, Config, ConfigError, ModelConfig, TrainConfig, config_from_dict,
                              tau_at, validate)
 from vffn_jax.model import Transformer
 
