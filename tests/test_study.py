@@ -132,3 +132,122 @@ def test_micro_study_end_to_end(tmp_path):
     assert sum("finished, reusing" in line for line in logs) == 5
     assert not any("trained in" in line for line in logs)
     assert again["regimes"]["scratch"]["dense"]["loss_mean"] == doc["regimes"]["scratch"]["dense"]["loss_mean"]
+
+
+# --------------------------------------------------------------------------- the budget study
+
+
+def test_budget_plan_grid_and_tokens_per_param(tmp_path):
+    from vffn_jax import flops
+
+    grid = study.PRESETS["budget"].grid
+    runs = study.plan_budget("budget", tmp_path)
+    assert len(runs) == len(grid.widths) * len(grid.tokens_per_param) * len(study.BUDGET_VARIANTS) * grid.seeds
+    assert {r.regime for r in runs} == {"budget"} and not any(r.cfg.train.init_from for r in runs)
+    assert [r.seed for r in runs] == sorted(r.seed for r in runs)  # seed-major: whole seeds of the grid first
+    by = {(r.width, r.tpp, r.variant, r.seed): r for r in runs}
+    assert len(by) == len(runs)
+    for (w, tpp, v, seed), r in by.items():
+        m, t = r.cfg.model, r.cfg.train
+        assert (m.d_model, m.d_ff, m.n_heads) == (w, 4 * w, w // 16)
+        dense_params = flops.analytic_params(by[(w, tpp, "dense", seed)].cfg.model)
+        assert t.steps == max(1, round(tpp * dense_params / (t.batch_size * t.seq_len)))  # equal tokens per point
+        assert abs(t.steps * t.batch_size * t.seq_len / dense_params - tpp) / tpp < 0.02
+        assert (t.seed, r.cfg.data.shuffle_seed) == (seed, seed)
+        assert r.workdir == tmp_path.resolve() / "budget" / f"d{w}" / f"tpp{tpp:g}" / v / f"seed{seed}"
+        assert r.cfg.run.eval_every == 0 and r.cfg.run.ckpt_every == t.steps
+    assert by[(32, 20, "kloop4", 2)].cfg.model.n_loops == 4 and by[(48, 1, "versatile", 0)].cfg.model.ffn == "versatile"
+    assert by[(32, 20, "width_shared", 0)].cfg.model.ffn == "width_shared"
+    assert len(study.plan_budget("budget", tmp_path, seeds=1, variants=["dense", "versatile"])) == 2 * 4 * 2
+    with pytest.raises(ConfigError, match="needs dense"):
+        study.plan_budget("budget", tmp_path, variants=["versatile"])
+    with pytest.raises(ConfigError, match="budget study"):
+        study.plan("budget", tmp_path)
+    lines = study.describe_budget_plan("budget", runs)
+    assert len(lines) == 2 + len(grid.widths) * len(grid.tokens_per_param) + 3
+    hours = float(re.search(r"= ([\d.]+) h in all", "\n".join(lines)).group(1))
+    assert 2.0 < hours < 4.0  # the preset is sized for ~3 hours on the project's 2-core CPU
+
+
+def _fake_finish(spec, loss):
+    """What is_finished and collect read: config.json, the final held-out loss, a checkpoint at `steps`."""
+    wd = spec.workdir
+    (wd / "checkpoints" / str(spec.cfg.train.steps)).mkdir(parents=True)
+    (wd / "config.json").write_text(spec.cfg.to_json())
+    n = spec.cfg.train.steps
+    rows = [{"step": n, "loss": loss + 0.1, "tokens_per_sec": 1000.0},
+            {"step": n, "eval/loss": loss, "eval/perplexity": 2.718 ** loss}]
+    (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_budget_resume_marks_finished_runs_and_reports_them(tmp_path):
+    logs = []
+    doc = study.run_budget_study("budget-micro", tmp_path, dry_run=True, log=logs.append)
+    assert len(doc["runs"]) == 2 * 2 * 5 * 2 and not any(r["finished"] for r in doc["runs"])
+    assert "some widths have no stated throughput" in "\n".join(logs)
+    specs = study.plan_budget("budget-micro", tmp_path, corpus=study.build_stdlib_corpus(
+        tmp_path / "corpus", 40, holdout_files=0.1))
+    first = [s for s in specs if (s.width, s.tpp) == (16, 0.02) and s.variant in ("dense", "versatile")]
+    for i, s in enumerate(first):
+        _fake_finish(s, 2.0 + 0.1 * (s.variant == "versatile") + 0.01 * s.seed)
+    again = study.run_budget_study("budget-micro", tmp_path, dry_run=True, log=logs.append)
+    done = {(r["variant"], r["seed"]) for r in again["runs"] if r["finished"]}
+    assert done == {("dense", 0), ("dense", 1), ("versatile", 0), ("versatile", 1)}
+    assert all(r["width"] == 16 and r["tokens_per_param"] == 0.02 for r in again["runs"] if r["finished"])
+    assert "(4 finished)" in "\n".join(logs)
+    rep = study.run_budget_study("budget-micro", tmp_path, report_only=True, log=logs.append)
+    (pt,) = [p for p in rep["budget"]["points"] if p["variant"] == "versatile"]
+    assert pt["n"] == 2 and pt["gap_mean"] == pytest.approx(0.1) and pt["gap_std"] == pytest.approx(0.0, abs=1e-9)
+    assert (tmp_path / "gap_vs_budget.png").stat().st_size > 0
+    assert "| 16 | 0.02 (" in (tmp_path / "results.md").read_text()
+    # a changed config under a finished run is refused, not silently reused
+    with pytest.raises(ConfigError, match="different config"):
+        study.run_budget_study("budget-micro", tmp_path, dry_run=True, overrides={"train.lr": 0.01}, log=logs.append)
+
+
+def _fake_results():
+    out = []
+    for w, base in ((32, 2.5), (48, 2.3)):
+        for tpp, drop in ((1, 0.0), (20, 0.5)):
+            for seed in range(3):
+                for v, gap in (("dense", 0.0), ("kloop4", 0.05 - 0.04 * (tpp == 20)), ("versatile", -0.02 * seed)):
+                    if (w, tpp, v, seed) == (48, 20, "dense", 2):
+                        continue  # an unfinished dense run: seed 2 drops out of that point's gaps
+                    out.append({"width": w, "tokens_per_param": tpp, "tpp": tpp * 1.01, "tokens": tpp * 1000,
+                                "steps": tpp * 10, "params_dense": 1000, "params_total": 1000, "variant": v,
+                                "seed": seed, "loss": base - drop + gap + 0.01 * seed, "tokens_per_sec": 5000.0,
+                                "mean_loops": 1.0, "wall_s": 1.0, "regime": "budget"})
+    return out
+
+
+def test_budget_gaps_from_fake_numbers():
+    rows = {(r["variant"], r["width"], r["tokens_per_param"]): r for r in study.budget_gaps(_fake_results())}
+    k = rows[("kloop4", 32, 1)]
+    assert k["n"] == 3 and k["gap_mean"] == pytest.approx(0.05) and k["gap_std"] == pytest.approx(0.0, abs=1e-12)
+    v = rows[("versatile", 32, 20)]
+    assert v["gaps"] == pytest.approx([0.0, -0.02, -0.04]) and v["gap_std"] == pytest.approx(0.02)
+    assert (v["gap_min"], v["gap_max"]) == (pytest.approx(-0.04), pytest.approx(0.0))
+    v48 = rows[("versatile", 48, 20)]
+    assert v48["seeds"] == [0, 1] and v48["n"] == 2 and v48["loss_seeds"] == [0, 1, 2]  # no dense seed 2
+    assert rows[("dense", 48, 20)]["gap_mean"] == 0.0 and rows[("dense", 48, 20)]["n"] == 2
+    trends = {(t["variant"], t["width"]): t for t in study.budget_trends(list(rows.values()))}
+    assert ("dense", 32) not in trends
+    t = trends[("kloop4", 32)]
+    assert t["gap_low"] == pytest.approx(0.05) and t["gap_high"] == pytest.approx(0.01) and t["resolved"]
+    assert "narrows" in study._trend_sentence(t)
+
+
+def test_budget_writer_on_fake_results(tmp_path):
+    meta = {"preset": "budget", "model": "m", "data": "d", "widths": [32, 48], "tokens_per_param": [1, 20],
+            "seeds": [0, 1, 2], "planned": 40, "finished": 35, "eval_tokens": 100, "device": "cpu"}
+    doc = study.write_budget_results(tmp_path, _fake_results(), meta)
+    assert (tmp_path / "gap_vs_budget.png").stat().st_size > 1000
+    md = (tmp_path / "results.md").read_text()
+    assert "| d_model | tokens/param (actual) | tokens | dense loss | kloop4 gap | versatile gap |" in md
+    assert ("| 32 | 20 (20.20) | 20,000 | 2.0100 ± 0.0100 (n=3) | +0.0100 ± 0.0000 (n=3) | "
+            "-0.0200 ± 0.0200 (n=3) |") in md
+    assert "35 of 40 runs finished" in md and "kloop4 at d_model 32: +0.0500" in md
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["budget"]["points"] == json.loads(json.dumps(doc["budget"]["points"]))
+    assert {p["variant"] for p in saved["budget"]["points"]} == {"dense", "kloop4", "versatile"}
+    assert study.write_budget_results(tmp_path, [], meta)["budget"]["points"] == []  # nothing finished yet

