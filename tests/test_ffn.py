@@ -142,7 +142,7 @@ def test_train_gradients_reach_both_routers_and_all_ffn_weights():
 
 
 def test_depth_router_gets_gradient_through_alpha_and_loop_weights():
-    """Both paths of SPEC §2: via g in x_depth and via alpha; either alone gives a non-zero gradient."""
+    """Both paths of docs/method.md: via g in x_depth and via alpha; either alone gives a non-zero gradient."""
     p = make_params(router_scale=0.1)
     x = inputs()
     rng = jax.random.key(0)
@@ -194,7 +194,7 @@ def test_kloop_with_one_loop_equals_dense_and_k_loops_iterate():
 
 def test_width_only_with_all_experts_selected():
     """top_k == E: with one expert the width path is the dense FFN exactly; with E > 1 every slice is
-    active, weighted by the softmax over all E logits (SPEC §2's formula)."""
+    active, weighted by the softmax over all E logits (docs/method.md's formula)."""
     p1 = make_params(n_experts=1)
     x = inputs()
     np.testing.assert_allclose(ffn.width_ffn(p1, x, n_experts=1, top_k=1)[0], ffn.dense_ffn(p1, x)[0],

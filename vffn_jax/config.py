@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape of the OLMo-style decoder and of its FFN (SPEC §2, §4)."""
+    """Shape of the OLMo-style decoder and of its FFN (docs/method.md)."""
 
     vocab_size: int = 50304  # embedding rows; >= the tokenizer's vocabulary
     d_model: int = 1024
@@ -62,7 +62,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation (SPEC §4 defaults) and the training loop."""
+    """Optimisation (docs/method.md defaults) and the training loop."""
 
     steps: int = 1000
     batch_size: int = 384  # global batch, in sequences
@@ -94,7 +94,7 @@ class TrainConfig:
     balance_coef: float = 1e-5  # Switch load-balance loss on the virtual-expert router
     z_loss_coef: float = 0.0  # router z-loss (off by default)
     seed: int = 0
-    # continued pretraining (SPEC §4): start from another run's params (a workdir, its checkpoints/ or
+    # continued pretraining (docs/method.md): start from another run's params (a workdir, its checkpoints/ or
     # checkpoints/<step>); shared weights copied, new ones (routers, experts) fresh, optimizer and step reset.
     # Ignored when this run's workdir already has checkpoints (it resumes).
     init_from: str = ""

@@ -25,7 +25,7 @@ the scan over layers reads that layer's cache slice (read-only), attends the new
 keys `j < pos[b]` plus its own key (one softmax over both), and returns the layer's new K/V; after the
 scan they are scattered into the cache at `[:, b, pos[b]]` (in place inside the decode loop).
 
-Depth at inference (SPEC §2): each token runs its own `argmax(depth_logits) + 1` loops; one
+Depth at inference (docs/method.md): each token runs its own `argmax(depth_logits) + 1` loops; one
 `lax.while_loop` per layer runs to the deepest *active* token of the step (finished or padding rows are
 forced to depth 1, so they never extend the loop) and masks the others, exactly `ffn.depth_infer`.
 So the *executed* loops of a layer in a step are `max(depth)` over the active rows, while each token's

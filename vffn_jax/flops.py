@@ -18,7 +18,7 @@ variants do not run the same work per token:
             the deepest token of the batch (microbatch) and masks the others, so the loops counted are the
             mean over layers and batches of that batch's maximum depth; moe's dense dispatch runs all E
             experts (2x dense FFN). Equal to ideal for the variants without a depth router (except moe).
-  paper     the paper's convention (its Table 2, SPEC §5 "FFN compute vs dense"): FFN matmuls only (no
+  paper     the paper's convention (its Table 2, docs/method.md "FFN compute vs dense"): FFN matmuls only (no
             attention, embeddings or routers), forward, with sparse experts: a virtual or real expert costs
             its f/E hidden units' gate/up/down (k/E of a dense FFN per token for k experts), and VersatileFFN's
             width path counts only for the tokens that use it (alpha > 0, i.e. depth < L). Per layer, in
@@ -69,7 +69,7 @@ def count_params(abstract_state) -> dict[str, int]:
 
 
 def analytic_params(cfg: ModelConfig) -> int:
-    """Closed form of the parameter count (must agree with count_params; SPEC §4 table)."""
+    """Closed form of the parameter count (must agree with count_params; docs/method.md table)."""
     d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
     per_layer = 4 * d * d + 3 * d * f + 2 * d + router_width(cfg) * d
     if cfg.ffn == "moe":

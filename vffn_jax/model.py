@@ -1,4 +1,4 @@
-"""OLMo-style decoder in Flax NNX: attention, block, scanned layer stack (SPEC §4).
+"""OLMo-style decoder in Flax NNX: attention, block, scanned layer stack (docs/method.md).
 
 Pre-norm blocks, RMSNorm, RoPE, no biases, untied embeddings, causal attention. The FFN kind is
 chosen by `ModelConfig.ffn`; its math lives in `ffn.py`. Layers are created with `nnx.vmap` (one

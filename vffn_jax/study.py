@@ -81,7 +81,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "versatile": ("versatile", {}),
     "moe": ("moe", {}),
 }
-# The paper's ordering on loss at equal tokens (SPEC §5): versatile < {depth_only, width ablation} < dense, where the
+# The paper's ordering on loss at equal tokens (docs/method.md): versatile < {depth_only, width ablation} < dense, where the
 # paper's width ablation is width_shared (one shared expert + routed virtual experts). width_only (routed slices
 # only) is reported beside it (WIDTH_ONLY_CHECK), not part of the verdict.
 ORDERING = (("versatile", "depth_only"), ("versatile", "width_shared"), ("depth_only", "dense"),

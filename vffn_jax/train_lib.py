@@ -68,7 +68,7 @@ def lr_schedule(train: TrainConfig) -> optax.Schedule:
 
 
 def _decay_mask(params):
-    """Weight decay on matrices, not on norm scales (SPEC §4)."""
+    """Weight decay on matrices, not on norm scales (docs/method.md)."""
     return jax.tree_util.tree_map_with_path(
         lambda path, _: not any("norm" in str(getattr(k, "key", k)) for k in path), params)
 
@@ -382,7 +382,7 @@ def describe(s: Setup) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- continued pretraining (SPEC §4)
+# --------------------------------------------------------------------------- continued pretraining (docs/method.md)
 
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff")  # must match between source and run
 
