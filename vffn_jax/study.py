@@ -2,7 +2,7 @@
 
     python -m vffn_jax.study --preset cpu --seeds 3 --out runs/study
 
-trains, in one process (compiles shared through JAX's persistent cache in OUT/jax_cache):
+trains, in one process (compiles shared through JAX's persistent cache in OUT/compile_cache):
 
   OUT/dense_base/                        the shared dense checkpoint (seed 0, `steps` steps)
   OUT/scratch/<variant>/seed<k>/         each variant from scratch, `steps` steps
