@@ -147,7 +147,7 @@ def test_eos_context_and_rows_are_independent():
     alone, _ = decode.generate(m, st, prompts[:1], max_new_tokens=5, context=32, sampling_cfg=s, seed=7)
     assert both[0].ids == alone[0].ids
     other, _ = decode.generate(m, st, prompts[:1], max_new_tokens=5, context=32, sampling_cfg=s, seed=8)
-    assert isinstance(other[0].ids, list)
+    assert other[0].ids != alone[0].ids  # another seed, another sample (fixed seeds: deterministic)
 
 
 def test_sharded_decode_matches_one_device():
