@@ -92,7 +92,7 @@ def test_windows_on_gcs_are_ranged_reads(tmp_path, gcs_bucket, monkeypatch):
     cfg = DataConfig(path=f"{gcs_bucket}/corpus")
     (src,), _ = shard_sources(cfg, "train", SEQ)  # sha256 of every shard checked here (whole reads)
     reads = []
-    fs = shards_lib._gcs_fs()
+    fs = storage.gcs_fs()
     real_ranges, real_file = fs.cat_ranges, fs.cat_file
     monkeypatch.setattr(fs, "cat_ranges", lambda p, s, e, **kw: reads.extend(np.subtract(e, s)) or real_ranges(p, s, e, **kw))
     monkeypatch.setattr(fs, "cat_file", lambda p, start, end, **kw: reads.append(end - start) or real_file(p, start=start, end=end, **kw))

@@ -288,7 +288,7 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> dict[int, ep
         for s, dst in moved.items():
             src = _step_dir(manager, s)
             if storage.is_gcs(src):  # a prefix, not a folder: move its objects
-                integrity._gcs_fs().mv(str(src)[len(storage.GCS_PREFIX):], str(dst)[len(storage.GCS_PREFIX):],
+                storage.gcs_fs().mv(storage.gcs_key(src), storage.gcs_key(dst),
                                        recursive=True)
             else:
                 os.rename(os.fspath(src), os.fspath(dst))

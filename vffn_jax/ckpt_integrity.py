@@ -78,18 +78,14 @@ class CheckpointUnreadableError(CheckpointDamagedError):
 # --------------------------------------------------------------------------- files and digests
 
 
-def _gcs_fs():
-    import fsspec
-
-    return fsspec.filesystem("gs")
 
 
 def list_files(step_dir: epath.Path) -> dict[str, int]:
     """Relative path -> size of every file under a step folder, our checksum files excluded."""
     out: dict[str, int] = {}
     if storage.is_gcs(step_dir):
-        root = str(step_dir)[len(storage.GCS_PREFIX):].rstrip("/")
-        for name, info in _gcs_fs().find(root, detail=True).items():
+        root = storage.gcs_key(step_dir).rstrip("/")
+        for name, info in storage.gcs_fs().find(root, detail=True).items():
             if info.get("type", "file") == "file":
                 out[name[len(root) + 1:]] = int(info["size"])
     else:
@@ -107,7 +103,7 @@ def file_crc32c(path: epath.Path) -> tuple[str, int]:
 
     crc, n = 0, 0
     if storage.is_gcs(path):
-        fh = _gcs_fs().open(str(path)[len(storage.GCS_PREFIX):], "rb", block_size=CHUNK)
+        fh = storage.gcs_fs().open(storage.gcs_key(path), "rb", block_size=CHUNK)
     else:
         fh = open(os.fspath(path), "rb", buffering=0)
     with fh:

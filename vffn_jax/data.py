@@ -182,11 +182,6 @@ def _digest(key) -> str:
 # --------------------------------------------------------------------------- gs:// sources
 
 
-def _gcs_fs():
-    """The gcsfs filesystem epath uses for gs:// paths (listing cache off, see vffn_jax.storage)."""
-    import fsspec
-
-    return fsspec.filesystem("gs")
 
 
 def _gcs_stat(name: str, info: dict) -> tuple[str, int, str]:
@@ -265,7 +260,7 @@ def _open_gcs_source(cfg: DataConfig) -> "_TfdsDocs | _FileDocs | np.memmap":
     spec = cfg.path
     root = storage.as_path(spec)  # ConfigError for a malformed gs:// path
     url = str(root)
-    fs = _gcs_fs()
+    fs = storage.gcs_fs()
     try:
         if glob.has_magic(spec):
             try:

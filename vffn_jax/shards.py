@@ -43,10 +43,6 @@ _VERIFIED: set[tuple[str, int, str]] = set()  # (url, size, sha256) already hash
 LAST_VERIFY: dict = {}  # cost of the latest check_shards call in this process (bytes hashed, seconds)
 
 
-def _gcs_fs():
-    import fsspec
-
-    return fsspec.filesystem("gs")  # fsspec caches one instance per process (it resets after a fork)
 
 
 def shard_url(m: Manifest, shard: Shard) -> str:
@@ -117,7 +113,7 @@ class ShardWindows:
 
     def _filesystem(self):
         if self._fs is None:
-            self._fs = _gcs_fs()
+            self._fs = storage.gcs_fs()
         return self._fs
 
     def _decode(self, raw: bytes, k: int, first: int) -> np.ndarray:
@@ -178,7 +174,7 @@ def _sizes(m: Manifest, shards: Sequence[Shard]) -> dict[str, int | None]:
             except FileNotFoundError:
                 out[u] = None
         return out
-    fs = _gcs_fs()
+    fs = storage.gcs_fs()
     try:
         listing = fs.find(str(m.folder), detail=True)
     except FileNotFoundError:
@@ -191,7 +187,7 @@ def _sizes(m: Manifest, shards: Sequence[Shard]) -> dict[str, int | None]:
 def _sha256(url: str) -> str:
     h = hashlib.sha256()
     if storage.is_gcs(url):
-        with _gcs_fs().open(url, "rb", block_size=HASH_CHUNK, cache_type="none") as f:
+        with storage.gcs_fs().open(url, "rb", block_size=HASH_CHUNK, cache_type="none") as f:
             while chunk := f.read(HASH_CHUNK):
                 h.update(chunk)
     else:

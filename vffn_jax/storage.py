@@ -54,6 +54,19 @@ def as_path(path: str | os.PathLike) -> epath.Path:
     return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
+def gcs_fs():
+    """The gcsfs filesystem that epath uses for gs:// paths (one per process; listing cache off, above), for
+    what epath does not offer: detailed listings, ranged and concurrent reads, uploads of a local file."""
+    import fsspec
+
+    return fsspec.filesystem("gs")
+
+
+def gcs_key(path) -> str:
+    """`bucket/object` of a gs:// path, the form gcsfs takes."""
+    return str(path).removeprefix(GCS_PREFIX)
+
+
 def local_path(path: str | os.PathLike) -> Path | None:
     """The `pathlib.Path` of a local path (None for gs://), for code that needs a real file name."""
     return None if is_gcs(path) else Path(os.fspath(as_path(path)))

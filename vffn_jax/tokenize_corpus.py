@@ -102,10 +102,6 @@ def _sort_key(rel: str) -> list[str]:
     return rel.split("/")
 
 
-def _gcs_fs():
-    import fsspec
-
-    return fsspec.filesystem("gs")
 
 
 def _gcs_version(info: dict) -> str:
@@ -143,7 +139,7 @@ def _local_files(spec: str, exclude: str | None) -> tuple[str, list[str]]:
 
 def _file_units(spec: str, output: str) -> list[Unit]:
     if storage.is_gcs(spec):
-        fs = _gcs_fs()
+        fs = storage.gcs_fs()
         url = str(storage.as_path(spec))
         root = _glob_root(url) if glob.has_magic(spec) else url
         try:
@@ -435,7 +431,7 @@ class _ShardWriter:
         dest = f"{self.output.rstrip('/')}/{name}"
         try:
             if self.gcs:
-                _gcs_fs().put_file(self._tmp, dest.removeprefix(storage.GCS_PREFIX))
+                storage.gcs_fs().put_file(self._tmp, dest.removeprefix(storage.GCS_PREFIX))
                 os.unlink(self._tmp)
             else:
                 os.replace(self._tmp, dest)
@@ -547,7 +543,7 @@ def _read_json(path) -> dict | None:
 def _listing(output: str) -> dict[str, int]:
     """{name: size} of the files directly in the output folder."""
     if storage.is_gcs(output):
-        fs = _gcs_fs()
+        fs = storage.gcs_fs()
         try:
             entries = fs.ls(output.removeprefix(storage.GCS_PREFIX), detail=True)
         except FileNotFoundError:
@@ -562,7 +558,7 @@ def _records(output: str) -> dict[int, dict]:
     """The progress records present, by unit."""
     folder = storage.as_path(_join(output, PROGRESS))
     if storage.is_gcs(output):
-        fs = _gcs_fs()
+        fs = storage.gcs_fs()
         try:
             names = [posixpath.basename(n) for n in fs.ls(str(folder).removeprefix(storage.GCS_PREFIX))]
         except FileNotFoundError:
