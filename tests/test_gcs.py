@@ -66,7 +66,7 @@ def test_run_cycle_on_gcs_equals_local(tmp_path, gcs_bucket):
     # keeps JAX's persistent cache in the bucket beside itself.
     remote = f"{gcs_bucket}/runs"
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    first = _cli(_cli_args(f"{remote}/run", cache) + ["--stop-at", "2"], env=env)
+    first = _cli(_cli_args(f"{remote}/run", cache) + ["--stop-at", "2", "--profile-steps", "2:2"], env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert ckpt.all_steps(f"{remote}/run") == [2]
     t0 = time.perf_counter()
@@ -77,6 +77,7 @@ def test_run_cycle_on_gcs_equals_local(tmp_path, gcs_bucket):
     assert ckpt.all_steps(run) == [2, 4]
     assert list((run / "compile_cache").iterdir()), "the persistent compilation cache lives beside the run"
     assert list((run / "tb").glob("events.out.tfevents.*")), "TensorBoard events are uploaded"
+    assert list((run / "tb" / "plugins" / "profile").glob("*/*.xplane.pb")), "so is the profiler trace"
     assert json.loads((run / "config.json").read_text())["model"]["d_model"] == 64
     print(f"resume from the bucket's compile cache took {time.perf_counter() - t0:.1f} s")
 

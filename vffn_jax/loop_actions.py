@@ -228,11 +228,7 @@ class Profiler:
         jax.profiler.stop_trace()
         self.active = False
         if self.remote:
-            for f in self.local.rglob("*"):
-                if f.is_file():
-                    target = self.workdir / "tb" / f.relative_to(self.local).as_posix()
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(f.read_bytes())
+            storage.upload_tree(self.local, self.workdir / "tb")
             shutil.rmtree(self.local, ignore_errors=True)
 
 

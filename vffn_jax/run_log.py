@@ -65,8 +65,7 @@ class MetricLogger:
         if not (self.enabled and self.remote):
             return
         (self.workdir / "metrics.jsonl").write_bytes(self.path.read_bytes())
-        for event_file in (self.local / "tb").glob("*"):
-            (self.workdir / "tb" / event_file.name).write_bytes(event_file.read_bytes())
+        storage.upload_tree(self.local / "tb", self.workdir / "tb")
         self.last_sync = time.monotonic()
 
     def close(self) -> None:

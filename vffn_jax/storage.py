@@ -113,6 +113,17 @@ def check_readable(path: str | os.PathLike, what: str) -> epath.Path:
     return p
 
 
+def upload_tree(local_dir, target) -> None:
+    """Copies every file under a local folder to the same relative place under `target` (local or gs://):
+    for what is written by libraries that only write local files (TensorBoard events, profiler traces)."""
+    local_dir, target = Path(local_dir), as_path(target)
+    for f in local_dir.rglob("*"):
+        if f.is_file():
+            dest = target / f.relative_to(local_dir).as_posix()
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(f.read_bytes())
+
+
 def write_text_atomic(path: epath.Path, text: str) -> None:
     """Readers never see half a file: a local file is written beside and renamed; a GCS object
     appears only when its upload completes."""
