@@ -166,6 +166,8 @@ class Checkpointer:
         return due
 
     def due(self, state: LoopState) -> bool:
+        # the time check (a collective on several processes) is reached at the same steps everywhere: the
+        # conditions before it depend on the step only
         return state.step % self.every == 0 or state.at_end or self._time_due(state)
 
     def __call__(self, state: LoopState) -> None:

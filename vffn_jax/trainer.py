@@ -118,8 +118,9 @@ def train(cfg: Config, workdir, *, devices=None, progress: bool = True, stop_at:
                      on_done=metrics_log.restart_clock),
     ]
     window = parse_profile_steps(cfg.run.profile_steps)
-    if window and window[1] > start:
-        actions.append(Profiler(*window, workdir, start_step=start))
+    profiler = Profiler(*window, workdir, start_step=start) if window and window[1] > start else None
+    if profiler:
+        actions.append(profiler)
     guard, preemption = DivergenceGuard(), PreemptionWatch()
     state = LoopState(step=start, end=min(cfg.train.steps, stop_at) if stop_at else cfg.train.steps,
                       params=params, opt_state=opt_state, last_saved=start)
@@ -140,9 +141,8 @@ def train(cfg: Config, workdir, *, devices=None, progress: bool = True, stop_at:
             final = run_eval(state.params)
             logger.log(state.step, {f"eval/{k}": v for k, v in final.items()})
     finally:
-        for action in actions:
-            if isinstance(action, Profiler):
-                action.close()
+        if profiler:  # a run that ends inside the window still writes its trace
+            profiler.close()
         preemption.close()
         ckpt.wait_until_finished(manager)  # a preemption save commits (with its checksums) before we return
         bar.close()
