@@ -180,8 +180,10 @@ def test_greedy_is_the_same_alone_and_in_a_batch_of_other_lengths():
         (alone,), _ = decode.generate(m, st, [prompt], **kw)
         assert alone.ids == batch[i].ids and (alone.depth == batch[i].depth).all()
         np.testing.assert_allclose(alone.logprobs, batch[i].logprobs, atol=1e-5)
+    hits = decode.make_decoder.cache_info().hits
     again, _ = decode.generate(m, st, prompts, **kw)
     assert [g.ids for g in again] == [g.ids for g in batch]  # greedy is deterministic
+    assert decode.make_decoder.cache_info().hits == hits + 1  # the same shapes reuse the compiled programs
 
 
 @pytest.mark.parametrize("top_k,top_p,allowed", [(0, 1.0, 4), (2, 1.0, 2), (0, 0.8, 2), (3, 0.9, 3)])

@@ -323,6 +323,7 @@ class Decoder:
 
 
 @functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=32)  # one pair of jitted programs per shape: later batches of a run reuse them
 def make_decoder(m: ModelConfig, options: DecodeOptions, mesh=None) -> Decoder:
     pre = jax.jit(functools.partial(prefill_state, m, options))
     dec = jax.jit(functools.partial(decode_loop, m, options), donate_argnums=(1,))
