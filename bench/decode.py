@@ -15,9 +15,10 @@ Columns:
   time vs k4     time per token / kloop4's at the same batch
   loops vs k4    exec loops / 4
 
-"own depth" and "exec loops" are the depths behind the ideal and executed inference FLOPs of
-`vffn_jax/flops.py` (`inference_flops(cfg, seq_len, mean_depth=own, executed_depth=exec)`); this table
-reports loops and time, not FLOPs.
+  MFLOPs/token   inference FLOPs per generated token three ways (`flops.inference_flops` at seq_len =
+                 prompt + new tokens, from the row's own depth and exec loops): ideal (each token at its
+                 own depth), executed (what the steps ran: the batch's deepest token per layer) and the
+                 paper's Table 2 convention (FFN matmuls only; labelled "paper FFN")
 
 Weights are a fresh initialisation of the tiny scale (random routers give near-uniform depths), unless
 --versatile-run names a trained versatile run of the same shape (e.g. runs/tiny), which adds a row
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from vffn_jax import config as config_lib
-    from vffn_jax import decode, sampling, train_lib
+    from vffn_jax import decode, flops, sampling, train_lib
     from vffn_jax import sharding as shd
 
     overrides = config_lib.parse_set_args(args.overrides) if args.overrides else {}
@@ -104,8 +105,11 @@ def main(argv=None) -> int:
             t = statistics.median(times[(name, b)])
             loops = float(np.mean([s[0] for s in stats[(name, b)]]))
             own = float(np.mean([s[1] for s in stats[(name, b)]]))
+            fl = flops.inference_flops(cfg.model, args.prompt_len + args.new_tokens, mean_depth=own,
+                                       executed_depth=loops)
             rows.append({"variant": name, "batch": b, "tokens_per_s": 1.0 / t, "ms_per_step": 1e3 * t * b,
-                         "own_depth": own, "exec_loops": loops, "time_vs_kloop4": t / k4, "loops_vs_kloop4": loops / 4})
+                         "own_depth": own, "exec_loops": loops, "time_vs_kloop4": t / k4, "loops_vs_kloop4": loops / 4,
+                         **flops.inference_flops_fields(fl)})
     m = models[0][1].model
     info = {"device": f"{device[0].device_kind} ({jax.default_backend()})", "config": args.config,
             "shape": f"d_model={m.d_model} layers={m.n_layers} heads={m.n_heads} d_ff={m.d_ff} vocab={m.vocab_size}",
@@ -116,11 +120,16 @@ def main(argv=None) -> int:
     print(f"decode on {info['device']}, {args.config}: {info['shape']}; prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens/row, median of {args.rounds} rounds")
     print()
-    print("| variant | batch | tok/s | ms/step | own depth | exec loops | time vs kloop4 | loops vs kloop4 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| variant | batch | tok/s | ms/step | own depth | exec loops | time vs kloop4 | loops vs kloop4 "
+          "| MFLOPs/token ideal | executed | paper FFN |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['variant']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.2f} | "
-              f"{r['own_depth']:.2f} | {r['exec_loops']:.2f} | {r['time_vs_kloop4']:.2f} | {r['loops_vs_kloop4']:.2f} |")
+              f"{r['own_depth']:.2f} | {r['exec_loops']:.2f} | {r['time_vs_kloop4']:.2f} | {r['loops_vs_kloop4']:.2f} "
+              f"| {r['flops_per_token_inference'] / 1e6:.3f} | {r['flops_per_token_inference_executed'] / 1e6:.3f} "
+              f"| {r['flops_per_token_inference_paper'] / 1e6:.3f} |")
+    print()
+    print(flops.INFERENCE_FLOPS_NOTE)
     return 0
 
 

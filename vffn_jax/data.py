@@ -577,7 +577,11 @@ def _tokenizer_key(m: manifest_lib.Manifest) -> tuple:
 def check_corpus(cfg: DataConfig, model_vocab_size: int | None = None) -> list[manifest_lib.Manifest]:
     """The run's manifests, after checking their tokenizer against data.tokenizer (and each other) and, when
     given, against the model's vocabulary size; ConfigError naming both values otherwise."""
-    manifests = [m for m, _ in _manifests(cfg)]
+    return _check_tokenizers(cfg, [m for m, _ in _manifests(cfg)], model_vocab_size)
+
+
+def _check_tokenizers(cfg: DataConfig, manifests: list[manifest_lib.Manifest],
+                      model_vocab_size: int | None = None) -> list[manifest_lib.Manifest]:
     first = manifests[0]
     for m in manifests[1:]:
         if _tokenizer_key(m) != _tokenizer_key(first):
@@ -623,8 +627,9 @@ def shard_sources(cfg: DataConfig, split: str, seq_len: int) -> tuple[list[Shard
     Checks the tokenizer (not the model's vocab: `check_corpus(cfg, model_vocab_size)`), every shard's size
     and, with data.verify_shards="sha256", its checksum. Reads no window."""
     _check_split(split)
-    manifests = check_corpus(cfg)
-    weights = [w for _, w in _manifests(cfg)] if cfg.mixture else [1.0]
+    pairs = _manifests(cfg)
+    manifests = _check_tokenizers(cfg, [m for m, _ in pairs])
+    weights = [w for _, w in pairs] if cfg.mixture else [1.0]
     return [_split_windows(cfg, m, split, seq_len) for m in manifests], weights
 
 

@@ -23,7 +23,6 @@ per layer from the load aggregated over all evaluated tokens (`train_lib.load_ba
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 from pathlib import Path
@@ -300,10 +299,4 @@ def plot_depth(result: dict[str, Any], path: str | Path) -> Path:
         sub += f", mean alpha {result['mean_alpha']:.3f}"
     ax.set_title(f"{title}\n{sub}", fontsize=10)
     fig.tight_layout()
-    path = storage.as_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    png = io.BytesIO()  # through epath, so a gs:// workdir gets its plot too
-    fig.savefig(png, format="png")
-    plt.close(fig)
-    path.write_bytes(png.getvalue())
-    return path
+    return storage.save_figure(fig, path)

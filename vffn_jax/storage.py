@@ -8,6 +8,7 @@ bucket or a read-only folder into a clear error before anything is compiled.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import uuid
@@ -133,6 +134,19 @@ def write_text_atomic(path: epath.Path, text: str) -> None:
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def save_figure(fig, path) -> epath.Path:
+    """Writes a matplotlib figure as PNG through epath (so a gs:// workdir gets its plots too) and closes it."""
+    import matplotlib.pyplot as plt
+
+    path = as_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    plt.close(fig)
+    path.write_bytes(png.getvalue())
+    return path
 
 
 def _first_line(e: BaseException) -> str:

@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -644,6 +643,18 @@ def write_results(out, results: list[dict[str, Any]], meta: dict[str, Any], base
     return doc
 
 
+def _label_axes(ax, title: str, xlabel: str, ylabel: str, *, log_x: bool = False, legend_size: int = 8,
+                legend_cols: int = 1) -> None:
+    """The study plots' common axis dressing: title, labels, grid, legend (log x for budgets)."""
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both" if log_x else "major")
+    ax.legend(fontsize=legend_size, ncol=legend_cols)
+
+
 def write_plots(out, agg: dict[str, dict[str, dict[str, Any]]], variants: list[str]) -> list[str]:
     import matplotlib
 
@@ -665,14 +676,11 @@ def write_plots(out, agg: dict[str, dict[str, dict[str, Any]]], variants: list[s
                 lo, hi = min(lo, curve[:, 1].min()), max(hi, tail.max() if len(tail) else curve[:, 1].max())
         if np.isfinite(lo) and hi > lo:
             ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
-        ax.set_title(f"{REGIME_TITLES[regime]}\ntraining loss, mean over seeds (legend: held-out loss)", fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _label_axes(ax, f"{REGIME_TITLES[regime]}\ntraining loss, mean over seeds (legend: held-out loss)",
+                    "step", "training loss (nats/token)")
     fig.tight_layout()
     path = out / "loss_curves.png"
-    _save_figure(fig, path)
+    storage.save_figure(fig, path)
     paths.append(str(path))
 
     depth_regimes = [r for r in regimes if any("mean_depth_per_layer" in a for a in agg[r].values())]
@@ -690,15 +698,11 @@ def write_plots(out, agg: dict[str, dict[str, dict[str, Any]]], variants: list[s
                 max_depth = max(max_depth, int(np.ceil(np.max(a["mean_depth_per_layer_max"]))))
                 ax.set_xticks(x)
             ax.set_ylim(0.8, max(max_depth, 2) + 0.2)
-            ax.set_title(f"{REGIME_TITLES[regime]}\nmean loops per layer on held-out data (band: min–max over seeds)",
-                         fontsize=9)
-            ax.set_xlabel("layer")
-            ax.set_ylabel("mean loops (depth)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            _label_axes(ax, f"{REGIME_TITLES[regime]}\nmean loops per layer on held-out data (band: min–max over "
+                        "seeds)", "layer", "mean loops (depth)")
         fig.tight_layout()
         path = out / "loops_per_layer.png"
-        _save_figure(fig, path)
+        storage.save_figure(fig, path)
         paths.append(str(path))
     return paths
 
@@ -983,13 +987,9 @@ def write_budget_plot(out, rows: list[dict[str, Any]]) -> list[str]:
             ls, mk = styles[w]
             ax.errorbar(x, y, yerr=err, color=colors[v], linestyle=ls, marker=mk, markersize=4, capsize=2.5,
                         linewidth=1.3, label=f"{v}, d_model {w}")
-    ax.set_xscale("log")
-    ax.set_xlabel("training tokens per parameter (dense's analytic count)")
-    ax.set_ylabel("held-out loss minus dense's (nats/token)")
-    ax.set_title("gap to dense at the same width, budget and seed\n(mean over seeds; bars: sample std; "
-                 "below 0 = better than dense)", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+    _label_axes(ax, "gap to dense at the same width, budget and seed\n(mean over seeds; bars: sample std; "
+                "below 0 = better than dense)", "training tokens per parameter (dense's analytic count)",
+                "held-out loss minus dense's (nats/token)", log_x=True, legend_size=7, legend_cols=2)
     for w in widths:
         pts = sorted((r for r in rows if r["variant"] == "dense" and r["width"] == w), key=lambda r: r["tpp"])
         if pts:
@@ -997,15 +997,11 @@ def write_budget_plot(out, rows: list[dict[str, Any]]) -> list[str]:
             ax2.errorbar([r["tpp"] for r in pts], [r["loss_mean"] for r in pts],
                          yerr=[r["loss_std"] for r in pts], color=colors["dense"], linestyle=ls, marker=mk,
                          markersize=4, capsize=2.5, label=f"dense, d_model {w}")
-    ax2.set_xscale("log")
-    ax2.set_xlabel("training tokens per parameter")
-    ax2.set_ylabel("held-out loss (nats/token)")
-    ax2.set_title("dense's held-out loss (the reference)", fontsize=9)
-    ax2.grid(alpha=0.3, which="both")
-    ax2.legend(fontsize=7)
+    _label_axes(ax2, "dense's held-out loss (the reference)", "training tokens per parameter",
+                "held-out loss (nats/token)", log_x=True, legend_size=7)
     fig.tight_layout()
     path = out / "gap_vs_budget.png"
-    _save_figure(fig, path)
+    storage.save_figure(fig, path)
     return [str(path)]
 
 
@@ -1090,16 +1086,6 @@ def run_budget_study(preset: str, out, *, seeds: int | None = None, variants: li
 
 
 # --------------------------------------------------------------------------- driver
-
-
-def _save_figure(fig, path) -> None:
-    """PNG through epath, so a gs:// study gets its plots too."""
-    import matplotlib.pyplot as plt
-
-    png = io.BytesIO()
-    fig.savefig(png, format="png")
-    plt.close(fig)
-    path.write_bytes(png.getvalue())
 
 
 def run_study(preset: str, out: str | Path, *, seeds: int | None = None, variants: list[str] | None = None,

@@ -49,7 +49,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 
@@ -460,15 +459,10 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-_TOKENIZERS: dict[str, Any] = {}
-
-
 def _tokenizer(spec: str):
-    if spec not in _TOKENIZERS:
-        from vffn_jax.tokenizer import load_tokenizer
+    from vffn_jax.tokenizer import load_tokenizer  # cached per process: each worker loads it once
 
-        _TOKENIZERS[spec] = load_tokenizer(spec)
-    return _TOKENIZERS[spec]
+    return load_tokenizer(spec)
 
 
 @dataclasses.dataclass(frozen=True)

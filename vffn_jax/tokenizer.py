@@ -6,6 +6,7 @@ Every tokenizer has a `name` that identifies its vocabulary; tokenised caches ar
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import importlib.util
 from collections.abc import Iterable
@@ -109,8 +110,9 @@ def olmo_tokenizer_path() -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=8)  # start-up checks and both data splits ask for the same tokenizer
 def load_tokenizer(spec: str) -> Tokenizer:
-    """"byte", "olmo", or a path to a HF `tokenizers` JSON file."""
+    """"byte", "olmo", or a path to a HF `tokenizers` JSON file (loaded once per process and spec)."""
     if spec == "byte":
         return ByteTokenizer()
     if spec == "olmo":
