@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 
 from vffn_jax import data as data_lib
@@ -234,7 +235,13 @@ def test_budget_gaps_from_fake_numbers():
     assert ("dense", 32) not in trends
     t = trends[("kloop4", 32)]
     assert t["gap_low"] == pytest.approx(0.05) and t["gap_high"] == pytest.approx(0.01) and t["resolved"]
-    assert "narrows" in study._trend_sentence(t)
+    assert "the variant gains on dense" in study._trend_sentence(t)
+    # kloop4's gap falls by 0.04 over log10(20) decades, the same for every seed: an exact fit, zero error
+    assert t["slope_per_decade"] == pytest.approx(-0.04 / np.log10(20)) and t["slope_se"] == pytest.approx(0, abs=1e-9)
+    assert t["below_dense_high"] == 0 and "more than 2 standard errors" in study._trend_sentence(t)
+    flat = trends[("versatile", 32)]  # gaps 0, -0.02, -0.04 at both budgets: slope 0, seed noise only
+    assert flat["slope_per_decade"] == pytest.approx(0, abs=1e-12) and flat["slope_se"] > 0
+    assert flat["below_dense_high"] == 2 and "not distinguishable from flat" in study._trend_sentence(flat)
 
 
 def test_budget_writer_on_fake_results(tmp_path):

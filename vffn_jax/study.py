@@ -41,7 +41,8 @@ trains dense, kloop4, depth_only, width_shared and versatile from scratch at eve
 point of the preset's BudgetGrid (d_model 32 and 48; 1, 2.5, 7 and 20 tokens per dense parameter) with 3
 seeds, in OUT/budget/d<w>/tpp<b>/<variant>/seed<k>, seed-major (seed 0's whole grid first). After every run it
 rewrites OUT/results.md (gap to dense per point: mean ± sample std over seeds, n; a sentence per variant and
-width on how the gap moves from the smallest to the largest budget), OUT/results.json (`budget.points`,
+width on how the gap moves from the smallest to the largest budget, with a least-squares slope of the seed-level
+gaps per 10x tokens/param and its standard error), OUT/results.json (`budget.points`,
 `budget.trends`, every run) and OUT/gap_vs_budget.png, so an interrupted study has a report of what finished;
 the same command continues it (finished runs are skipped, unfinished ones resume). --dry-run prints the grid,
 which runs are finished and the estimated wall time (from the throughput the preset states); --report-only
@@ -867,26 +868,48 @@ def budget_trends(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         lo, hi = pts[0], pts[-1]
         change = hi["gap_mean"] - lo["gap_mean"]
         spread = lo["gap_std"] + hi["gap_std"]
+        slope, slope_se = _gap_slope([np.log10(r["tpp"]) for r in pts for _ in r["gaps"]],
+                                     [g for r in pts for g in r["gaps"]])
         out.append({"variant": v, "width": w, "tpp_low": lo["tokens_per_param"], "gap_low": lo["gap_mean"],
                     "n_low": lo["n"], "tpp_high": hi["tokens_per_param"], "gap_high": hi["gap_mean"],
                     "n_high": hi["n"], "change": change, "spread": spread,
                     "resolved": bool(len(pts) > 1 and min(lo["n"], hi["n"]) > 1 and abs(change) > spread),
-                    "points": len(pts)})
+                    "points": len(pts), "slope_per_decade": slope, "slope_se": slope_se,
+                    "below_dense_high": sum(g < 0 for g in hi["gaps"])})
     return out
+
+
+def _gap_slope(x: list[float], y: list[float]) -> tuple[float | None, float | None]:
+    """Least-squares slope of the seed-level gaps against log10(tokens/param) (nats per 10x budget) and its
+    standard error (None below 3 gaps or 2 budgets). Seeds are treated as independent draws."""
+    x_, y_ = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x_) < 3 or np.ptp(x_) == 0:
+        return None, None
+    xc = x_ - x_.mean()
+    slope = float(xc @ (y_ - y_.mean()) / (xc @ xc))
+    resid = y_ - y_.mean() - slope * xc
+    return slope, float(np.sqrt(resid @ resid / (len(x_) - 2) / (xc @ xc)))
 
 
 def _trend_sentence(t: dict[str, Any]) -> str:
     if t["points"] < 2:
         return (f"{t['variant']} at d_model {t['width']}: gap {t['gap_low']:+.4f} at {t['tpp_low']:g} tokens/param "
                 f"(one budget finished)")
-    direction = "narrows" if abs(t["gap_high"]) < abs(t["gap_low"]) else "widens"
-    sign = "" if (t["gap_low"] > 0) == (t["gap_high"] > 0) else " and changes sign"
+    # gap < 0 is better than dense, so a falling gap means the variant gains on dense as the budget grows
+    direction = "gains on dense" if t["change"] < 0 else "falls behind dense"
+    sign = "" if (t["gap_low"] > 0) == (t["gap_high"] > 0) else ", crossing zero"
     judge = (f"larger than the seed spread, std sum {t['spread']:.4f}" if t["resolved"] else
              f"within the seed spread, std sum {t['spread']:.4f}" if min(t["n_low"], t["n_high"]) > 1 else
              "no seed spread to judge it")
+    fit = ""
+    if t.get("slope_per_decade") is not None:
+        steady = abs(t["slope_per_decade"]) <= 2 * t["slope_se"]
+        fit = (f"; fit over {t['points']} budgets: {t['slope_per_decade']:+.4f} ± {t['slope_se']:.4f} nats per 10x "
+               f"tokens/param ({'not distinguishable from flat' if steady else 'more than 2 standard errors'})")
     return (f"{t['variant']} at d_model {t['width']}: {t['gap_low']:+.4f} at {t['tpp_low']:g} tokens/param "
-            f"(n={t['n_low']}) -> {t['gap_high']:+.4f} at {t['tpp_high']:g} (n={t['n_high']}): the gap {direction}"
-            f"{sign} (change {t['change']:+.4f}, {judge})")
+            f"(n={t['n_low']}) -> {t['gap_high']:+.4f} at {t['tpp_high']:g} (n={t['n_high']}, below dense in "
+            f"{t['below_dense_high']} of {t['n_high']} seeds): the variant {direction}{sign} (change {t['change']:+.4f}, "
+            f"{judge}){fit}")
 
 
 def collect_budget(spec: RunSpec) -> dict[str, Any]:
