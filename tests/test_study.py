@@ -34,6 +34,9 @@ def test_ordering_not_held_names_the_failed_comparison():
     assert "width_shared (2.1400) is not below dense (2.1100" in v["sentence"]
     failed = [c for c in v["comparisons"] if not c["held"]]
     assert [(c["better"], c["worse"]) for c in failed] == [("width_shared", "dense")]
+    # the comparisons that held are named too, after the failed one
+    held_part = v["sentence"].split("Of its comparisons these held: ")[1]
+    assert "versatile (2.0100) is below depth_only (2.0550; gap +0.0450" in held_part and "not below" not in held_part
 
 
 def test_ordering_within_spread_and_per_seed_count():

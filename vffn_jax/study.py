@@ -547,13 +547,16 @@ def ordering_verdict(losses: dict[str, list[float]], seeds: dict[str, list[int]]
                            f"is {'larger' if tight['gap'] > tight['spread'] else 'not larger'} than that pair's seed "
                            f"spread ({tight['spread']:.4f}); some gaps are within the seed spread.")))
     else:
-        failed = "; ".join(f"{c['better']} ({stats[c['better']][0]:.4f}) is not below {c['worse']} "
-                           f"({stats[c['worse']][0]:.4f}; gap {c['gap']:+.4f}"
-                           + ("" if single else f", seed spread {c['spread']:.4f}, held in {c['seeds_held']} of "
-                                                f"{len(common)} seeds") + ")"
-                           for c in comps if not c["held"])
+        def pair(c: dict[str, Any]) -> str:
+            return (f"{c['better']} ({stats[c['better']][0]:.4f}) is {'' if c['held'] else 'not '}below {c['worse']} "
+                    f"({stats[c['worse']][0]:.4f}; gap {c['gap']:+.4f}"
+                    + ("" if single else f", seed spread {c['spread']:.4f}, held in {c['seeds_held']} of "
+                                         f"{len(common)} seeds") + ")")
+
+        failed = "; ".join(pair(c) for c in comps if not c["held"])
+        kept = "; ".join(pair(c) for c in comps if c["held"])
         sentence = (f"The paper's ordering ({ORDERING_TEXT}) did NOT hold on mean held-out loss at equal tokens "
-                    f"({chain}; {n_text}): {failed}.")
+                    f"({chain}; {n_text}): {failed}." + (f" Of its comparisons these held: {kept}." if kept else ""))
     return {"held": held, "comparisons": comps, "seeds_all_held": every_seed, "seeds_compared": len(common),
             "width_only_check": width_only["comparisons"], "sentence": sentence + width_only["sentence"]}
 
