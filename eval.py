@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --tasks: len_norm's divisor. olmo1 (default): the continuation's characters without "
                         "its leading space, as OLMo-1's in-loop evaluator (the one the paper used); olmo-eval: with "
                         "the leading space, as ai2-olmo-eval 0.9.0")
-    from vffn_jax import distributed
+    from vffn_jax.parallel import distributed
 
     distributed.add_arguments(p)
     return p
@@ -143,7 +143,7 @@ def format_report(r: dict) -> str:
 
 def _earlier_steps_hint(workdir: str, step: int | None) -> str:
     """'; earlier steps whose params are intact: 4, 2 (evaluate one with --step 4)' or why there are none."""
-    from vffn_jax import checkpoint as ckpt
+    from vffn_jax.checkpoint import manager as ckpt
 
     try:
         good = ckpt.good_steps(workdir, ("params",), below=step)
@@ -163,8 +163,10 @@ def main(argv=None) -> int:
     from absl import logging as absl_logging  # orbax logs read-only/handler warnings at WARNING
 
     absl_logging.set_verbosity(absl_logging.ERROR)
-    from vffn_jax import cli_errors, distributed, eval_lib
-    from vffn_jax.checkpoint import CheckpointDamagedError
+    from vffn_jax import cli_errors
+    from vffn_jax.parallel import distributed
+    from vffn_jax.evals import heldout
+    from vffn_jax.checkpoint.manager import CheckpointDamagedError
 
     try:
         distributed.initialize(distributed.from_args(args))  # multi-host: every process runs this command
@@ -173,13 +175,13 @@ def main(argv=None) -> int:
         if jax.process_index() != 0:  # only process 0 reports
             sys.stdout = open(os.devnull, "w")
         if args.tasks is not None:
-            from vffn_jax import downstream
+            from vffn_jax.evals import downstream
 
             result = downstream.evaluate_tasks(args.workdir, args.tasks, step=args.step, limit=args.limit,
                                                batch_rows=args.batch_size, len_norm=args.len_norm or "olmo1")
             report = downstream.format_report
         else:
-            result = eval_lib.evaluate_run(args.workdir, step=args.step, n_batches=args.batches,
+            result = heldout.evaluate_run(args.workdir, step=args.step, n_batches=args.batches,
                                            plot=not args.no_plot)
             report = format_report
         if args.output and jax.process_index() == 0:

@@ -42,7 +42,7 @@ DEPTH_COLOURS = (153, 195, 229, 223, 217, 210)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True,
-                   help="a training run or an export (python -m vffn_jax.export), local or gs://")
+                   help="a training run or an export (python -m vffn_jax.checkpoint.export), local or gs://")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a prompt to continue (repeatable; an empty string samples from a document start)")
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "nothing (default auto: colours on a terminal, brackets otherwise; none for variants "
                         "without a depth router)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    from vffn_jax import distributed
+    from vffn_jax.parallel import distributed
 
     distributed.add_arguments(p)
     return p
@@ -185,9 +185,11 @@ def read_prompts(args) -> list[str]:
 def run(args) -> tuple[dict, object]:
     import numpy as np
 
-    from vffn_jax import decode, eval_lib, sampling
+    from vffn_jax.infer import decode
+    from vffn_jax.checkpoint import restore
+    from vffn_jax.infer import sampling
     from vffn_jax.config import ConfigError, DEPTH_KINDS
-    from vffn_jax.tokenizer import load_tokenizer
+    from vffn_jax.data.tokenizer import load_tokenizer
 
     s_cfg = sampling.validate(sampling.SamplingConfig(args.temperature, args.top_k, args.top_p))
     if args.max_new_tokens < 1:
@@ -195,7 +197,7 @@ def run(args) -> tuple[dict, object]:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size={args.batch_size} must be >= 1")
     prompts = read_prompts(args)
-    restored = eval_lib.restore_params(args.workdir, args.step)
+    restored = restore.restore_params(args.workdir, args.step)
     cfg, m = restored.cfg, restored.cfg.model
     tok = load_tokenizer(cfg.data.tokenizer)
     if tok.vocab_size > m.vocab_size:
@@ -252,7 +254,7 @@ def main(argv=None) -> int:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)
-    from vffn_jax import distributed
+    from vffn_jax.parallel import distributed
     from vffn_jax import cli_errors
     from vffn_jax.config import DEPTH_KINDS
 

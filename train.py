@@ -23,7 +23,7 @@ import json
 import sys
 
 from vffn_jax import config as config_lib
-from vffn_jax import distributed
+from vffn_jax.parallel import distributed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +110,7 @@ def print_dry_run(info: dict, as_json: bool) -> None:
     for name, entry in info["shardings"].items():
         print(f"    {name:<32} {str(tuple(entry['shape'])):<24} {entry['spec']:<36} {entry['shards']:>4} shards")
     if "preflight" in info:
-        from vffn_jax.preflight import format_report, format_sweep
+        from vffn_jax.train.preflight import format_report, format_sweep
 
         print(format_report(info["preflight"]))
         if "sweep" in info:
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     try:
         dist = distributed.from_args(args)
         cfg = resolve_config(args)
-        from vffn_jax import train_lib  # imports jax: after argument errors are reported
+        from vffn_jax.model import placement  # imports jax: after argument errors are reported
 
         if args.topology and not args.dry_run:
             raise config_lib.ConfigError("--topology is a pre-flight check: use it with --dry-run")
@@ -131,10 +131,10 @@ def main(argv=None) -> int:
         if args.dry_run:
             devices = None
             if args.topology:
-                from vffn_jax import preflight
+                from vffn_jax.train import preflight
 
                 devices = preflight.topology_devices(args.topology)
-            info = train_lib.describe(train_lib.setup(cfg, devices))
+            info = placement.describe(placement.setup(cfg, devices))
             if args.topology:
                 info["preflight"] = preflight.compile_train_step(cfg, devices)
             if args.sweep:
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         distributed.initialize(dist)
         if not args.workdir:
             raise config_lib.ConfigError("--workdir is required to train (where checkpoints and metrics go)")
-        from vffn_jax import trainer
+        from vffn_jax.train import loop as trainer
 
         summary = trainer.train(cfg, args.workdir, progress=not args.no_progress, stop_at=args.stop_at)
     except Exception as e:  # bad input, damage, divergence: say what and where, no traceback wall (cli_errors)

@@ -35,13 +35,14 @@ def main(argv=None) -> int:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)
-    from vffn_jax import checkpoint as ckpt
+    from vffn_jax.checkpoint import manager as ckpt
     from vffn_jax import config as config_lib
-    from vffn_jax import train_lib
+    from vffn_jax.model import placement
+    from vffn_jax.train import optimizer
 
     cfg = config_lib.load_config(args.scale, args.variant)
-    _, abstract_params = train_lib.abstract_model(cfg.model)
-    tx = train_lib.make_optimizer(cfg.train)
+    _, abstract_params = placement.abstract_model(cfg.model)
+    tx = optimizer.make_optimizer(cfg.train)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
 
     rng = np.random.default_rng(0)

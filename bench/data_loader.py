@@ -55,14 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def tokenizer_entry(spec: str) -> dict:
     """The manifest's tokenizer entry for data.tokenizer=`spec` (OLMo's when installed, else the byte one)."""
-    from vffn_jax.tokenizer import load_tokenizer
+    from vffn_jax.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(spec)
     return {"name": tok.name, "spec": spec, "sha256": tok.sha256, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
 
 
 def write_corpus(folder: Path, size_mb: int, shard_mb: int, tokenizer: dict):
-    from vffn_jax.manifest import Manifest, Shard
+    from vffn_jax.data.manifest import Manifest, Shard
 
     rng = np.random.default_rng(0)
     per_shard, left, shards, i = shard_mb * (1 << 20) // 2, size_mb * (1 << 20) // 2, [], 0
@@ -87,10 +87,10 @@ def upload(folder: Path, url: str) -> None:
 
 
 def measure(path: str, args) -> dict:
-    from vffn_jax import data as data_lib
-    from vffn_jax import shards as shards_lib
+    from vffn_jax.data import pipeline as data_lib
+    from vffn_jax.data import shards as shards_lib
     from vffn_jax.config import DataConfig
-    from vffn_jax.manifest import read_manifest
+    from vffn_jax.data.manifest import read_manifest
 
     m = read_manifest(path)
     shards_lib._VERIFIED.clear()
@@ -132,7 +132,7 @@ def measure(path: str, args) -> dict:
 
 def chips(seq_len: int) -> dict:
     from vffn_jax.config import load_config
-    from vffn_jax.flops import PEAK_FLOPS, flops_per_token
+    from vffn_jax.perf.flops import PEAK_FLOPS, flops_per_token
 
     fpt = flops_per_token(load_config("354m", "versatile").model, seq_len, train=True)
     return {"flops_per_token": fpt,
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         out["write_s"] = time.perf_counter() - t0
         out["loader"]["local"] = measure(str(folder), args)
         if not args.skip_gcs:
-            from vffn_jax.gcs_emulator import GcsEmulator
+            from vffn_jax.testing.gcs_emulator import GcsEmulator
 
             with GcsEmulator() as emu:
                 os.environ.update(emu.env)

@@ -59,8 +59,11 @@ def main(argv=None) -> int:
     import numpy as np
 
     from vffn_jax import config as config_lib
-    from vffn_jax import decode, flops, sampling, train_lib
-    from vffn_jax import sharding as shd
+    from vffn_jax.infer import decode
+    from vffn_jax.perf import flops
+    from vffn_jax.infer import sampling
+    from vffn_jax.model import placement
+    from vffn_jax.parallel import sharding as shd
 
     overrides = config_lib.parse_set_args(args.overrides) if args.overrides else {}
     batches = [int(b) for b in args.batch.split(",")]
@@ -69,12 +72,12 @@ def main(argv=None) -> int:
     models = []
     for name, variant, extra in VARIANTS:
         cfg = config_lib.load_config(args.config, variant, {**overrides, **extra})
-        _, params, _ = train_lib.init_params(cfg.model, mesh, cfg.train.seed)
+        _, params, _ = placement.init_params(cfg.model, mesh, cfg.train.seed)
         models.append((name, cfg, decode.pure_params(params)))
     if args.versatile_run:
-        from vffn_jax import eval_lib
+        from vffn_jax.checkpoint import restore
 
-        run = eval_lib.restore_params(args.versatile_run, devices=device)
+        run = restore.restore_params(args.versatile_run, devices=device)
         models.append((f"versatile ({args.versatile_run}, step {run.step})", run.cfg, decode.pure_params(run.params)))
     rng = np.random.default_rng(0)
     s_cfg = sampling.SamplingConfig(temperature=1.0)

@@ -2,7 +2,7 @@
 """Time the jitted training step of versatile, dense and kloop (K=4) at the same shape, in one run,
 optionally at several gradient-accumulation settings (`--grad-accum 1,4`).
 
-Measures `train_lib.make_train_step` only: random token batches already on the devices, no data
+Measures `step_lib.make_train_step` only: random token batches already on the devices, no data
 pipeline, no checkpointing, no logging. Every variant is compiled and warmed up first; then the
 variants are timed in interleaved rounds (round r runs --steps steps of each variant in turn), so
 machine noise (other processes on a shared CPU) hits all of them alike. Each step is timed to
@@ -77,14 +77,16 @@ def prepare(cfg, n_batches: int = 2):
     import jax
     import numpy as np
 
-    from vffn_jax import sharding as shd
-    from vffn_jax import train_lib
+    from vffn_jax.parallel import sharding as shd
+    from vffn_jax.model import placement
+    from vffn_jax.train import optimizer
+    from vffn_jax.train import step as step_lib
 
-    s = train_lib.setup(cfg)
-    tx = train_lib.make_optimizer(cfg.train)
-    _, opt_shardings = train_lib.opt_state_shardings(tx, s)
-    params, opt_state = train_lib.init_train_state(s, tx, opt_shardings)
-    step = train_lib.make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_shardings)
+    s = placement.setup(cfg)
+    tx = optimizer.make_optimizer(cfg.train)
+    _, opt_shardings = optimizer.opt_state_shardings(tx, s)
+    params, opt_state = optimizer.init_train_state(s, tx, opt_shardings)
+    step = step_lib.make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_shardings)
     rng = np.random.default_rng(cfg.train.seed)
     batches = [jax.device_put(rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1),
                                            dtype=np.int32), shd.batch_sharding(s.mesh)) for _ in range(n_batches)]
@@ -115,7 +117,7 @@ def run(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from vffn_jax import flops as flops_lib
+    from vffn_jax.perf import flops as flops_lib
 
     base = config_lib.parse_set_args(args.overrides)
     accums = parse_accum(args.grad_accum)

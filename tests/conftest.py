@@ -16,7 +16,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 @pytest.fixture(scope="session")
 def gcs_emulator():
     """One fake-gcs-server for the session; its variables are exported so subprocesses use it too."""
-    from vffn_jax.gcs_emulator import GcsEmulator
+    from vffn_jax.testing.gcs_emulator import GcsEmulator
 
     emu = GcsEmulator().start()
     saved = {k: os.environ.get(k) for k in emu.env}

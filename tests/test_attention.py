@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vffn_jax import attention as attn
-from vffn_jax import sharding as shd
-from vffn_jax import train_lib
+from vffn_jax.model import attention as attn
+from vffn_jax.parallel import sharding as shd
+from vffn_jax.model import placement
+from vffn_jax.train import optimizer
+from vffn_jax.train import step as step_lib
 from vffn_jax.config import ConfigError, MeshConfig, ModelConfig, load_config, validate
-from vffn_jax.model import Attention, Transformer
+from vffn_jax.model.transformer import Attention, Transformer
 
 EOS = 5
 SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, n_experts=4, top_k=2, max_depth=3)
@@ -201,12 +203,12 @@ def test_model_with_splash_equals_xla_on_a_mesh_values_and_param_grads():
     results = []
     for kind in ("xla", "splash"):
         cfg = load_config("tiny", "dense", {**over, "model.attention": kind})
-        s = train_lib.setup(cfg)
-        _, params, _ = train_lib.init_params(cfg.model, s.mesh, 0)
+        s = placement.setup(cfg)
+        _, params, _ = placement.init_params(cfg.model, s.mesh, 0)
         fn = jax.jit(jax.value_and_grad(
-            lambda p, b: train_lib.forward_loss(s.graphdef, p, b, cfg, train=True, tau=1.0, rng=jax.random.key(0))[0]))
+            lambda p, b: step_lib.forward_loss(s.graphdef, p, b, cfg, train=True, tau=1.0, rng=jax.random.key(0))[0]))
         with jax.set_mesh(s.mesh):
-            results.append(jax.device_get(fn(params, train_lib.global_batch(batch, s.mesh))))
+            results.append(jax.device_get(fn(params, step_lib.global_batch(batch, s.mesh))))
     (lx, gx), (ls, gs) = results
     np.testing.assert_allclose(ls, lx, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(gx)):
@@ -253,15 +255,15 @@ def test_config_validation():
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (optional extra)")
 def test_tiny_step_with_splash_and_doc_mask_compiles_for_tpu():
     """The real train step, AOT for v5p:2x2x2 (8 chips, 2 hosts) on this CPU host: Mosaic kernels, not interpret."""
-    from vffn_jax import checkpoint as ckpt
-    from vffn_jax import preflight
+    from vffn_jax.checkpoint import manager as ckpt
+    from vffn_jax.train import preflight
 
     cfg = load_config("tiny", "versatile", {"model.attention": "splash", "model.doc_mask": True, "model.eos_id": 256,
                                             "mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 2})
-    s = train_lib.setup(cfg, preflight.topology_devices("v5p:2x2x2"))
-    tx = train_lib.make_optimizer(cfg.train)
-    abstract_opt, opt_shardings = train_lib.opt_state_shardings(tx, s)
-    step = train_lib.make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_shardings)
+    s = placement.setup(cfg, preflight.topology_devices("v5p:2x2x2"))
+    tx = optimizer.make_optimizer(cfg.train)
+    abstract_opt, opt_shardings = optimizer.opt_state_shardings(tx, s)
+    step = step_lib.make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_shardings)
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
                                  sharding=shd.batch_sharding(s.mesh))
     lowered = step.lower(ckpt.abstract_with_shardings(s.abstract_params, s.param_shardings),

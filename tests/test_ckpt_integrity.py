@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from etils import epath
 
-from vffn_jax import checkpoint as ckpt
-from vffn_jax import ckpt_integrity as integrity
-from vffn_jax.checkpoint import CheckpointDamagedError
+from vffn_jax.checkpoint import manager as ckpt
+from vffn_jax.checkpoint import integrity
+from vffn_jax.checkpoint.manager import CheckpointDamagedError
 
 # A restore that fails inside Orbax leaves its read coroutine to the garbage collector, which reports it
 # in whichever test happens to run then.
@@ -217,7 +217,7 @@ def test_eval_cli_reports_damaged_step(tmp_path, capsys):
     params file of step 4 -> eval.py exits 2 naming step 4 and suggesting --step 2, which then works."""
     import eval as eval_cli
     from vffn_jax import config as config_lib
-    from vffn_jax import train_lib
+    from vffn_jax.model import placement
 
     tiny = {"train.batch_size": 8, "train.seq_len": 32, "model.n_layers": 2, "model.d_model": 64, "model.n_heads": 2,
             "model.d_ff": 128, "run.eval_batches": 1, "data.cache_dir": str(tmp_path / "cache")}
@@ -225,8 +225,8 @@ def test_eval_cli_reports_damaged_step(tmp_path, capsys):
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text(cfg.to_json())
-    s = train_lib.setup(cfg, jax.devices()[:1])
-    _, params, _ = train_lib.init_params(cfg.model, s.mesh, cfg.train.seed)
+    s = placement.setup(cfg, jax.devices()[:1])
+    _, params, _ = placement.init_params(cfg.model, s.mesh, cfg.train.seed)
     manager = ckpt.make_manager(workdir, cfg.run)
     for step in (2, 4):
         ckpt.save(manager, step, params, {"count": np.zeros((), np.int32)}, force=True)
@@ -248,7 +248,7 @@ _WORKER = r'''
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from vffn_jax import checkpoint as ckpt
+from vffn_jax.checkpoint import manager as ckpt
 
 port, pid, phase, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,

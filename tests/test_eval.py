@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 
 from vffn_jax import config as config_lib
-from vffn_jax import eval_lib, train_lib, trainer
-from vffn_jax.checkpoint import CheckpointMismatchError
+from vffn_jax.checkpoint import restore
+from vffn_jax.evals import heldout
+from vffn_jax.model import placement
+from vffn_jax.train import loop as trainer
+from vffn_jax.checkpoint.manager import CheckpointMismatchError
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"train.steps": 4, "train.batch_size": 8, "train.seq_len": 32, "model.n_layers": 2, "model.d_model": 64,
@@ -40,7 +43,7 @@ def result(run, tmp_path_factory):
     shutil.copytree(run, copy)
     for item in ("opt_state", "data"):
         shutil.rmtree(copy / "checkpoints" / "4" / item)
-    return eval_lib.evaluate_run(copy)
+    return heldout.evaluate_run(copy)
 
 
 def _logged_eval(workdir: Path) -> dict:
@@ -74,7 +77,7 @@ def test_statistics_are_consistent(result):
     assert 0.0 < result["router_entropy"] <= np.log(8) + 1e-6
     assert result["params_non_embedding"] < result["params_total"]
     cfg = config_lib.load_config("tiny", "versatile", TINY).model
-    from vffn_jax import flops
+    from vffn_jax.perf import flops
 
     assert result["params_total"] == flops.analytic_params(cfg)
     assert result["flops_per_token_inference"] == pytest.approx(
@@ -83,7 +86,7 @@ def test_statistics_are_consistent(result):
 
 
 def test_single_device_equals_eight(run, result):
-    one = eval_lib.evaluate_run(run, devices=jax.devices()[:1], plot=False)
+    one = heldout.evaluate_run(run, devices=jax.devices()[:1], plot=False)
     assert one["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
     assert one["loss"] == pytest.approx(result["loss"], abs=1e-5)
     for key in ("depth_hist", "expert_load_per_layer"):  # discrete routing decisions: identical up to float ties
@@ -126,24 +129,24 @@ def test_missing_paths(tmp_path, capsys):
 
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        eval_lib.evaluate_run(missing)
+        heldout.evaluate_run(missing)
     assert eval_cli.main(["--workdir", str(missing)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(missing) in err and "train.py" in err and "Traceback" not in err
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        eval_lib.evaluate_run(tmp_path / "empty")
+        heldout.evaluate_run(tmp_path / "empty")
     (tmp_path / "empty" / "config.json").write_text(config_lib.load_config("tiny", "versatile", TINY).to_json())
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
-        eval_lib.evaluate_run(tmp_path / "empty")
+        heldout.evaluate_run(tmp_path / "empty")
 
 
 def test_unknown_step_lists_available(run, capsys):
     import eval as eval_cli
 
-    with pytest.raises(eval_lib.StepNotFoundError, match=r"available steps: \[2, 4\]"):
-        eval_lib.evaluate_run(run, step=3)
+    with pytest.raises(restore.StepNotFoundError, match=r"available steps: \[2, 4\]"):
+        heldout.evaluate_run(run, step=3)
     assert eval_cli.main(["--workdir", str(run), "--step", "3"]) == 2
     assert "available steps: [2, 4]" in capsys.readouterr().err
 
@@ -157,7 +160,7 @@ def test_config_checkpoint_mismatch(run, tmp_path, capsys):
     cfg["model"]["d_model"] = 128
     (copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointMismatchError, match=r"parameter '[\w/]+'"):
-        eval_lib.evaluate_run(copy, plot=False)
+        heldout.evaluate_run(copy, plot=False)
     assert eval_cli.main(["--workdir", str(copy), "--no-plot"]) == 3
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "parameter" in err and "Traceback" not in err
@@ -165,26 +168,26 @@ def test_config_checkpoint_mismatch(run, tmp_path, capsys):
 
 def test_dense_has_no_depth_keys(run, tmp_path):
     """A dense checkpoint (initial weights, saved directly): no depth/expert keys, the plot is skipped."""
-    from vffn_jax import checkpoint as ckpt
-    from vffn_jax import flops
+    from vffn_jax.checkpoint import manager as ckpt
+    from vffn_jax.perf import flops
 
     cfg = config_lib.load_config("tiny", "dense", {**TINY, "data.cache_dir": str(run.parent / "cache")})
     workdir = tmp_path / "dense"
     workdir.mkdir()
     (workdir / "config.json").write_text(cfg.to_json())
-    s = train_lib.setup(cfg, jax.devices()[:1])
-    _, params, _ = train_lib.init_params(cfg.model, s.mesh, cfg.train.seed)
+    s = placement.setup(cfg, jax.devices()[:1])
+    _, params, _ = placement.init_params(cfg.model, s.mesh, cfg.train.seed)
     manager = ckpt.make_manager(workdir, cfg.run)
     ckpt.save(manager, 1, params, {"count": np.zeros((), np.int32)}, force=True)  # eval never reads it
     manager.wait_until_finished()
 
-    out = eval_lib.evaluate_run(workdir, devices=jax.devices()[:1], n_batches=1)
+    out = heldout.evaluate_run(workdir, devices=jax.devices()[:1], n_batches=1)
     assert out["ffn"] == "dense" and out["eval_batches"] == 1 and out["step"] == 1
     assert np.log(256) - 1 < out["loss"] < np.log(384) + 1  # near-uniform predictions at init
     for key in ("depth_hist", "mean_depth", "mean_alpha", "expert_load", "router_entropy", "inference_flops_depth"):
         assert key not in out, key
     assert out["depth_plot"] is None and "no depth router" in out["depth_plot_note"]
-    assert not (workdir / eval_lib.PLOT_NAME).exists()
+    assert not (workdir / heldout.PLOT_NAME).exists()
     assert out["flops_per_token_inference"] == flops.flops_per_token(cfg.model, 32, train=False)
     import eval as eval_cli
 
@@ -193,19 +196,19 @@ def test_dense_has_no_depth_keys(run, tmp_path):
 
 
 def test_export_is_a_params_only_run_that_eval_restores(run, tmp_path):
-    from vffn_jax import export
+    from vffn_jax.checkpoint import export
 
     info = export.export(run, tmp_path / "f32")
     assert info["step"] == 4 and info["param_dtype"] == "float32"
     step_dir = tmp_path / "f32" / "checkpoints" / "4"
     assert (step_dir / "params").is_dir() and not (step_dir / "opt_state").exists() and not (step_dir / "data").exists()
     assert list(step_dir.glob("vffn_checksums.*.json"))  # verified on restore like any checkpoint
-    reference = eval_lib.evaluate_run(run, plot=False)
-    assert eval_lib.evaluate_run(tmp_path / "f32", plot=False)["loss"] == reference["loss"]
+    reference = heldout.evaluate_run(run, plot=False)
+    assert heldout.evaluate_run(tmp_path / "f32", plot=False)["loss"] == reference["loss"]
 
     half = export.export(run, tmp_path / "bf16", dtype="bfloat16")
     assert half["param_bytes"] * 2 == info["param_bytes"]
     saved = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert saved["model"]["param_dtype"] == "bfloat16"
-    assert abs(eval_lib.evaluate_run(tmp_path / "bf16", plot=False)["loss"] - reference["loss"]) < 0.02
+    assert abs(heldout.evaluate_run(tmp_path / "bf16", plot=False)["loss"] - reference["loss"]) < 0.02
     assert export.main(["--workdir", str(run), "--out", str(tmp_path / "f32")]) == 2  # not an empty folder

@@ -10,10 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vffn_jax import ffn, flops, study, train_lib
-from vffn_jax import downstream as ds
+from vffn_jax.model import ffn
+from vffn_jax.perf import flops
+from vffn_jax.study import runner as study
+from vffn_jax.model import placement
+from vffn_jax.train import optimizer
+from vffn_jax.train import step as step_lib
+from vffn_jax.evals import downstream as ds
 from vffn_jax.config import ConfigError, FFN_KINDS, ModelConfig, TrainConfig, load_config, tau_at, tau_decay_per_step
-from vffn_jax.tokenizer import ByteTokenizer
+from vffn_jax.data.tokenizer import ByteTokenizer
 
 D, F, E, K, L = 16, 64, 8, 2, 4
 
@@ -114,7 +119,7 @@ def test_width_shared_in_the_model_counts_and_configs():
         validate(load_config("tiny", "width_shared", {"model.n_experts": 4, "model.d_ff": 768, "mesh.tensor": 3,
                                                      "model.n_heads": 3, "model.d_model": 96, "model.vocab_size": 384,
                                                      "mesh.data": 1}), n_devices=3)
-    info = train_lib.describe(train_lib.setup(load_config("354m", "width_shared")))
+    info = placement.describe(placement.setup(load_config("354m", "width_shared")))
     assert info["params_total"] == info["params_analytic"] == 354_712_576 + 15 * 1024 * 8
     assert info["shardings"]["layers/ffn/expert_router"]["shape"] == [15, 1024, 8]
     dense = load_config("354m", "dense").model
@@ -129,13 +134,13 @@ def test_width_shared_trains_one_step_on_a_mesh():
                                                "model.d_ff": 64, "train.batch_size": 4, "train.seq_len": 16,
                                                "mesh.data": 2, "mesh.fsdp": 1, "mesh.tensor": 2})
     devices = jax.devices()[:4]
-    s = train_lib.setup(cfg, devices)
-    tx = train_lib.make_optimizer(cfg.train)
-    _, opt_sh = train_lib.opt_state_shardings(tx, s)
-    params, opt_state = train_lib.init_train_state(s, tx, opt_sh)
-    step = train_lib.make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_sh)
+    s = placement.setup(cfg, devices)
+    tx = optimizer.make_optimizer(cfg.train)
+    _, opt_sh = optimizer.opt_state_shardings(tx, s)
+    params, opt_state = optimizer.init_train_state(s, tx, opt_sh)
+    step = step_lib.make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_sh)
     batch = np.asarray(jax.random.randint(jax.random.key(0), (4, 17), 0, 256), np.int32)
-    _, _, metrics = step(params, opt_state, train_lib.global_batch(batch, s.mesh), 0)
+    _, _, metrics = step(params, opt_state, step_lib.global_batch(batch, s.mesh), 0)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["balance_loss"]) > 0
     assert np.asarray(metrics["expert_load"]).shape == (2, cfg.model.n_experts)
 
@@ -180,14 +185,14 @@ def test_eval_step_returns_each_batchs_deepest_token():
     cfg = load_config("tiny", "versatile", {"model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2,
                                             "model.d_ff": 64, "train.batch_size": 4, "train.seq_len": 16,
                                             "mesh.data": 1, "train.grad_accum": 2})
-    s = train_lib.setup(cfg, jax.devices()[:1])
-    _, params, _ = train_lib.init_params(cfg.model, s.mesh, 0)
+    s = placement.setup(cfg, jax.devices()[:1])
+    _, params, _ = placement.init_params(cfg.model, s.mesh, 0)
     params = jax.tree.map(lambda a: a * 20 if a.ndim == 3 and a.shape[-1] == cfg.model.max_depth else a, params)
     batch = np.asarray(jax.random.randint(jax.random.key(0), (4, 17), 0, 256), np.int32)
-    out = jax.device_get(train_lib.make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)(
-        params, train_lib.global_batch(batch, s.mesh)))
+    out = jax.device_get(step_lib.make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)(
+        params, step_lib.global_batch(batch, s.mesh)))
     # the reference: depth per layer of each microbatch (rows j, j+2, ...), its max, averaged over microbatches
-    _, (_, aux) = train_lib.forward_loss(s.graphdef, params, jnp.asarray(batch), cfg, train=False)
+    _, (_, aux) = step_lib.forward_loss(s.graphdef, params, jnp.asarray(batch), cfg, train=False)
     depth = np.asarray(aux["depth"])  # [layers, B, T]
     want = np.mean([depth[:, j::2].max(axis=(1, 2)) for j in range(2)], axis=0)
     np.testing.assert_allclose(out["executed_depth"], want)
@@ -195,7 +200,7 @@ def test_eval_step_returns_each_batchs_deepest_token():
 
 
 def test_dry_run_reports_three_inference_figures():
-    info = train_lib.describe(train_lib.setup(load_config("354m", "versatile")))
+    info = placement.describe(placement.setup(load_config("354m", "versatile")))
     assert info["inference_depth_assumed"] == 2.5 and info["inference_executed_depth_assumed"] == 4.0
     assert info["flops_per_token_inference"] < info["flops_per_token_inference_executed"]
     assert info["flops_per_token_inference_paper"] == pytest.approx(15 * 6 * 1024 * 4096 * (2.5 + 0.25 * 0.75))

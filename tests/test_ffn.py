@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vffn_jax import ffn
+from vffn_jax.model import ffn
 
 D, F, E, K, L = 16, 64, 8, 2, 4
 

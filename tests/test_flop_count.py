@@ -4,9 +4,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from vffn_jax import checkpoint as ckpt
-from vffn_jax import flop_count, flops, train_lib
-from vffn_jax import sharding as shd
+from vffn_jax.checkpoint import manager as ckpt
+from vffn_jax.perf import flop_trace as flop_count
+from vffn_jax.perf import flops
+from vffn_jax.model import placement
+from vffn_jax.train import optimizer
+from vffn_jax.train import step as step_lib
+from vffn_jax.parallel import sharding as shd
 from vffn_jax.config import load_config
 
 SMALL = {"model.n_layers": 3, "model.d_model": 64, "model.n_heads": 2, "model.d_ff": 128, "train.batch_size": 8,
@@ -15,10 +19,10 @@ SMALL = {"model.n_layers": 3, "model.d_model": 64, "model.n_heads": 2, "model.d_
 
 def _ratio(variant, **over):
     cfg = load_config("tiny", variant, {**SMALL, **over})
-    s = train_lib.setup(cfg, jax.devices()[:1])
-    tx = train_lib.make_optimizer(cfg.train)
-    abstract_opt, opt_shardings = train_lib.opt_state_shardings(tx, s)
-    step = train_lib.make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_shardings)
+    s = placement.setup(cfg, jax.devices()[:1])
+    tx = optimizer.make_optimizer(cfg.train)
+    abstract_opt, opt_shardings = optimizer.opt_state_shardings(tx, s)
+    step = step_lib.make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_shardings)
     args = (ckpt.abstract_with_shardings(s.abstract_params, s.param_shardings),
             ckpt.abstract_with_shardings(abstract_opt, opt_shardings),
             jax.ShapeDtypeStruct((8, 33), jnp.int32, sharding=shd.batch_sharding(s.mesh)),

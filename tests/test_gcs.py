@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import eval as eval_cli
-from vffn_jax import checkpoint as ckpt
-from vffn_jax import eval_lib, storage, trainer
+from vffn_jax.checkpoint import manager as ckpt
+from vffn_jax.evals import heldout
+from vffn_jax import storage
+from vffn_jax.train import loop as trainer
 from vffn_jax.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,9 +89,9 @@ def test_run_cycle_on_gcs_equals_local(tmp_path, gcs_bucket):
 
     assert eval_cli.main(["--workdir", str(run), "--output", f"{remote}/eval.json"]) == 0
     ev_remote = json.loads((storage.as_path(remote) / "eval.json").read_text())
-    ev_local = eval_lib.evaluate_run(local / "run")
+    ev_local = heldout.evaluate_run(local / "run")
     assert ev_remote["loss"] == ev_local["loss"] and ev_remote["step"] == 4
-    assert (run / eval_lib.PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the plot went to the bucket
+    assert (run / heldout.PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the plot went to the bucket
 
     tasks_remote, cont_remote = _downstream_and_continued(run, remote, over)
     tasks_local, cont_local = _downstream_and_continued(local / "run", local, over)

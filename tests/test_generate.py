@@ -14,9 +14,11 @@ import pytest
 from flax import nnx
 
 from vffn_jax import config as config_lib
-from vffn_jax import decode, sampling, train_lib
+from vffn_jax.infer import decode
+from vffn_jax.infer import sampling
+from vffn_jax.model import placement
 from vffn_jax.config import FFN_KINDS, ConfigError, ModelConfig, MeshConfig
-from vffn_jax.model import Transformer
+from vffn_jax.model.transformer import Transformer
 
 # init_std 0.2: loops change the residual stream a lot, so a wrong depth shows in the logits
 SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, n_experts=4, top_k=2, max_depth=4,
@@ -154,12 +156,12 @@ def test_sharded_decode_matches_one_device():
     """A (2,2,2) mesh: cache rows over data x fsdp, heads and FFN hidden units over tensor; same tokens,
     depths and log-probs as one device."""
     m = small("versatile")
-    from vffn_jax import sharding as shd
+    from vffn_jax.parallel import sharding as shd
 
     devices = jax.devices()
     mesh = shd.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), devices[:8])
-    _, params, _ = train_lib.init_params(m, mesh, seed=1)
-    _, params1, _ = train_lib.init_params(m, shd.make_mesh(MeshConfig(data=1), devices[:1]), seed=1)
+    _, params, _ = placement.init_params(m, mesh, seed=1)
+    _, params1, _ = placement.init_params(m, shd.make_mesh(MeshConfig(data=1), devices[:1]), seed=1)
     prompts = _prompts(m.vocab_size)
     kw = dict(max_new_tokens=5, context=32, sampling_cfg=sampling.SamplingConfig(temperature=0.0))
     sharded, _ = decode.generate(m, params, prompts, mesh=mesh, **kw)
@@ -225,16 +227,16 @@ def test_sampling_filters():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A params-only run of a tiny versatile model (byte tokenizer, context 48), no training needed."""
-    from vffn_jax import checkpoint as ckpt
-    from vffn_jax import sharding as shd
-    from vffn_jax import trainer
+    from vffn_jax.checkpoint import manager as ckpt
+    from vffn_jax.parallel import sharding as shd
+    from vffn_jax import rundir
 
     cfg = config_lib.load_config("tiny", "versatile", {
         "model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2, "model.d_ff": 64, "model.init_std": 0.2,
         "train.seq_len": 48, "train.batch_size": 8, "run.async_checkpointing": False})
     workdir = tmp_path_factory.mktemp("gen") / "run"
-    trainer.prepare_workdir(cfg, workdir, True)
-    _, params, _ = train_lib.init_params(cfg.model, shd.make_mesh(cfg.mesh), cfg.train.seed)
+    rundir.prepare_workdir(cfg, workdir, True)
+    _, params, _ = placement.init_params(cfg.model, shd.make_mesh(cfg.mesh), cfg.train.seed)
     manager = ckpt.make_manager(workdir, cfg.run)
     ckpt.save(manager, 3, params, None, force=True)
     ckpt.wait_until_finished(manager)

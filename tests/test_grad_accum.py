@@ -13,7 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vffn_jax import ffn, sharding as shd, train_lib
+from vffn_jax.model import ffn
+from vffn_jax.parallel import sharding as shd
+from vffn_jax.model import placement
+from vffn_jax.train import optimizer
+from vffn_jax.train import step as step_lib
 from vffn_jax.config import ConfigError, load_config, validate
 
 # tests/test_train.py's SMALL shapes (batch 8 x 32 tokens, 2 layers, d 64, f 128)
@@ -47,12 +51,12 @@ def run(variant, n, mesh_items=tuple(ONE.items()), exact=True, eval_too=False):
     mesh = dict(mesh_items)
     cfg = cfg_for(variant, n, mesh, **{"train.grad_accum_exact_balance": exact})
     devices = jax.devices()[:1] if mesh == ONE else jax.devices()
-    s = train_lib.setup(cfg, devices)
-    tx = train_lib.make_optimizer(cfg.train)
-    _, opt_sh = train_lib.opt_state_shardings(tx, s)
-    params, opt_state = train_lib.init_train_state(s, tx, opt_sh)
-    step = train_lib.make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_sh)
-    data = [train_lib.global_batch(b, s.mesh) for b in batches(cfg)]
+    s = placement.setup(cfg, devices)
+    tx = optimizer.make_optimizer(cfg.train)
+    _, opt_sh = optimizer.opt_state_shardings(tx, s)
+    params, opt_state = optimizer.init_train_state(s, tx, opt_sh)
+    step = step_lib.make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_sh)
+    data = [step_lib.global_batch(b, s.mesh) for b in batches(cfg)]
     counters = [jax.device_put(jnp.asarray(i, jnp.int32), shd.replicated(s.mesh)) for i in range(STEPS)]
     compiled = step.lower(params, opt_state, data[0], counters[0]).compile()
     metrics = []
@@ -61,7 +65,7 @@ def run(variant, n, mesh_items=tuple(ONE.items()), exact=True, eval_too=False):
         metrics.append(jax.device_get(m))
     ev = None
     if eval_too:
-        eval_step = train_lib.make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)
+        eval_step = step_lib.make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)
         ev = jax.device_get(eval_step(params, data[0]))
     return metrics, jax.device_get(params), ev, compiled
 
@@ -92,12 +96,12 @@ def test_gumbel_noise_of_a_microbatch_is_the_whole_batch_noise_of_its_rows():
     whole = noise(key, (8, 32, 4), None)
     for n in (2, 8):
         for j in range(n):
-            rows = train_lib.microbatch_row_ids(j, n, 8 // n)
+            rows = step_lib.microbatch_row_ids(j, n, 8 // n)
             np.testing.assert_array_equal(noise(key, (8 // n, 32, 4), rows), whole[np.asarray(rows)])
     # and the straight-through sample built from it
     logits = jax.random.normal(jax.random.key(1), (8, 32, 4))
     g = ffn.straight_through_gumbel(logits, 0.7, key)
-    rows = train_lib.microbatch_row_ids(1, 2, 4)
+    rows = step_lib.microbatch_row_ids(1, 2, 4)
     np.testing.assert_array_equal(ffn.straight_through_gumbel(logits[np.asarray(rows)], 0.7, key, rows),
                                   g[np.asarray(rows)])
 
@@ -105,22 +109,22 @@ def test_gumbel_noise_of_a_microbatch_is_the_whole_batch_noise_of_its_rows():
 def test_split_keeps_rows_and_the_model_samples_the_same_depths():
     cfg = cfg_for("versatile", 1)
     batch = jnp.asarray(batches(cfg)[0])
-    micro = train_lib.split_microbatches(batch, 4)
+    micro = step_lib.split_microbatches(batch, 4)
     assert micro.shape == (4, 2, cfg.train.seq_len + 1)
     for j in range(4):
-        np.testing.assert_array_equal(micro[j], batch[np.asarray(train_lib.microbatch_row_ids(j, 4, 2))])
+        np.testing.assert_array_equal(micro[j], batch[np.asarray(step_lib.microbatch_row_ids(j, 4, 2))])
     # through the layer stack: a microbatch's sampled depths (every layer) are the whole batch's
-    graphdef, params = train_lib.abstract_model(cfg.model)[0], train_lib.init_params(cfg.model, train_lib.setup(
+    graphdef, params = placement.abstract_model(cfg.model)[0], placement.init_params(cfg.model, placement.setup(
         cfg, jax.devices()[:1]).mesh)[1]
     key = jax.random.key(9)
 
     @jax.jit
     def depths(tokens, row_ids):
-        return train_lib.forward_loss(graphdef, params, tokens, cfg, train=True, tau=1.0, rng=key,
+        return step_lib.forward_loss(graphdef, params, tokens, cfg, train=True, tau=1.0, rng=key,
                                       row_ids=row_ids)[1][1]["depth"]
 
     whole = depths(batch, None)
-    rows = train_lib.microbatch_row_ids(3, 4, 2)
+    rows = step_lib.microbatch_row_ids(3, 4, 2)
     part = depths(micro[3], rows)
     assert len(np.unique(whole)) > 1
     np.testing.assert_array_equal(part, whole[:, np.asarray(rows)])
@@ -132,9 +136,9 @@ def test_split_keeps_rows_and_the_model_samples_the_same_depths():
 @functools.lru_cache(maxsize=None)
 def first_gradient(n, exact=True):
     cfg = cfg_for("versatile", n, **{"train.grad_accum_exact_balance": exact})
-    s = train_lib.setup(cfg, jax.devices()[:1])
-    params = train_lib.init_params(cfg.model, s.mesh, 0)[1]
-    step = jax.jit(lambda p, b: train_lib.accumulate_gradients(s.graphdef, p, b, cfg, tau=1.0, rng=jax.random.key(3)))
+    s = placement.setup(cfg, jax.devices()[:1])
+    params = placement.init_params(cfg.model, s.mesh, 0)[1]
+    step = jax.jit(lambda p, b: step_lib.accumulate_gradients(s.graphdef, p, b, cfg, tau=1.0, rng=jax.random.key(3)))
     return jax.device_get(step(params, batches(cfg)[0]))
 
 

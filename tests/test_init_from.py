@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 
 import train as train_cli
-from vffn_jax import checkpoint as ckpt
-from vffn_jax import data as data_lib
-from vffn_jax import train_lib, trainer
+from vffn_jax.checkpoint import manager as ckpt
+from vffn_jax.data import pipeline as data_lib
+from vffn_jax.model import placement
+from vffn_jax.train import init_from
+from vffn_jax.train import optimizer
+from vffn_jax.train import step as step_lib
+from vffn_jax.train import loop as trainer
 from vffn_jax.config import ConfigError, load_config
 
 SMALL = {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 2, "model.d_ff": 128,
@@ -30,25 +34,25 @@ def dense_run(tmp_path_factory):
 
 def initialised(variant, over, source, **extra):
     cfg = load_config("tiny", variant, {**over, **extra})
-    s = train_lib.setup(cfg)
-    tx = train_lib.make_optimizer(cfg.train)
-    _, opt_shardings = train_lib.opt_state_shardings(tx, s)
-    params, opt_state, info = train_lib.init_from_checkpoint(s, tx, opt_shardings, source)
+    s = placement.setup(cfg)
+    tx = optimizer.make_optimizer(cfg.train)
+    _, opt_shardings = optimizer.opt_state_shardings(tx, s)
+    params, opt_state, info = init_from.init_from_checkpoint(s, tx, opt_shardings, source)
     return cfg, s, params, opt_state, info
 
 
 def flat(params):
-    return {train_lib.param_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return {placement.param_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def test_one_loop_from_dense_has_the_dense_held_out_loss_at_step_0(dense_run):
     workdir, over, summary = dense_run
     cfg, s, params, _, info = initialised("kloop", over, workdir, **{"model.n_loops": 1})
     assert info["init_from_step"] == 3 and info["init_fresh"] == [] and info["init_dropped"] == []
-    eval_step = train_lib.make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)
+    eval_step = step_lib.make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)
     batches = data_lib.eval_batches(cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
                                     n_batches=cfg.run.eval_batches)
-    result = train_lib.evaluate(eval_step, params, batches, s.mesh)
+    result = step_lib.evaluate(eval_step, params, batches, s.mesh)
     assert result["loss"] == summary["eval"]["loss"]  # the dense run's final eval, on the params saved at step 3
 
 
@@ -64,7 +68,7 @@ def test_versatile_from_dense_copies_shared_weights_and_inits_routers_fresh(dens
     assert set(info["init_copied"]) == set(src) and len(src) == len(got) - 2
     for name, value in src.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
-    _, fresh, _ = train_lib.init_params(cfg.model, s.mesh, cfg.train.seed)  # the model's own initialiser
+    _, fresh, _ = placement.init_params(cfg.model, s.mesh, cfg.train.seed)  # the model's own initialiser
     fresh = flat(fresh)
     for name in info["init_fresh"]:
         np.testing.assert_array_equal(got[name], fresh[name])
@@ -73,7 +77,7 @@ def test_versatile_from_dense_copies_shared_weights_and_inits_routers_fresh(dens
 
 
 def _abstract_dense(over):
-    s = train_lib.setup(load_config("tiny", "dense", over))
+    s = placement.setup(load_config("tiny", "dense", over))
     return s.abstract_params, s.param_shardings
 
 
@@ -87,7 +91,7 @@ def test_mismatched_source_names_the_field(dense_run, capsys):
     assert train_cli.main(args) == 2
     assert "model.n_layers differs" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"train\.init_step=2 is not a checkpoint .*available steps: \[3\]"):
-        train_lib.resolve_init_source(workdir, 2)
+        init_from.resolve_init_source(workdir, 2)
 
 
 @pytest.mark.parametrize("variant", ["moe", "versatile_avg"])

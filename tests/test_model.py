@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vffn_jax import train_lib
+from vffn_jax.model import placement
+from vffn_jax.train import step as step_lib
 from vffn_jax.config import ModelConfig, load_config
-from vffn_jax.model import Transformer
+from vffn_jax.model.transformer import Transformer
 
 SMALL = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=4, d_ff=64, n_experts=4, top_k=2, max_depth=3)
 
@@ -108,28 +109,28 @@ def test_kloop_one_and_width_only_single_expert_equal_dense():
 
 def test_moe_354m_parameter_count():
     """The paper's MoE baseline: dense + E experts of f/E units (3*d*f per layer) + the router d*E per layer."""
-    info = train_lib.describe(train_lib.setup(load_config("354m", "moe")))
+    info = placement.describe(placement.setup(load_config("354m", "moe")))
     assert info["params_total"] == 543_579_136 == info["params_analytic"]
     assert info["params_total"] == 354_712_576 + 15 * (8 * 3 * 1024 * 512 + 1024 * 8)
     gate = info["shardings"]["layers/ffn/expert_w_gate"]
     assert (gate["shape"], gate["spec"]) == ([15, 8, 1024, 512], "P(None, None, 'fsdp', 'tensor')")
     assert info["shardings"]["layers/ffn/expert_w_down"]["spec"] == "P(None, None, 'tensor', 'fsdp')"
-    dense = train_lib.describe(train_lib.setup(load_config("354m", "dense")))
+    dense = placement.describe(placement.setup(load_config("354m", "dense")))
     m = load_config("354m", "moe").model
     ffn_dense = 6 * m.d_model * m.d_ff
     extra = info["flops_per_token_inference"] - dense["flops_per_token_inference"]
     assert extra == m.n_layers * (ffn_dense * m.top_k / m.n_experts + 2 * m.d_model * m.n_experts)  # 1.25x + router
-    avg = train_lib.describe(train_lib.setup(load_config("354m", "versatile_avg")))
-    vers = train_lib.describe(train_lib.setup(load_config("354m", "versatile")))
+    avg = placement.describe(placement.setup(load_config("354m", "versatile_avg")))
+    vers = placement.describe(placement.setup(load_config("354m", "versatile")))
     for key in ("params_total", "params_analytic", "flops_per_token_train", "flops_per_token_inference"):
         assert avg[key] == vers[key]
 
 
 @pytest.mark.parametrize("scale,expected", [("354m", 354_712_576), ("720m", 720_812_544), ("1.2b", 1_212_741_632)])
 def test_paper_parameter_counts(scale, expected):
-    dense = train_lib.describe(train_lib.setup(load_config(scale, "dense")))
+    dense = placement.describe(placement.setup(load_config(scale, "dense")))
     assert dense["params_total"] == expected == dense["params_analytic"]
-    vers = train_lib.describe(train_lib.setup(load_config(scale, "versatile")))
+    vers = placement.describe(placement.setup(load_config(scale, "versatile")))
     m = load_config(scale, "versatile").model
     assert vers["params_total"] - expected == m.n_layers * m.d_model * (m.n_experts + m.max_depth)
 
@@ -142,11 +143,11 @@ def test_sharded_forward_equals_single_device(variant):
     outs = []
     for devices, mesh_over in ((jax.devices()[:1], {"data": 1, "fsdp": 1, "tensor": 1}), (jax.devices(), None)):
         c = cfg if mesh_over is None else dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **mesh_over))
-        s = train_lib.setup(c, devices)
-        _, params, _ = train_lib.init_params(c.model, s.mesh, 0)
-        step = train_lib.make_eval_step(s.graphdef, c, s.mesh, s.param_shardings)
+        s = placement.setup(c, devices)
+        _, params, _ = placement.init_params(c.model, s.mesh, 0)
+        step = step_lib.make_eval_step(s.graphdef, c, s.mesh, s.param_shardings)
         batch = np.asarray(jax.random.randint(jax.random.key(0), (8, 17), 0, 257))
-        outs.append(jax.device_get(step(params, train_lib.global_batch(batch, s.mesh))))
+        outs.append(jax.device_get(step(params, step_lib.global_batch(batch, s.mesh))))
         if mesh_over is None:
             assert len(params["lm_head"][...].sharding.device_set) == 8
     np.testing.assert_allclose(outs[0]["ce_sum"], outs[1]["ce_sum"], rtol=1e-5)

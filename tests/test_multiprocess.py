@@ -161,8 +161,8 @@ def test_partial_launch_flags_are_refused():
 def test_data_state_from_another_process_count(tmp_path):
     """Saved by 2 processes, restored by 1: the stream restarts at the saved global batch index, or the
     run is refused with how to continue when the saved state does not carry over."""
-    from vffn_jax import checkpoint as ckpt
-    from vffn_jax.data import make_batch_iterator
+    from vffn_jax.checkpoint import manager as ckpt
+    from vffn_jax.data.pipeline import make_batch_iterator
     from vffn_jax.config import DataConfig
 
     data_dir = tmp_path / "checkpoints" / "3" / "data"

@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vffn_jax import checkpoint as ckpt
-from vffn_jax import sharding as shd
-from vffn_jax import train_lib
+from vffn_jax.checkpoint import manager as ckpt
+from vffn_jax.parallel import sharding as shd
+from vffn_jax.model import placement
+from vffn_jax.train import optimizer
+from vffn_jax.train import step as step_lib
 from vffn_jax.config import ConfigError, MeshConfig, load_config, resolve_mesh_shapes
 
 MESH_AXES = shd.MESH_AXES
@@ -62,7 +64,7 @@ def test_dcn_sizes_need_that_many_slices():
 @pytest.mark.parametrize("variant", ["versatile", "dense", "kloop", "width_only", "depth_only", "versatile_avg", "moe"])
 def test_parameters_are_spread_over_fsdp_x_tensor(scale, variant):
     cfg = load_config(scale, variant)
-    _, abstract = train_lib.abstract_model(cfg.model)
+    _, abstract = placement.abstract_model(cfg.model)
     for fsdp, tensor in [(16, 4), (64, 1), (32, 8)]:
         mesh = jax.sharding.AbstractMesh((1, fsdp, tensor), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
         report = shd.sharding_report(abstract, shd.state_shardings(abstract, mesh))
@@ -76,7 +78,7 @@ def test_parameters_are_spread_over_fsdp_x_tensor(scale, variant):
 def test_virtual_experts_live_whole_on_one_tensor_shard(n_experts, tensor):
     cfg = load_config("tiny", "versatile", {"model.n_experts": n_experts, "model.n_heads": 8,
                                             "mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": tensor})
-    s = train_lib.setup(cfg)
+    s = placement.setup(cfg)
     f, width = cfg.model.d_ff, cfg.model.d_ff // n_experts
     ffn = s.param_shardings["layers"]["ffn"]
     for name, axis in (("w_gate", 2), ("w_up", 2), ("w_down", 1)):
@@ -92,11 +94,11 @@ def test_experts_misaligned_with_tensor_are_refused():
     cfg = load_config("tiny", "versatile", {"model.n_experts": 4, "model.n_heads": 8,
                                             "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 8})
     with pytest.raises(ConfigError, match=r"model\.n_experts=4 is not divisible by the tensor-parallel size 8"):
-        train_lib.setup(cfg)
+        placement.setup(cfg)
 
 
 def test_dry_run_reports_every_parameter_sharding():
-    info = train_lib.describe(train_lib.setup(load_config("tiny", "versatile", {"mesh.data": 1, "mesh.fsdp": 4,
+    info = placement.describe(placement.setup(load_config("tiny", "versatile", {"mesh.data": 1, "mesh.fsdp": 4,
                                                                                "mesh.tensor": 2})))
     assert info["shardings"]["layers/ffn/w_gate"]["spec"] == "P(None, 'fsdp', 'tensor')"
     assert info["shardings"]["embed"]["shards"] == 8
@@ -109,24 +111,24 @@ def test_dry_run_reports_every_parameter_sharding():
 def test_checkpoint_restores_onto_other_meshes_and_device_counts(tmp_path):
     overrides = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "model.n_heads": 4}
     cfg = load_config("tiny", "versatile", overrides)
-    src = train_lib.setup(cfg)
-    tx = train_lib.make_optimizer(cfg.train)
-    _, opt_sh = train_lib.opt_state_shardings(tx, src)
-    params, opt_state = train_lib.init_train_state(src, tx, opt_sh)
+    src = placement.setup(cfg)
+    tx = optimizer.make_optimizer(cfg.train)
+    _, opt_sh = optimizer.opt_state_shardings(tx, src)
+    params, opt_state = optimizer.init_train_state(src, tx, opt_sh)
     batch = np.random.default_rng(0).integers(0, 256, (cfg.train.batch_size, 33), dtype=np.int32)
-    step = train_lib.make_train_step(src.graphdef, tx, cfg, src.mesh, src.param_shardings, opt_sh)
-    params, opt_state, _ = step(params, opt_state, train_lib.global_batch(batch, src.mesh), jnp.asarray(0))
+    step = step_lib.make_train_step(src.graphdef, tx, cfg, src.mesh, src.param_shardings, opt_sh)
+    params, opt_state, _ = step(params, opt_state, step_lib.global_batch(batch, src.mesh), jnp.asarray(0))
     manager = ckpt.make_manager(tmp_path, cfg.run)
     ckpt.save(manager, 1, params, opt_state, force=True)
     manager.wait_until_finished()
     want_params, want_opt = jax.device_get((params, opt_state))
-    _, _, want = step(params, opt_state, train_lib.global_batch(batch, src.mesh), jnp.asarray(1))
+    _, _, want = step(params, opt_state, step_lib.global_batch(batch, src.mesh), jnp.asarray(1))
 
     for mesh_overrides, devices in (({"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}, jax.devices()[:1]),
                                     ({"mesh.data": 8, "mesh.fsdp": 1, "mesh.tensor": 1}, jax.devices())):
         cfg2 = load_config("tiny", "versatile", {**overrides, **mesh_overrides})
-        dst = train_lib.setup(cfg2, devices)
-        _, opt_sh2 = train_lib.opt_state_shardings(tx, dst)
+        dst = placement.setup(cfg2, devices)
+        _, opt_sh2 = optimizer.opt_state_shardings(tx, dst)
         abstract_opt = jax.eval_shape(tx.init, dst.abstract_params)
         got_params, got_opt = ckpt.restore(
             ckpt.make_manager(tmp_path, read_only=True), 1,
@@ -136,6 +138,6 @@ def test_checkpoint_restores_onto_other_meshes_and_device_counts(tmp_path):
         assert leaf.sharding.mesh.devices.size == len(devices)
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(got_params), want_params)
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(got_opt), want_opt)
-        step2 = train_lib.make_train_step(dst.graphdef, tx, cfg2, dst.mesh, dst.param_shardings, opt_sh2)
-        _, _, got = step2(got_params, got_opt, train_lib.global_batch(batch, dst.mesh), jnp.asarray(1))
+        step2 = step_lib.make_train_step(dst.graphdef, tx, cfg2, dst.mesh, dst.param_shardings, opt_sh2)
+        _, _, got = step2(got_params, got_opt, step_lib.global_batch(batch, dst.mesh), jnp.asarray(1))
         np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=2e-5)

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vffn_jax import data as data_lib
-from vffn_jax import shards as shards_lib
+from vffn_jax.data import pipeline as data_lib
+from vffn_jax.data import shards as shards_lib
 from vffn_jax import storage
 from vffn_jax.config import ConfigError, DataConfig, load_config
-from vffn_jax.data import batch_dataset, check_corpus, eval_batches, make_batch_iterator, shard_sources
-from vffn_jax.manifest import Manifest, Shard, read_manifest
+from vffn_jax.data.pipeline import batch_dataset, check_corpus, eval_batches, make_batch_iterator, shard_sources
+from vffn_jax.data.manifest import Manifest, Shard, read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 BYTE_TOK = {"name": "byte", "spec": "byte", "sha256": None, "vocab_size": 257, "eos_id": 256}
@@ -334,8 +334,8 @@ _TWO_PROCESS = textwrap.dedent("""
     import sys, jax
     jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]),
                                initialization_timeout=60)
-    from vffn_jax import shards
-    from vffn_jax.manifest import read_manifest
+    from vffn_jax.data import shards
+    from vffn_jax.data.manifest import read_manifest
     m = read_manifest(sys.argv[3])
     try:
         shards.check_shards(m, m.split_shards("train"))

@@ -9,8 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from vffn_jax import data as data_lib
-from vffn_jax import study
+from vffn_jax.data import pipeline as data_lib
+from vffn_jax.study import runner as study
 from vffn_jax.config import ConfigError, DataConfig
 
 
@@ -142,7 +142,7 @@ def test_micro_study_end_to_end(tmp_path):
 
 
 def test_budget_plan_grid_and_tokens_per_param(tmp_path):
-    from vffn_jax import flops
+    from vffn_jax.perf import flops
 
     grid = study.PRESETS["budget"].grid
     runs = study.plan_budget("budget", tmp_path)

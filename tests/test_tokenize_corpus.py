@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vffn_jax import manifest as manifest_lib
+from vffn_jax.data import manifest as manifest_lib
 from vffn_jax import storage
-from vffn_jax import tokenize_corpus as tc
-from vffn_jax.tokenizer import load_tokenizer
+from vffn_jax.data import tokenize_corpus as tc
+from vffn_jax.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
@@ -126,7 +126,7 @@ def test_shards_hold_at_most_shard_tokens_and_split_only_long_documents(tmp_path
 def test_tfds_input_keeps_its_validation_split(tmp_path):
     import tensorflow_datasets as tfds
 
-    from vffn_jax import data
+    from vffn_jax.data import pipeline as data
 
     corpus = data.prepare_default_corpus()
     builder = tfds.builder_from_directory(corpus)

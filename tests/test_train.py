@@ -12,8 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from vffn_jax import checkpoint as ckpt
-from vffn_jax import train_lib, trainer
+from vffn_jax.checkpoint import manager as ckpt
+from vffn_jax.model import placement
+from vffn_jax.train import optimizer
+from vffn_jax.train import loop as trainer
 from vffn_jax.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +116,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     last = ckpt.latest_step(workdir)
     assert last is not None and last < 20
     cfg = small_cfg(tmp_path)
-    s = train_lib.setup(cfg)
+    s = placement.setup(cfg)
     params, _ = ckpt.restore(ckpt.make_manager(workdir, read_only=True), last,
                              ckpt.abstract_with_shardings(s.abstract_params, s.param_shardings))
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
@@ -144,7 +146,7 @@ def test_kill_during_async_save_keeps_earlier_checkpoints(tmp_path):
     steps = ckpt.all_steps(workdir)
     assert len(steps) >= 2
     cfg = small_cfg(tmp_path)
-    s = train_lib.setup(cfg)
+    s = placement.setup(cfg)
     for step in steps:  # every checkpoint that counts as a step restores
         ckpt.restore(ckpt.make_manager(workdir, read_only=True), step,
                      ckpt.abstract_with_shardings(s.abstract_params, s.param_shardings))
@@ -155,9 +157,9 @@ def test_kill_during_async_save_keeps_earlier_checkpoints(tmp_path):
 
 
 def test_weight_decay_skips_norm_scales_only():
-    _, abstract = train_lib.abstract_model(load_config("tiny").model)
-    mask = jax.tree_util.tree_flatten_with_path(train_lib._decay_mask(abstract))[0]
-    no_decay = {train_lib.param_name(path) for path, decay in mask if not decay}
+    _, abstract = placement.abstract_model(load_config("tiny").model)
+    mask = jax.tree_util.tree_flatten_with_path(optimizer._decay_mask(abstract))[0]
+    no_decay = {placement.param_name(path) for path, decay in mask if not decay}
     assert no_decay == {"final_norm", "layers/attn_norm", "layers/ffn/norm_scale"}
     assert len(mask) > len(no_decay) + 5
 
@@ -216,7 +218,7 @@ def test_time_based_saves_back_up_step_based_ones(tmp_path):
 def test_resume_skips_a_damaged_step_and_retrains_it(tmp_path, capsys):
     """64 KiB of random bytes in the middle of the newest step's largest params file: the re-run says so,
     resumes from the step before, and reproduces the uninterrupted losses."""
-    from vffn_jax import ckpt_integrity
+    from vffn_jax.checkpoint import integrity as ckpt_integrity
 
     cfg = small_cfg(tmp_path)
     trainer.train(cfg, tmp_path / "full", progress=False)

@@ -10,14 +10,13 @@ import sys
 
 
 def exit_status(e: BaseException) -> int | None:
-    from vffn_jax.checkpoint import CheckpointDamagedError, CheckpointMismatchError
-    from vffn_jax.config import ConfigError
-    from vffn_jax.loop_actions import TrainingDivergedError
-
-    if isinstance(e, (ConfigError, FileNotFoundError, ModuleNotFoundError, CheckpointDamagedError)):
+    """The error class's own `exit_status` (ConfigError, CheckpointDamagedError: 2; CheckpointMismatchError,
+    TrainingDivergedError: 3), 2 for a missing file or module, None for anything else (a bug)."""
+    status = getattr(type(e), "exit_status", None)
+    if status is not None:
+        return status
+    if isinstance(e, (FileNotFoundError, ModuleNotFoundError)):
         return 2
-    if isinstance(e, (CheckpointMismatchError, TrainingDivergedError)):
-        return 3
     return None
 
 

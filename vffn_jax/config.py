@@ -26,6 +26,8 @@ ATTENTION_KINDS = ("auto", "xla", "splash", "cudnn")  # vffn_jax/attention.py
 class ConfigError(ValueError):
     """An invalid or inconsistent configuration; the message names the field and the fix."""
 
+    exit_status = 2  # bad input (cli_errors)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:

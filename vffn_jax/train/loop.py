@@ -7,42 +7,25 @@ commit, and returns with `summary["preempted"] = True` (train.py then exits with
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from vffn_jax import checkpoint as ckpt
-from vffn_jax import compile_cache
-from vffn_jax import storage
-from vffn_jax.config import Config, ConfigError, config_from_dict
-from vffn_jax.loop_actions import (Checkpointer, DivergenceGuard, LoopState, MetricsLog, PeriodicEval,
-                                   PreemptionWatch, Profiler, TrainingDivergedError, parse_profile_steps)
-from vffn_jax.run_log import MetricLogger, Progress
-from vffn_jax.train_lib import (describe, evaluate, global_batch, init_from_checkpoint, init_train_state,
-                                make_eval_step, make_optimizer, make_train_step, opt_state_shardings, setup,
-                                window_summary)
+from vffn_jax.checkpoint import manager as ckpt
+from vffn_jax.train import compile_cache
+from vffn_jax.rundir import prepare_workdir
+from vffn_jax.config import Config, ConfigError
+from vffn_jax.train.actions import (Checkpointer, DivergenceGuard, LoopState, MetricsLog, PeriodicEval, PreemptionWatch, Profiler, TrainingDivergedError, parse_profile_steps)
+from vffn_jax.train.metrics_log import MetricLogger, Progress
+from vffn_jax.model.placement import describe, setup
+from vffn_jax.train.step import evaluate, global_batch, make_eval_step, make_train_step, window_summary
+from vffn_jax.train.init_from import init_from_checkpoint
+from vffn_jax.train.optimizer import init_train_state, make_optimizer, opt_state_shardings
 
-__all__ = ["train", "prepare_workdir", "TrainingDivergedError", "EXIT_PREEMPTED"]
+__all__ = ["train", "TrainingDivergedError", "EXIT_PREEMPTED"]
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a preemption notice after saving; re-run the same command
-
-
-def prepare_workdir(cfg: Config, workdir, is_main: bool):
-    """Checks the workdir can be written (a missing bucket fails here, before anything is compiled),
-    refuses to resume a run whose model differs, and saves the resolved config beside the run."""
-    path = storage.check_writable(workdir, "--workdir") / "config.json"
-    if path.exists():
-        saved = config_from_dict(json.loads(path.read_text()))
-        if saved.model != cfg.model:
-            diff = {k: (getattr(saved.model, k), getattr(cfg.model, k)) for k in saved.model.__dataclass_fields__
-                    if getattr(saved.model, k) != getattr(cfg.model, k)}
-            raise ConfigError(f"{workdir} holds a run with a different model (saved vs now: {diff}); "
-                              "re-run with the same flags to resume, or use a new --workdir")
-    if is_main:
-        storage.write_text_atomic(path, cfg.to_json())
-    return path.parent
 
 
 def _say(is_main: bool, text: str) -> None:
@@ -56,7 +39,7 @@ def train(cfg: Config, workdir, *, devices=None, progress: bool = True, stop_at:
     `stop_at` ends this invocation after that step (checkpointed), as a preemption would; re-running
     continues the same schedule to `cfg.train.steps`.
     """
-    from vffn_jax import data as data_lib  # tfds/grain import lazily: dry runs and eval-only imports stay light
+    from vffn_jax.data import pipeline as data_lib  # tfds/grain import lazily: dry runs and eval-only imports stay light
 
     is_main = jax.process_index() == 0
     workdir = prepare_workdir(cfg, workdir, is_main)

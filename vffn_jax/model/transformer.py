@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vffn_jax import attention as attention_lib
-from vffn_jax import ffn as ffn_lib
+from vffn_jax.model import attention as attention_lib
+from vffn_jax.model import ffn as ffn_lib
 from vffn_jax.config import ModelConfig
-from vffn_jax.sharding import constrain
+from vffn_jax.parallel.sharding import constrain
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass

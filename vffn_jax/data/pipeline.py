@@ -80,11 +80,11 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vffn_jax import manifest as manifest_lib
+from vffn_jax.data import manifest as manifest_lib
 from vffn_jax import storage
 from vffn_jax.config import ConfigError, DataConfig
-from vffn_jax.shards import ShardWindows, check_shards
-from vffn_jax.tokenizer import Tokenizer, load_tokenizer
+from vffn_jax.data.shards import ShardWindows, check_shards
+from vffn_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 SPLITS = ("train", "validation")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -785,7 +785,7 @@ def eval_batches(cfg: DataConfig, *, seq_len: int, global_batch: int, n_batches:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["tokenize"]:  # a corpus tokenised once into shards + manifest.json (tokenize_corpus.py)
-        from vffn_jax import tokenize_corpus
+        from vffn_jax.data import tokenize_corpus
 
         return tokenize_corpus.main(argv[1:])
     parser = argparse.ArgumentParser(

@@ -7,7 +7,7 @@ tensorstore (Orbax's checkpoint I/O) reads `TENSORSTORE_GCS_HTTP_URL`, gcsfs (`e
 `gs://` paths) reads `STORAGE_EMULATOR_HOST`, and `GOOGLE_AUTH_TOKEN_FOR_TESTING` keeps tensorstore
 from looking for credentials.
 
-    python -m vffn_jax.gcs_emulator --bucket my-bucket      # prints the exports, serves until Ctrl-C
+    python -m vffn_jax.testing.gcs_emulator --bucket my-bucket      # prints the exports, serves until Ctrl-C
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ class GcsEmulator:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vffn_jax.gcs_emulator", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m vffn_jax.testing.gcs_emulator", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--port", type=int, default=4443, help="port on 127.0.0.1 (default 4443)")
     p.add_argument("--bucket", action="append", default=[], help="create this bucket (repeatable)")

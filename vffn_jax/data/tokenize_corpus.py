@@ -52,7 +52,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from vffn_jax import manifest as manifest_lib
+from vffn_jax.data import manifest as manifest_lib
 from vffn_jax import storage
 from vffn_jax.config import ConfigError
 
@@ -460,7 +460,7 @@ def _unlink_quietly(path: str) -> None:
 
 
 def _tokenizer(spec: str):
-    from vffn_jax.tokenizer import load_tokenizer  # cached per process: each worker loads it once
+    from vffn_jax.data.tokenizer import load_tokenizer  # cached per process: each worker loads it once
 
     return load_tokenizer(spec)
 

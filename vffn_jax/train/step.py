@@ -1,15 +1,10 @@
-"""Model state, optimizer, the jitted train/eval steps, and continued-pretraining initialisation
-(the loop itself is `trainer.train`).
+"""The loss, the jitted train and eval steps, and gradient accumulation.
 
-State is split NNX-style: a static `graphdef` and a pytree of parameters (`nnx.State`). The step
-is a pure `jax.jit` function of (params, opt_state, batch, step) with explicit shardings; the
+The step is a pure `jax.jit` function of (params, opt_state, batch, step) with explicit shardings; the
 Gumbel temperature and the noise key are pure functions of the step, so resume is exact.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import math
 from typing import Any
 
@@ -19,66 +14,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vffn_jax import checkpoint as ckpt
-from vffn_jax import flops as flops_lib
-from vffn_jax import sharding as shd
-from vffn_jax import storage
-from vffn_jax.config import (EXPERT_KINDS, Config, ConfigError, ModelConfig, TrainConfig, config_from_dict,
-                             tau_at, validate)
-from vffn_jax.model import Transformer
-
-
-# --------------------------------------------------------------------------- model state
-
-
-def abstract_model(model_cfg: ModelConfig, seed: int = 0):
-    """(graphdef, abstract params) without materialising any weight."""
-    return nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(seed))))
-
-
-def init_params(model_cfg: ModelConfig, mesh, seed: int = 0):
-    """Abstract-first init: eval_shape -> shardings -> jitted init that writes each shard in place."""
-    graphdef, abstract = abstract_model(model_cfg, seed)
-    shardings = shd.state_shardings(abstract, mesh)
-
-    @functools.partial(jax.jit, out_shardings=shardings)
-    def init():
-        return nnx.state(Transformer(model_cfg, nnx.Rngs(seed)))
-
-    return graphdef, init(), shardings
-
-
-def opt_state_shardings(tx: optax.GradientTransformation, s: "Setup"):
-    """(abstract optimizer state, its shardings): moments follow their parameters' logical axes."""
-    abstract_opt = jax.eval_shape(tx.init, s.abstract_params)
-    return abstract_opt, shd.state_shardings(abstract_opt, s.mesh)
-
-
-def init_train_state(s: "Setup", tx: optax.GradientTransformation, opt_shardings):
-    """Fresh (params, opt_state), each shard written in place on its device."""
-    _, params, _ = init_params(s.cfg.model, s.mesh, s.cfg.train.seed)
-    return params, jax.jit(tx.init, out_shardings=opt_shardings)(params)
-
-
-def lr_schedule(train: TrainConfig) -> optax.Schedule:
-    warmup = int(round(train.warmup_frac * train.steps))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=train.lr, warmup_steps=warmup,
-        decay_steps=max(train.steps, warmup + 1), end_value=train.lr * train.final_lr_frac)
-
-
-def _decay_mask(params):
-    """Weight decay on matrices, not on norm scales (docs/method.md)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: not any("norm" in str(getattr(k, "key", k)) for k in path), params)
-
-
-def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(train.grad_clip),
-        optax.adamw(lr_schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
-                    weight_decay=train.weight_decay, mask=_decay_mask),
-    )
+from vffn_jax.config import EXPERT_KINDS, Config, TrainConfig, tau_at
+from vffn_jax.parallel import sharding as shd
+from vffn_jax.train.optimizer import lr_schedule
 
 
 # --------------------------------------------------------------------------- loss and steps
@@ -333,130 +271,6 @@ def evaluate(eval_step, params, batches, mesh) -> dict[str, Any]:
         v = v / n
         result[k] = v.tolist() if np.ndim(v) else float(v)
     return _with_load_balance(result)
-
-
-# --------------------------------------------------------------------------- set-up shared by train and eval
-
-
-@dataclasses.dataclass
-class Setup:
-    cfg: Config
-    mesh: Any
-    graphdef: Any
-    abstract_params: Any
-    param_shardings: Any
-
-
-def setup(cfg: Config, devices=None) -> Setup:
-    devices = devices if devices is not None else jax.devices()
-    validate(cfg, n_devices=len(devices), n_slices=shd.mesh_slices(cfg.mesh, devices))
-    mesh = shd.make_mesh(cfg.mesh, devices)
-    graphdef, abstract = abstract_model(cfg.model, cfg.train.seed)
-    return Setup(cfg, mesh, graphdef, abstract, shd.state_shardings(abstract, mesh))
-
-
-param_name = shd.param_name  # re-exported: tests and tools name parameters this way
-
-
-def describe(s: Setup) -> dict[str, Any]:
-    """What `--dry-run` prints: parameter counts, FLOPs per token, mesh and every parameter's sharding."""
-    cfg = s.cfg
-    counts = flops_lib.count_params(s.abstract_params)
-    report = shd.sharding_report(s.abstract_params, s.param_shardings)
-    inference = flops_lib.inference_flops(cfg.model, cfg.train.seq_len)  # depth assumed uniform over 1..L
-    return {
-        "scale": cfg.scale, "variant": cfg.variant, "ffn": cfg.model.ffn,
-        **counts,
-        "params_analytic": flops_lib.analytic_params(cfg.model),
-        "flops_per_token_train": flops_lib.flops_per_token(cfg.model, cfg.train.seq_len, train=True),
-        **flops_lib.inference_flops_fields(inference),
-        "inference_depth_assumed": inference["depth_ideal"],  # None without a depth router
-        "inference_executed_depth_assumed": inference["depth_executed"],
-        "tokens_per_batch": cfg.train.batch_size * cfg.train.seq_len,
-        "mesh": dict(zip(s.mesh.axis_names, (int(x) for x in s.mesh.devices.shape))),
-        "devices": f"{s.mesh.devices.size} x {s.mesh.devices.flat[0].device_kind}",
-        "shardings": report["params"],
-        "param_bytes_per_device": report["bytes_per_device"],
-        "replicated_param_fraction": report["replicated_fraction"],
-        "redundant_param_fraction": report["redundant_fraction"],
-    }
-
-
-# --------------------------------------------------------------------------- continued pretraining (docs/method.md)
-
-SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff")  # must match between source and run
-
-
-def resolve_init_source(source, step: int = -1) -> tuple[Any, int]:
-    """(source run directory, checkpoint step) for `train.init_from`: a workdir written by train.py,
-    its `checkpoints/` folder or one `checkpoints/<step>` folder; `step=-1` is the latest."""
-    path = storage.check_readable(source, "train.init_from")
-    if path.name.isdigit() and path.parent.name == "checkpoints":
-        if step not in (-1, int(path.name)):
-            raise ConfigError(f"train.init_from={source} names step {path.name} but train.init_step={step}; drop one")
-        path, step = path.parent.parent, int(path.name)
-    elif path.name == "checkpoints" and not (path / "checkpoints").exists():
-        path = path.parent
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"train.init_from={source}: {path} has no config.json; point --init-from at a run "
-                          "directory written by train.py (it holds config.json and checkpoints/)")
-    steps = ckpt.all_steps(path)
-    if not steps:
-        raise ConfigError(f"train.init_from={source}: {path} has no checkpoints to initialise from")
-    if step == -1:
-        step = steps[-1]
-    elif step not in steps:
-        raise ConfigError(f"train.init_step={step} is not a checkpoint of {path}; available steps: {steps}")
-    return path, step
-
-
-def check_init_compatible(source: ModelConfig, model: ModelConfig, where: Any) -> None:
-    """Raises ConfigError naming the first shape field that differs between the source run and this one."""
-    for name in SHAPE_FIELDS:
-        a, b = getattr(source, name), getattr(model, name)
-        if a != b:
-            raise ConfigError(
-                f"train.init_from={where}: model.{name} differs (source {a}, this run {b}); continued pretraining "
-                f"copies weights of the same shape: set --set model.{name}={a} or initialise from another run")
-
-
-def init_from_checkpoint(s: Setup, tx: optax.GradientTransformation, opt_shardings, source,
-                         step: int = -1):
-    """Fresh train state for continued pretraining from another run's checkpoint (any variant).
-
-    Restores only the source's `params` item, built from its own config.json, into this mesh's
-    shardings; every parameter of this model whose name and shape exist there is copied (attention,
-    norms, embeddings, the FFN's weights), the others (new routers, moe experts) keep this model's
-    own initialisation with `train.seed`. The optimizer state is fresh; the caller starts at step 0
-    with a fresh data iterator. Returns `(params, opt_state, info)`; `info` names what was copied.
-    """
-    src_dir, step = resolve_init_source(source, step)
-    src_cfg = config_from_dict({"model": json.loads((src_dir / "config.json").read_text())["model"]})  # shapes only
-    check_init_compatible(src_cfg.model, s.cfg.model, source)
-    _, src_abstract = abstract_model(src_cfg.model)
-    src_params, _ = ckpt.restore(ckpt.make_manager(src_dir, read_only=True), step,
-                                 ckpt.abstract_with_shardings(src_abstract, shd.state_shardings(src_abstract, s.mesh)))
-    by_name = {param_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(src_params)[0]}
-    _, fresh, _ = init_params(s.cfg.model, s.mesh, s.cfg.train.seed)
-    copied, new = [], []
-
-    def pick(path, leaf):
-        name, src = param_name(path), by_name.get(param_name(path))
-        if src is not None and src.shape == leaf.shape:
-            copied.append(name)
-            return src.astype(leaf.dtype)
-        new.append(name)
-        return leaf
-
-    params = jax.device_put(jax.tree_util.tree_map_with_path(pick, fresh), s.param_shardings)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    info = {"init_from": str(src_dir), "init_from_step": step, "init_from_ffn": src_cfg.model.ffn,
-            "init_copied": copied, "init_fresh": new, "init_dropped": sorted(set(by_name) - set(copied))}
-    if jax.process_index() == 0:
-        print(f"vffn_jax: initialised from {src_dir} step {step} (ffn={src_cfg.model.ffn}): {len(copied)} parameters "
-              f"copied, fresh: {new or 'none'}, not used: {info['init_dropped'] or 'none'}; optimizer and step reset",
-              flush=True)
-    return params, opt_state, info
 
 
 # --------------------------------------------------------------------------- logging helpers

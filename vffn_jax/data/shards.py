@@ -34,7 +34,7 @@ import numpy as np
 
 from vffn_jax import storage
 from vffn_jax.config import ConfigError
-from vffn_jax.manifest import Manifest, Shard
+from vffn_jax.data.manifest import Manifest, Shard
 
 VERIFY_MODES = ("sha256", "size")
 HASH_CHUNK = 8 << 20  # bytes per read while hashing

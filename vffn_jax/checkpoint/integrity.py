@@ -64,6 +64,8 @@ class CheckpointDamagedError(RuntimeError):
     `problem` (what is wrong) and `problems` (every problem found, as readable lines).
     """
 
+    exit_status = 2  # bad input (cli_errors): the message names the file and lists intact steps
+
     def __init__(self, message: str, *, step: int | None = None, item: str | None = None,
                  file: str | None = None, problem: str | None = None, problems: Sequence[str] = ()):
         super().__init__(message)

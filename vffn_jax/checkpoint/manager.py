@@ -31,9 +31,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vffn_jax import ckpt_integrity as integrity
+from vffn_jax.checkpoint import integrity
 from vffn_jax import storage
-from vffn_jax.ckpt_integrity import CheckpointDamagedError, CheckpointUnreadableError
+from vffn_jax.checkpoint.integrity import CheckpointDamagedError, CheckpointUnreadableError
 from vffn_jax.config import RunConfig
 from vffn_jax.storage import as_path
 
@@ -44,6 +44,8 @@ __all__ = ["CheckpointDamagedError", "CheckpointMismatchError", "CheckpointUnrea
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's parameter shapes or names don't match the configured model."""
+
+    exit_status = 3  # the run and its checkpoint disagree
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
@@ -100,7 +102,7 @@ def save(manager: ocp.CheckpointManager, step: int, params, opt_state, data_iter
     writer = _writer(manager)
     writer.wait()
     items = {"params": ocp.args.StandardSave(params)}
-    if opt_state is not None:  # None: a params-only checkpoint (python -m vffn_jax.export)
+    if opt_state is not None:  # None: a params-only checkpoint (python -m vffn_jax.checkpoint.export)
         items["opt_state"] = ocp.args.StandardSave(opt_state)
     if data_iter is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_iter)

@@ -21,13 +21,15 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from vffn_jax import checkpoint as ckpt
-from vffn_jax import flops as flops_lib
+from vffn_jax.checkpoint import manager as ckpt
+from vffn_jax.perf import flops as flops_lib
 from vffn_jax import storage
 
 
 class TrainingDivergedError(RuntimeError):
     """Loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
+
+    exit_status = 3  # the run diverged
 
 
 @dataclasses.dataclass

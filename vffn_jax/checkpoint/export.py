@@ -1,6 +1,6 @@
 """Export a run's parameters for inference: a params-only checkpoint plus `config.json`.
 
-    python -m vffn_jax.export --workdir runs/tiny --out runs/tiny-export [--step N] [--dtype bfloat16]
+    python -m vffn_jax.checkpoint.export --workdir runs/tiny --out runs/tiny-export [--step N] [--dtype bfloat16]
 
 The output is a run directory without optimizer state or data-iterator state (about a third of a
 training checkpoint in f32, a sixth in bf16), checksummed like every checkpoint, that `eval.py` and
@@ -21,20 +21,22 @@ def export(workdir, out, *, step: int | None = None, dtype: str | None = None, d
     """Writes `out/config.json` and `out/checkpoints/<step>/params`; returns a summary."""
     import jax
 
-    from vffn_jax import checkpoint as ckpt
-    from vffn_jax import eval_lib, storage, trainer
+    from vffn_jax.checkpoint import manager as ckpt
+    from vffn_jax.checkpoint import restore
+    from vffn_jax import storage
+    from vffn_jax import rundir
     from vffn_jax.config import ConfigError
 
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype={dtype!r}: choose one of {DTYPES}")
-    run = eval_lib.restore_params(workdir, step, devices)
-    saved = eval_lib.load_run_config(workdir)  # the run's own mesh and batch, not the ones fitted to this host
+    run = restore.restore_params(workdir, step, devices)
+    saved = restore.load_run_config(workdir)  # the run's own mesh and batch, not the ones fitted to this host
     cfg = saved if dtype is None else dataclasses.replace(saved, model=dataclasses.replace(saved.model, param_dtype=dtype))
     params = run.params if dtype is None else jax.tree.map(lambda x: x.astype(dtype), run.params)
     out = storage.as_path(out)
     if ckpt.all_steps(out):
         raise ConfigError(f"--out={out} already holds checkpoints; export into an empty folder")
-    trainer.prepare_workdir(cfg, out, is_main=jax.process_index() == 0)
+    rundir.prepare_workdir(cfg, out, is_main=jax.process_index() == 0)
     manager = ckpt.make_manager(out, cfg.run)
     ckpt.save(manager, run.step, params, None, force=True)
     ckpt.wait_until_finished(manager)
@@ -45,7 +47,7 @@ def export(workdir, out, *, step: int | None = None, dtype: str | None = None, d
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vffn_jax.export", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m vffn_jax.checkpoint.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="the training run (local or gs://)")
     p.add_argument("--out", required=True, help="an empty folder for the export (local or gs://)")

@@ -64,7 +64,8 @@ from typing import Any
 
 import numpy as np
 
-from vffn_jax import compile_cache, storage
+from vffn_jax.train import compile_cache
+from vffn_jax import storage
 from vffn_jax import config as config_lib
 from vffn_jax.config import DEPTH_KINDS, Config, ConfigError
 
@@ -227,7 +228,7 @@ def build_stdlib_corpus(out_dir: Path, max_files: int | None = None, root: Path 
     exactly those pieces. Files that are not valid UTF-8 (a few deliberate encoding tests) and empty
     files are skipped. `max_files` keeps only the first files of the hashed order (smoke tests).
     """
-    from vffn_jax.data import _split_range
+    from vffn_jax.data.pipeline import _split_range
 
     root = Path(root or sysconfig.get_paths()["stdlib"])
     ver = f"py{sys.version_info.major}.{sys.version_info.minor}"
@@ -295,7 +296,7 @@ class RunSpec:
 def local_work_dir(out) -> Path:
     """Where the study keeps its corpus and token cache: inside `out` when it is local, else in the
     local cache root (a gs:// study writes run outputs to the bucket but tokenises on this machine)."""
-    from vffn_jax.data import cache_root
+    from vffn_jax.data.pipeline import cache_root
 
     if not storage.is_gcs(out):
         return Path(os.fspath(storage.as_path(out)))
@@ -377,7 +378,7 @@ def _final_eval(rows: list[dict[str, Any]], steps: int) -> dict[str, Any] | None
 
 def is_finished(spec: RunSpec) -> bool:
     """Finished: a checkpoint at `steps`, the held-out loss logged at `steps`, and the same config."""
-    from vffn_jax import checkpoint as ckpt
+    from vffn_jax.checkpoint import manager as ckpt
 
     wd = spec.workdir
     if not (wd / "config.json").is_file() or _final_eval(_read_metrics(wd), spec.cfg.train.steps) is None:
@@ -395,7 +396,7 @@ def is_finished(spec: RunSpec) -> bool:
 
 def run_one(spec: RunSpec, devices, log=print) -> dict[str, Any]:
     """Trains (or resumes, or skips when finished) one run; returns its collected numbers."""
-    from vffn_jax import trainer
+    from vffn_jax.train import loop as trainer
 
     record = spec.workdir / "study_run.json"
     tag = f"{spec.regime}/{spec.variant}/seed{spec.seed}"
@@ -416,7 +417,7 @@ def run_one(spec: RunSpec, devices, log=print) -> dict[str, Any]:
 
 def collect(spec: RunSpec) -> dict[str, Any]:
     """The numbers of one finished run, from its metrics.jsonl and config."""
-    from vffn_jax import flops as flops_lib
+    from vffn_jax.perf import flops as flops_lib
 
     cfg, m = spec.cfg, spec.cfg.model
     rows = _read_metrics(spec.workdir)
@@ -717,7 +718,7 @@ def write_plots(out, agg: dict[str, dict[str, dict[str, Any]]], variants: list[s
 def budget_points(preset_name: str, user_overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """[{width, tokens_per_param (asked), params (dense, analytic total), steps, tokens, tpp (actual)}] of a
     budget preset, in grid order (width, then budget)."""
-    from vffn_jax import flops as flops_lib
+    from vffn_jax.perf import flops as flops_lib
 
     preset = PRESETS[preset_name]
     grid = preset.grid
@@ -800,7 +801,7 @@ def describe_budget_plan(preset_name: str, specs: list[RunSpec], finished: set[s
     by_point: dict[tuple[int, float], list[RunSpec]] = {}
     for s in specs:
         by_point.setdefault((s.width, s.tpp), []).append(s)
-    from vffn_jax import flops as flops_lib
+    from vffn_jax.perf import flops as flops_lib
 
     for (w, tpp), runs in sorted(by_point.items()):
         est = [estimate_seconds(preset_name, s) for s in runs]
@@ -916,7 +917,7 @@ def _trend_sentence(t: dict[str, Any]) -> str:
 
 
 def collect_budget(spec: RunSpec) -> dict[str, Any]:
-    from vffn_jax import flops as flops_lib
+    from vffn_jax.perf import flops as flops_lib
 
     r = collect(spec)
     params_dense = flops_lib.analytic_params(dataclasses.replace(spec.cfg.model, ffn="dense"))

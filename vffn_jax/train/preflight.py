@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vffn_jax import checkpoint as ckpt
-from vffn_jax import sharding as shd
-from vffn_jax import train_lib
+from vffn_jax.checkpoint import manager as ckpt
+from vffn_jax.parallel import sharding as shd
+from vffn_jax.model import placement
+from vffn_jax.train import optimizer
+from vffn_jax.train import step as step_lib
 from vffn_jax.config import Config, ConfigError
 
 GiB = 1024 ** 3
@@ -79,10 +81,10 @@ def topology_devices(name: str) -> list:
 
 def compile_train_step(cfg: Config, devices) -> dict[str, Any]:
     """AOT-compiles the training step on `devices` (real or a topology's) and returns its memory per device."""
-    s = train_lib.setup(cfg, devices)
-    tx = train_lib.make_optimizer(cfg.train)
-    abstract_opt, opt_shardings = train_lib.opt_state_shardings(tx, s)
-    step = train_lib.make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_shardings)
+    s = placement.setup(cfg, devices)
+    tx = optimizer.make_optimizer(cfg.train)
+    abstract_opt, opt_shardings = optimizer.opt_state_shardings(tx, s)
+    step = step_lib.make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_shardings)
     params = ckpt.abstract_with_shardings(s.abstract_params, s.param_shardings)
     opt_state = ckpt.abstract_with_shardings(abstract_opt, opt_shardings)
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
@@ -139,8 +141,8 @@ def predict_speed(cfg: Config, step, abstract_args, *, n_devices: int, device_ki
     (XLA counts a loop body once, so its figure is a lower bound too). Time >= max(FLOPs / peak,
     bytes / HBM bandwidth) per chip.
     """
-    from vffn_jax import flop_count
-    from vffn_jax import flops as flops_lib
+    from vffn_jax.perf import flop_trace as flop_count
+    from vffn_jax.perf import flops as flops_lib
 
     tokens = cfg.train.batch_size * cfg.train.seq_len
     analytic = flops_lib.flops_per_token(cfg.model, cfg.train.seq_len, train=True) * tokens

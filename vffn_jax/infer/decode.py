@@ -49,11 +49,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vffn_jax import attention as attention_lib
-from vffn_jax import ffn as ffn_lib
-from vffn_jax import sampling
+from vffn_jax.model import attention as attention_lib
+from vffn_jax.model import ffn as ffn_lib
+from vffn_jax.infer import sampling
 from vffn_jax.config import DEPTH_KINDS, ConfigError, ModelConfig
-from vffn_jax.sharding import constrain, logical_to_spec
+from vffn_jax.parallel.sharding import constrain, logical_to_spec
 
 CACHE_AXES = ("layers", "act_batch", "act_seq", "act_heads", None)
 MIN_BUCKET = 16
@@ -328,7 +328,7 @@ def make_decoder(m: ModelConfig, options: DecodeOptions, mesh=None) -> Decoder:
     pre = jax.jit(functools.partial(prefill_state, m, options))
     dec = jax.jit(functools.partial(decode_loop, m, options), donate_argnums=(1,))
     if mesh is not None:
-        from vffn_jax.sharding import on_mesh
+        from vffn_jax.parallel.sharding import on_mesh
 
         pre, dec = on_mesh(pre, mesh), on_mesh(dec, mesh)
     return Decoder(m, options, mesh, pre, dec)

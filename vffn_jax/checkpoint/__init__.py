@@ -1,0 +1,1 @@
+"""Checkpoints: the Orbax manager, integrity checksums, params-only restore, export."""

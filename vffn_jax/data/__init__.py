@@ -1,0 +1,1 @@
+"""Data: tokenizers, source readers, tokenising into shards (+ manifest), the grain pipeline, the default corpus."""

@@ -1,0 +1,1 @@
+"""Inference: the KV-cache generation loop and sampling."""

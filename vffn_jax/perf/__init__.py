@@ -1,0 +1,1 @@
+"""Performance accounting: analytic parameter/FLOP counts, MFU peaks, FLOPs traced from a jaxpr."""

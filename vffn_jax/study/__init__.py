@@ -1,0 +1,1 @@
+"""Studies: every variant x regime x seed trained and compared (presets, plan, run, statistics, report, plots)."""
