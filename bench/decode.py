@@ -2,7 +2,7 @@
 """Decode speed of dense, kloop (K=4), depth_only and versatile at the same shape, side by side.
 
 For each variant and batch size (default 1 and 8): random prompts of --prompt-len tokens, then
---new-tokens tokens per row with the KV cache (`vffn_jax.decode.generate`, temperature-1 sampling,
+--new-tokens tokens per row with the KV cache (`vffn_jax.infer.decode.generate`, temperature-1 sampling,
 EOS ignored so every row runs the full budget). Times the decode loop only (the prefill and the
 compile are excluded: every configuration is compiled and run once first), in interleaved rounds so
 machine noise hits all variants alike; the table reports the median over rounds.

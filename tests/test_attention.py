@@ -14,7 +14,7 @@ from vffn_jax.model import placement
 from vffn_jax.train import optimizer
 from vffn_jax.train import step as step_lib
 from vffn_jax.config import ConfigError, MeshConfig, ModelConfig, load_config, validate
-from vffn_jax.model.transformer import Attention, Transformer
+from vffn_jax.model.transformer import Attention, Transformer, attention, causal_attend
 
 EOS = 5
 SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, n_experts=4, top_k=2, max_depth=3)
@@ -84,11 +84,12 @@ def test_attention_layer_doc_mask_equals_documents_run_separately_with_rope_rest
     """Layer level, RoPE included: the packed row (absolute RoPE positions) equals every document run
     alone from position 0 (RoPE scores depend only on q-k offsets, so restarting positions is a no-op)."""
     cfg = ModelConfig(**SMALL, doc_mask=True, eos_id=EOS)
-    layer = Attention(cfg, nnx.Rngs(0))
+    p = nnx.to_pure_dict(nnx.state(Attention(cfg, nnx.Rngs(0))))
     toks = packed_tokens(2, 48, seed=1)
     x = jax.random.normal(jax.random.key(2), (2, 48, cfg.d_model))
-    got = np.asarray(jax.jit(lambda x, s: layer(x, s))(x, attn.segment_ids(toks, EOS)))
-    w = {n: np.asarray(getattr(layer, n)[...], np.float64) for n in ("w_q", "w_k", "w_v", "w_o")}
+    run = lambda x, s: attention(cfg, p, x, jnp.arange(48), causal_attend(cfg, s))[0]
+    got = np.asarray(jax.jit(run)(x, attn.segment_ids(toks, EOS)))
+    w = {n: np.asarray(p[n], np.float64) for n in ("w_q", "w_k", "w_v", "w_o")}
     for b in range(2):
         for s, e in doc_bounds(np.asarray(toks[b])):
             xd = np.asarray(x[b, s:e], np.float64)

@@ -117,6 +117,29 @@ def test_while_loop_inference_equals_run_all_and_select():
     assert "while" in jaxpr
 
 
+def test_inference_active_mask_and_width_skip():
+    """`active` (the decoder's padding / finished rows): inactive tokens run depth 1, active tokens keep their
+    output; when every active token runs all L loops the width path is skipped, which changes nothing."""
+    p = make_params()
+    x = inputs(shape=(4, 7, D))
+    kw = dict(n_experts=E, top_k=K, max_depth=L)
+    y, aux = ffn.versatile_ffn(p, x, **kw)
+    assert len(np.unique(aux["depth"])) > 2
+    active = (aux["depth"] > 1) & (jnp.arange(7) % 2 == 0)
+    y_m, aux_m = ffn.versatile_ffn(p, x, active=active, **kw)
+    np.testing.assert_array_equal(aux_m["depth"], jnp.where(active, aux["depth"], 1))
+    np.testing.assert_allclose(y_m[active], y[active], rtol=1e-6, atol=1e-6)
+    deepest = aux["depth"] == L
+    y_d, _ = ffn.versatile_ffn(p, x, active=deepest, **kw)
+    np.testing.assert_array_equal(y_d[deepest], y[deepest])  # alpha = 0 there: the width path added exactly 0
+    jaxpr = str(jax.make_jaxpr(lambda a, m: ffn.versatile_ffn(p, a, active=m, **kw))(x, deepest))
+    assert "cond" in jaxpr
+    _, aux_d = ffn.depth_ffn(p, x, max_depth=L, active=active)
+    np.testing.assert_array_equal(aux_d["depth"], jnp.where(active, aux["depth"], 1))
+    with pytest.raises(ValueError, match="inference"):
+        ffn.versatile_ffn(p, x, train=True, rng=jax.random.key(0), active=active, **kw)
+
+
 def test_train_forward_equals_inference_formula_at_sampled_depths():
     p = make_params()
     x = inputs()

@@ -1,4 +1,4 @@
-"""KV-cache decoding (vffn_jax/decode.py), sampling and generate.py.
+"""KV-cache decoding (vffn_jax/infer/decode.py), sampling and generate.py.
 
 The central check: prefill + one-token cached steps give the full forward's logits (and each token's
 per-layer depth) at every position, for every FFN variant, with rows of different prompt lengths."""

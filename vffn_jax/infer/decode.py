@@ -2,9 +2,10 @@
 
 Everything here is a function of `(ModelConfig, params)` where `params` is the nested dict of arrays
 of a restored run (`eval_lib.restore_params(...).params`, an `nnx.State`, goes through `pure_params`).
-The math is the model's own: `model.rope`'s formula at explicit positions, `ffn.rms_norm`, the
-attention kernels of `attention.py` and the FFN functions of `ffn.py` — no weights are copied or
-re-laid out, the stacked `[layers, ...]` parameters are scanned over like `Transformer._run_layers`.
+The model is the model's own code: prefill and the decode step scan `model.transformer.layer` over the
+stacked `[layers, ...]` parameters, exactly like the full forward (`Transformer._run_layers`), with
+`embed` and `head` around it; only the attention kernel differs in a decode step. What is here is
+decode-specific: the cache, the attention of one query over it, the generation loop and its driver.
 
 Cache layout (one pytree, per decode batch):
   * `k`, `v`: `[layers, B, S, N, H]` in the compute dtype (`model.dtype`), S = the cache length
@@ -15,23 +16,24 @@ Cache layout (one pytree, per decode batch):
   * `seg`: `[B, S]` int32 document index of each cached token (`model.doc_mask`; zeros otherwise).
 
 Prefill runs the prompt batch (right-padded to one bucket length T, rows of different lengths) through
-the layer scan with the configured attention kernel, causal within the prompt — the same computation
-as the full forward — and writes each layer's K/V for positions `[0, T)` into the cache. Padded
-positions are marked inactive: they are masked out of every later attention (a key at position j is
-visible to a query at position p only if j < p) and are overwritten as the row generates.
+the layer scan with the configured attention kernel, causal within the prompt — the full forward's
+computation — and writes each layer's K/V for positions `[0, T)` into the cache. Padded positions are
+marked inactive: they are masked out of every later attention (a key at position j is visible to a
+query at position p only if j < p) and are overwritten as the row generates.
 
 A decode step feeds one token per row at its own position `pos[b]` (rows advance independently):
 the scan over layers reads that layer's cache slice (read-only), attends the new query to the cached
-keys `j < pos[b]` plus its own key (one softmax over both), and returns the layer's new K/V; after the
-scan they are scattered into the cache at `[:, b, pos[b]]` (in place inside the decode loop).
+keys `j < pos[b]` plus its own key (one softmax over both, `cached_attention`), and returns the layer's
+new K/V; after the scan they are scattered into the cache at `[:, b, pos[b]]` (in place inside the
+decode loop).
 
-Depth at inference (docs/method.md): each token runs its own `argmax(depth_logits) + 1` loops; one
-`lax.while_loop` per layer runs to the deepest *active* token of the step (finished or padding rows are
-forced to depth 1, so they never extend the loop) and masks the others, exactly `ffn.depth_infer`.
-So the *executed* loops of a layer in a step are `max(depth)` over the active rows, while each token's
-own depth is what its output depends on; both are returned. Versatile skips its width path (one
-down-projection) when no active token in the step has alpha > 0. Dense/kloop/width_only/moe call
-`ffn.apply_ffn` unchanged (depth = 1, or K for kloop).
+Depth at inference (docs/method.md): the FFN is the inference FFN of the eval forward
+(`ffn.apply_ffn(train=False)`) given the step's `active` tokens: each token runs its own
+`argmax(depth_logits) + 1` loops in one `lax.while_loop` per layer that stops at the deepest *active*
+token (finished or padding rows are forced to depth 1), and versatile skips its width path when no
+active token has alpha > 0. So the *executed* loops of a layer in a step are `max(depth)` over the
+active rows, while each token's own depth is what its output depends on; both are returned.
+Dense/kloop/width/moe run a fixed number of loops (1, or K for kloop: `loops_per_layer`).
 
 The generation loop (`make_decoder`) is two jitted programs: `prefill` (prompt -> cache, first token)
 and `decode` (a `lax.while_loop` over new tokens that stops when every row has finished: EOS, the
@@ -50,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vffn_jax.model import attention as attention_lib
-from vffn_jax.model import ffn as ffn_lib
+from vffn_jax.model import transformer
 from vffn_jax.infer import sampling
 from vffn_jax.config import DEPTH_KINDS, ConfigError, ModelConfig
 from vffn_jax.parallel.sharding import constrain, logical_to_spec
@@ -75,34 +77,12 @@ def loops_per_layer(m: ModelConfig) -> int | None:
     return m.n_loops if m.ffn == "kloop" else 1
 
 
-# --------------------------------------------------------------------------- pieces of one layer
-
-
-def rope_at(x_btnh, positions_bt, theta: float):
-    """`model.rope` at explicit per-token positions `[B, T]` (the same formula, so the same values)."""
-    head_dim = x_btnh.shape[-1]
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    x32 = x_btnh.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_btnh.dtype)
-
-
-def _qkv(m: ModelConfig, lp, h, positions):
-    dtype = jnp.dtype(m.dtype)
-    x = ffn_lib.rms_norm(h, lp["attn_norm"], m.norm_eps).astype(dtype)
-    a = lp["attn"]
-    q = rope_at(jnp.einsum("btd,dnh->btnh", x, a["w_q"].astype(dtype)), positions, m.rope_theta)
-    k = rope_at(jnp.einsum("btd,dnh->btnh", x, a["w_k"].astype(dtype)), positions, m.rope_theta)
-    v = jnp.einsum("btd,dnh->btnh", x, a["w_v"].astype(dtype))
-    return tuple(constrain(t, "act_batch", "act_seq", "act_heads", None) for t in (q, k, v))
-
-
-def _attn_out(m: ModelConfig, lp, h, att):
-    w_o = lp["attn"]["w_o"].astype(jnp.dtype(m.dtype))
-    return h + jnp.einsum("btnh,nhd->btd", att, w_o).astype(h.dtype)
+def _token_depth(m: ModelConfig, aux, shape):
+    """Each token's FFN loops in one layer `[B, T]`: the depth router's choice (1 for inactive tokens), or
+    the variant's fixed count."""
+    if "depth" in aux:
+        return aux["depth"]
+    return jnp.full(shape, loops_per_layer(m), jnp.int32)
 
 
 def cached_attention(q, k_new, v_new, k_cache, v_cache, visible):
@@ -115,59 +95,6 @@ def cached_attention(q, k_new, v_new, k_cache, v_cache, visible):
     p_cache, p_self = probs[..., :-1].astype(q.dtype), probs[..., -1].astype(q.dtype)  # [B,N,T,S], [B,N,T]
     out = jnp.einsum("bnts,bsnh->btnh", p_cache, v_cache) + jnp.swapaxes(p_self, 1, 2)[..., None] * v_new
     return out
-
-
-def ffn_infer(m: ModelConfig, p, x, active):
-    """One layer's inference FFN on `x [B, T, d]`: `(y, depth [B, T] int32, executed loops () int32)`.
-
-    Depth-routed variants mirror `ffn.versatile_ffn` / `ffn.depth_ffn` with `train=False`, built from the
-    same pieces, except that inactive tokens (`active [B, T]` false: padding, finished rows) get depth 1
-    so the while_loop stops at the deepest *active* token."""
-    dtype = jnp.dtype(m.dtype)
-    fixed = loops_per_layer(m)
-    if fixed is not None:
-        y, _ = ffn_lib.apply_ffn(m.ffn, p, x, n_experts=m.n_experts, top_k=m.top_k, max_depth=m.max_depth,
-                                 n_loops=m.n_loops, train=False, dtype=dtype, eps=m.norm_eps)
-        return y, jnp.full(x.shape[:-1], fixed, jnp.int32), jnp.asarray(fixed, jnp.int32)
-    L = m.max_depth
-    pc = {k: v.astype(dtype) for k, v in p.items()}
-    x32 = x.astype(jnp.float32)
-    depth_logits = x32 @ p["depth_router"].astype(jnp.float32)
-    _, depth = ffn_lib.depth_choice(depth_logits, train=False, tau=1.0, rng=None)
-    depth = jnp.where(active, depth, 1)
-    hidden = ffn_lib.swiglu_hidden(pc, x, m.norm_eps)
-    y1 = x + hidden @ pc["w_down"]
-    x_depth = ffn_lib.depth_infer(pc, y1, depth, eps=m.norm_eps)
-    loops = jnp.max(depth)
-    if m.ffn == "depth_only":
-        return x_depth, depth, loops
-    expert_logits = x32 @ p["expert_router"].astype(jnp.float32)
-    gates, _ = ffn_lib.expert_gates(expert_logits, m.top_k)
-    if m.ffn == "versatile_avg":
-        alpha = jnp.full(depth.shape, 0.5, jnp.float32)
-    else:
-        alpha = (L - depth.astype(jnp.float32)) / L
-    a = alpha[..., None].astype(x.dtype)
-
-    def fuse():
-        return (1 - a) * x_depth + a * ffn_lib.width_from_hidden(pc, x, hidden, gates)
-
-    if m.ffn == "versatile":  # alpha == 0 for every active token: the width path would add exactly 0
-        return jax.lax.cond(jnp.any((alpha > 0) & active), fuse, lambda: x_depth), depth, loops
-    return fuse(), depth, loops
-
-
-def _embed(m: ModelConfig, params, tokens_bt):
-    table = constrain(params["embed"], None, "act_embed")
-    h = jnp.take(table, tokens_bt, axis=0).astype(jnp.dtype(m.dtype))
-    return constrain(h, "act_batch", "act_seq", "act_embed")
-
-
-def _head(m: ModelConfig, params, h_btd):
-    h = ffn_lib.rms_norm(h_btd, params["final_norm"], m.norm_eps)
-    logits = jnp.einsum("btd,dv->btv", h, params["lm_head"].astype(jnp.dtype(m.dtype)),
-                        preferred_element_type=jnp.float32)
-    return constrain(logits, "act_batch", "act_seq", "act_vocab")
 
 
 # --------------------------------------------------------------------------- prefill and one decode step
@@ -183,26 +110,26 @@ def prefill(m: ModelConfig, params, tokens_bt, lengths_b, cache_len: int, *, all
     b, t = tokens_bt.shape
     if cache_len < t:
         raise ValueError(f"cache_len {cache_len} < prompt length {t}")
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    active = positions < lengths_b[:, None]
+    positions = jnp.arange(t)
+    active = positions[None, :] < lengths_b[:, None]
     seg = attention_lib.segment_ids(tokens_bt, m.eos_id) if m.doc_mask else None
+    attend = transformer.causal_attend(m, seg)
 
-    def layer(h, lp):
-        h = constrain(h, "act_batch", "act_seq", "act_embed")
-        q, k, v = _qkv(m, lp, h, positions)
-        x = _attn_out(m, lp, h, attention_lib.attend(q, k, v, seg, kind=m.attention))
-        y, depth, loops = ffn_infer(m, lp["ffn"], x, active)
-        return y, (k, v, depth, loops)
+    def body(h, p):
+        y, aux, (k, v) = transformer.layer(m, p, h, positions, attend, active=active)
+        depth = _token_depth(m, aux, (b, t))
+        return y, (k, v, depth, jnp.max(depth))
 
-    h, (k, v, depth, loops) = jax.lax.scan(layer, _embed(m, params, tokens_bt), params["layers"])
+    h, (k, v, depth, loops) = jax.lax.scan(body, transformer.embed(m, params["embed"], tokens_bt), params["layers"])
     pad = ((0, 0), (0, 0), (0, cache_len - t), (0, 0), (0, 0))
     cache = {"k": constrain(jnp.pad(k, pad), *CACHE_AXES), "v": constrain(jnp.pad(v, pad), *CACHE_AXES),
              "seg": jnp.pad(seg if seg is not None else jnp.zeros((b, t), jnp.int32), ((0, 0), (0, cache_len - t)))}
     last = jnp.clip(lengths_b - 1, 0, t - 1)
     if all_logits:
-        logits = _head(m, params, h)
+        logits = transformer.head(m, params["final_norm"], params["lm_head"], h)
     else:
-        logits = _head(m, params, jnp.take_along_axis(h, last[:, None, None], axis=1))[:, 0]
+        logits = transformer.head(m, params["final_norm"], params["lm_head"],
+                                  jnp.take_along_axis(h, last[:, None, None], axis=1))[:, 0]
     if m.doc_mask:
         last_tok = jnp.take_along_axis(tokens_bt, last[:, None], axis=1)[:, 0]
         next_seg = jnp.take_along_axis(seg, last[:, None], axis=1)[:, 0] + (last_tok == m.eos_id)
@@ -223,21 +150,21 @@ def decode_step(m: ModelConfig, params, cache, tokens_b, pos_b, seg_b, active_b)
         visible = visible & (cache["seg"] == seg_b[:, None])
     active = active_b[:, None]
 
-    def layer(h, xs):
-        lp, k_cache, v_cache = xs
-        h = constrain(h, "act_batch", "act_seq", "act_embed")
-        q, k, v = _qkv(m, lp, h, positions)
-        x = _attn_out(m, lp, h, cached_attention(q, k, v, k_cache, v_cache, visible))
-        y, depth, loops = ffn_infer(m, lp["ffn"], x, active)
-        return y, (k[:, 0], v[:, 0], depth[:, 0], loops)
+    def body(h, xs):
+        p, k_cache, v_cache = xs
+        attend = functools.partial(cached_attention, k_cache=k_cache, v_cache=v_cache, visible=visible)
+        y, aux, (k, v) = transformer.layer(m, p, h, positions, attend, active=active)
+        depth = _token_depth(m, aux, (b, 1))
+        return y, (k[:, 0], v[:, 0], depth[:, 0], jnp.max(depth))
 
-    h, (k, v, depth, loops) = jax.lax.scan(layer, _embed(m, params, tokens_b[:, None]),
+    h, (k, v, depth, loops) = jax.lax.scan(body, transformer.embed(m, params["embed"], tokens_b[:, None]),
                                            (params["layers"], cache["k"], cache["v"]))
     rows = jnp.arange(b)
     cache = {"k": constrain(cache["k"].at[:, rows, pos_b].set(k, mode="drop"), *CACHE_AXES),
              "v": constrain(cache["v"].at[:, rows, pos_b].set(v, mode="drop"), *CACHE_AXES),
              "seg": cache["seg"].at[rows, pos_b].set(seg_b, mode="drop")}
-    return _head(m, params, h)[:, 0], cache, jnp.moveaxis(depth, 0, -1), loops
+    logits = transformer.head(m, params["final_norm"], params["lm_head"], h)
+    return logits[:, 0], cache, jnp.moveaxis(depth, 0, -1), loops
 
 
 # --------------------------------------------------------------------------- the generation loop
@@ -322,7 +249,6 @@ class Decoder:
     decode: Any
 
 
-@functools.lru_cache(maxsize=32)
 @functools.lru_cache(maxsize=32)  # one pair of jitted programs per shape: later batches of a run reuse them
 def make_decoder(m: ModelConfig, options: DecodeOptions, mesh=None) -> Decoder:
     pre = jax.jit(functools.partial(prefill_state, m, options))

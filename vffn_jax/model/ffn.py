@@ -5,6 +5,12 @@ Every function takes `x [..., d]`, the residual stream after attention, and retu
 `FFN(z) = z + act(z) W_down`. Param keys: `norm_scale [d]`, `w_gate [d,f]`, `w_up [d,f]`,
 `w_down [f,d]`, plus `expert_router [d,E]` and/or `depth_router [d,L]` where the variant routes,
 and for `moe` the stacked real experts `expert_w_gate/expert_w_up [E,d,f/E]`, `expert_w_down [E,f/E,d]`.
+
+`train=True` is the training forward (straight-through Gumbel depth, all L loops weighted); `train=False`
+is the inference FFN, run alike by the eval forward and the KV-cache decoder (`infer/decode.py`): each
+token runs its own `argmax(depth_logits) + 1` loops in one while_loop that stops at the deepest token
+(`depth_infer`), tokens marked inactive (`active=`, padding and finished decode rows) get depth 1, and
+VersatileFFN skips its width path when it would add exactly 0 (every active token at depth L).
 """
 from __future__ import annotations
 
@@ -205,14 +211,18 @@ def depth_choice(depth_logits, *, train: bool, tau, rng, row_ids=None):
     return g, depth
 
 
-def _depth_and_alpha(p, x, hidden, depth_logits, *, train, tau, rng, eps, remat_loops, row_ids=None):
+def _depth_and_alpha(p, x, hidden, depth_logits, *, train, tau, rng, eps, remat_loops, row_ids=None, active=None):
     max_depth = depth_logits.shape[-1]
     g, depth = depth_choice(depth_logits, train=train, tau=tau, rng=rng, row_ids=row_ids)
     y1 = x + hidden @ p["w_down"]
     if train:
+        if active is not None:
+            raise ValueError("active= is for inference (train=False) only")
         x_depth = depth_train(p, y1, g, eps=eps, remat_loops=remat_loops)
         expected_loops = jnp.sum(g * jnp.arange(1, max_depth + 1, dtype=g.dtype), axis=-1)
     else:
+        if active is not None:  # padding / finished rows: depth 1, so they never extend the while_loop
+            depth = jnp.where(active, depth, 1)
         x_depth = depth_infer(p, y1, depth, eps=eps)
         expected_loops = depth.astype(jnp.float32)
     alpha = (max_depth - expected_loops) / max_depth  # the depth router's second gradient path
@@ -222,13 +232,17 @@ def _depth_and_alpha(p, x, hidden, depth_logits, *, train, tau, rng, eps, remat_
 
 
 def depth_ffn(params: Params, x, *, max_depth: int, train: bool = False, tau=1.0, rng=None, row_ids=None,
-              dtype=None, eps: float = 1e-6, remat_loops: bool = False, **_):
-    """Depth-only ablation: learned per-token loop count, no width path (alpha forced to 0)."""
+              active=None, dtype=None, eps: float = 1e-6, remat_loops: bool = False, **_):
+    """Depth-only ablation: learned per-token loop count, no width path (alpha forced to 0).
+
+    Inference (`train=False`) runs each token `argmax(depth_logits) + 1` loops in one while_loop that stops
+    at the deepest token; `active [...]` (bool, like `x` without its last axis) marks the tokens that count:
+    the others (padding, finished rows of a decode batch) get depth 1 and so never extend the loop."""
     p = _cast(params, dtype or x.dtype)
     depth_logits = x.astype(jnp.float32) @ params["depth_router"].astype(jnp.float32)
     assert depth_logits.shape[-1] == max_depth, (depth_logits.shape, max_depth)
     x_depth, _, aux = _depth_and_alpha(p, x, swiglu_hidden(p, x, eps), depth_logits, train=train, tau=tau,
-                                       rng=rng, eps=eps, remat_loops=remat_loops, row_ids=row_ids)
+                                       rng=rng, eps=eps, remat_loops=remat_loops, row_ids=row_ids, active=active)
     aux["alpha"] = jnp.zeros_like(aux["alpha"])
     return x_depth, aux
 
@@ -237,13 +251,15 @@ def depth_ffn(params: Params, x, *, max_depth: int, train: bool = False, tau=1.0
 
 
 def versatile_ffn(params: Params, x, *, n_experts: int, top_k: int, max_depth: int, train: bool = False,
-                  tau=1.0, rng=None, row_ids=None, dtype=None, eps: float = 1e-6, remat_loops: bool = False,
-                  fixed_alpha: float | None = None, **_):
+                  tau=1.0, rng=None, row_ids=None, active=None, dtype=None, eps: float = 1e-6,
+                  remat_loops: bool = False, fixed_alpha: float | None = None, **_):
     """VersatileFFN (docs/method.md): `(1 - alpha) * x_depth + alpha * x_width`, alpha from the token's depth.
 
-    The width path reuses loop 1's hidden activation, so it costs one extra down-projection.
-    `fixed_alpha` replaces the difficulty-aware gate by a constant (the `versatile_avg` ablation);
-    the depth router still picks each token's depth, and then gets gradient through `g` only.
+    The width path reuses loop 1's hidden activation, so it costs one extra down-projection; at inference
+    (`train=False`) it is skipped when every token (every `active` one, see `depth_ffn`) runs all L loops,
+    where alpha = 0 and it would add exactly 0. `fixed_alpha` replaces the difficulty-aware gate by a
+    constant (the `versatile_avg` ablation); the depth router still picks each token's depth, and then gets
+    gradient through `g` only.
     aux: `depth [...] int32` (1..L), `alpha [...]` (the gate actually used), `expert_load [E]`,
     `router_prob [E]`, `balance_loss`, `z_loss`, `router_entropy`, `depth_entropy`.
     """
@@ -257,13 +273,20 @@ def versatile_ffn(params: Params, x, *, n_experts: int, top_k: int, max_depth: i
     hidden = swiglu_hidden(p, x, eps)
 
     gates, top_idx = expert_gates(expert_logits, top_k)
-    x_width = width_from_hidden(p, x, hidden, gates)
     x_depth, alpha, aux = _depth_and_alpha(p, x, hidden, depth_logits, train=train, tau=tau, rng=rng,
-                                           eps=eps, remat_loops=remat_loops, row_ids=row_ids)
+                                           eps=eps, remat_loops=remat_loops, row_ids=row_ids, active=active)
     if fixed_alpha is not None:
         alpha = aux["alpha"] = jnp.full_like(alpha, fixed_alpha)
     a = alpha[..., None].astype(x.dtype)
-    y = (1 - a) * x_depth + a * x_width
+
+    def fuse():
+        return (1 - a) * x_depth + a * width_from_hidden(p, x, hidden, gates)
+
+    if train or fixed_alpha is not None:
+        y = fuse()
+    else:
+        needed = alpha > 0 if active is None else (alpha > 0) & active
+        y = jax.lax.cond(jnp.any(needed), fuse, lambda: x_depth)
     return y, {**aux, **router_stats(expert_logits, top_idx, n_experts)}
 
 

@@ -1,11 +1,15 @@
-"""OLMo-style decoder in Flax NNX: attention, block, scanned layer stack (docs/method.md).
+"""OLMo-style decoder: pure layer functions and the Flax NNX modules holding their parameters (docs/method.md).
 
 Pre-norm blocks, RMSNorm, RoPE, no biases, untied embeddings, causal attention. The FFN kind is
-chosen by `ModelConfig.ffn`; its math lives in `ffn.py`. Layers are created with `nnx.vmap` (one
-stacked set of weights with a leading `layers` axis) and run with `lax.scan`, so compile time
-does not grow with depth.
+chosen by `ModelConfig.ffn`; its math lives in `ffn.py`. The forward is pure functions over the
+parameters' nested dicts (`embed`, `attention`, `layer`, `head`), shared with the KV-cache decoder
+(`infer/decode.py`); the NNX modules only create and hold the parameters. Layers are created with
+`nnx.vmap` (one stacked set of weights with a leading `layers` axis) and run with `lax.scan`, so
+compile time does not grow with depth.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,72 +36,108 @@ def param(rngs: nnx.Rngs, shape, names, cfg: ModelConfig, *, ones: bool = False)
     return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 
 
-def rope(x_btnh, theta: float):
-    """Rotary embedding, rotate-half (GPT-NeoX/OLMo) layout."""
-    seq_len, head_dim = x_btnh.shape[1], x_btnh.shape[-1]
+def rope(x_btnh, positions, theta: float):
+    """Rotary embedding, rotate-half (GPT-NeoX/OLMo) layout, at `positions`: `[T]` (every row alike, the
+    full forward's `arange`) or `[B, T]` (a decode step: each row at its own position)."""
+    head_dim = x_btnh.shape[-1]
     inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-    angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]
+    angles = jnp.atleast_2d(positions).astype(jnp.float32)[..., None] * inv_freq  # [B or 1, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B or 1, T, 1, H]: broadcast over heads
     x32 = x_btnh.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_btnh.dtype)
 
 
+# --------------------------------------------------------------------------- the forward, as pure functions
+#
+# Parameters are the nested dicts of `nnx.to_pure_dict` (the checkpoint's layout): one layer's `p` is
+# `{"attn_norm", "attn": {"w_q", "w_k", "w_v", "w_o"}, "ffn": {...}}`. The full forward (training and
+# eval), the prefill and the decode step of `infer/decode.py` all run these functions; they differ only
+# in the attention kernel `attend` and the positions they pass.
+
+
+def embed(cfg: ModelConfig, table_vd, tokens_bt):
+    """Embedding lookup `[B, T] -> [B, T, d]` in the compute dtype."""
+    # gathered whole, like any FSDP weight: a lookup into a vocab-sharded table makes XLA rematerialise it
+    table = constrain(table_vd, None, "act_embed")
+    return constrain(jnp.take(table, tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype)), "act_batch", "act_seq",
+                     "act_embed")
+
+
+def causal_attend(cfg: ModelConfig, segment_ids=None):
+    """The full-sequence kernel for `attention`: causal, within each document when `segment_ids [B, T]`."""
+    return functools.partial(attention_lib.attend, seg=segment_ids, kind=cfg.attention)
+
+
+def attention(cfg: ModelConfig, p, x_btd, positions, attend):
+    """Self-attention of the normed stream: `(out [B, T, d], (k, v))`.
+
+    `attend(q, k, v) -> [B, T, N, H]` is the kernel (`causal_attend`, or one query over a KV cache);
+    `k`, `v` `[B, T, N, H]` (RoPE applied to k) are what a cache stores."""
+    dtype = jnp.dtype(cfg.dtype)
+    x = x_btd.astype(dtype)
+    q = rope(jnp.einsum("btd,dnh->btnh", x, p["w_q"].astype(dtype)), positions, cfg.rope_theta)
+    k = rope(jnp.einsum("btd,dnh->btnh", x, p["w_k"].astype(dtype)), positions, cfg.rope_theta)
+    v = jnp.einsum("btd,dnh->btnh", x, p["w_v"].astype(dtype))
+    q, k, v = (constrain(a, "act_batch", "act_seq", "act_heads", None) for a in (q, k, v))
+    return jnp.einsum("btnh,nhd->btd", attend(q, k, v), p["w_o"].astype(dtype)), (k, v)
+
+
+def ffn(cfg: ModelConfig, p, x_btd, *, train: bool = False, tau=1.0, rng=None, row_ids=None, active=None):
+    """The configured FFN (`ffn.apply_ffn`): `(y, aux)`. `active [B, T]` (inference only): see `ffn.depth_ffn`."""
+    return ffn_lib.apply_ffn(
+        cfg.ffn, p, x_btd, n_experts=cfg.n_experts, top_k=cfg.top_k, max_depth=cfg.max_depth,
+        n_loops=cfg.n_loops, train=train, tau=tau, rng=rng, row_ids=row_ids, active=active,
+        dtype=jnp.dtype(cfg.dtype), eps=cfg.norm_eps, remat_loops=cfg.remat_loops)
+
+
+def layer(cfg: ModelConfig, p, h_btd, positions, attend, *, train: bool = False, tau=1.0, rng=None, row_ids=None,
+          active=None):
+    """One pre-norm block, `x = h + attn(norm(h))` then the FFN (its residual included): `(y, aux, (k, v))`."""
+    h_btd = constrain(h_btd, "act_batch", "act_seq", "act_embed")
+    normed = ffn_lib.rms_norm(h_btd, p["attn_norm"], cfg.norm_eps)
+    out, kv = attention(cfg, p["attn"], normed, positions, attend)
+    y, aux = ffn(cfg, p["ffn"], h_btd + out.astype(h_btd.dtype), train=train, tau=tau, rng=rng, row_ids=row_ids,
+                 active=active)
+    return y, aux, kv
+
+
+def head(cfg: ModelConfig, final_norm_d, lm_head_dv, h_btd):
+    """Final RMSNorm and the LM head: f32 logits `[B, T, V]`."""
+    h = ffn_lib.rms_norm(h_btd, final_norm_d, cfg.norm_eps)
+    logits = jnp.einsum("btd,dv->btv", h, lm_head_dv.astype(jnp.dtype(cfg.dtype)), preferred_element_type=jnp.float32)
+    return constrain(logits, "act_batch", "act_seq", "act_vocab")
+
+
+# --------------------------------------------------------------------------- modules: the parameters
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, n, h = cfg.d_model, cfg.n_heads, cfg.head_dim
-        self.cfg = cfg
         self.w_q = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg)
         self.w_k = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg)
         self.w_v = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg)
         self.w_o = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), cfg)
 
-    def __call__(self, x_btd, segment_ids=None):
-        """Causal self-attention; with `segment_ids [B, T]` a token attends only within its own document."""
-        dtype = jnp.dtype(self.cfg.dtype)
-        x = x_btd.astype(dtype)
-        q = rope(jnp.einsum("btd,dnh->btnh", x, self.w_q[...].astype(dtype)), self.cfg.rope_theta)
-        k = rope(jnp.einsum("btd,dnh->btnh", x, self.w_k[...].astype(dtype)), self.cfg.rope_theta)
-        v = jnp.einsum("btd,dnh->btnh", x, self.w_v[...].astype(dtype))
-        q, k, v = (constrain(a, "act_batch", "act_seq", "act_heads", None) for a in (q, k, v))
-        out = attention_lib.attend(q, k, v, segment_ids, kind=self.cfg.attention)
-        return jnp.einsum("btnh,nhd->btd", out, self.w_o[...].astype(dtype))
-
 
 class FFN(nnx.Module):
-    """Stores the FFN's parameters under the names `ffn.py` expects and calls its pure function."""
+    """The FFN's parameters under the names `ffn.py` expects (`ffn.param_shapes`)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
         shapes = ffn_lib.param_shapes(cfg.ffn, cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.max_depth)
         for name, (shape, names) in shapes.items():
             setattr(self, name, param(rngs, shape, names, cfg, ones=name == "norm_scale"))
-        self.param_names = tuple(shapes)
-
-    def params(self) -> dict[str, jax.Array]:
-        return {name: getattr(self, name)[...] for name in self.param_names}
-
-    def __call__(self, x_btd, *, train: bool = False, tau=1.0, rng=None, row_ids=None):
-        c = self.cfg
-        return ffn_lib.apply_ffn(
-            c.ffn, self.params(), x_btd, n_experts=c.n_experts, top_k=c.top_k, max_depth=c.max_depth,
-            n_loops=c.n_loops, train=train, tau=tau, rng=rng, row_ids=row_ids, dtype=jnp.dtype(c.dtype),
-            eps=c.norm_eps, remat_loops=c.remat_loops)
 
 
 class Block(nnx.Module):
+    """One layer's parameters (`layer` runs it)."""
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
         self.attn_norm = param(rngs, (cfg.d_model,), ("embed",), cfg, ones=True)
         self.attn = Attention(cfg, rngs)
         self.ffn = FFN(cfg, rngs)
-
-    def __call__(self, h_btd, *, train: bool = False, tau=1.0, rng=None, row_ids=None, segment_ids=None):
-        h_btd = constrain(h_btd, "act_batch", "act_seq", "act_embed")
-        normed = ffn_lib.rms_norm(h_btd, self.attn_norm[...], self.cfg.norm_eps)
-        x_btd = h_btd + self.attn(normed, segment_ids).astype(h_btd.dtype)
-        return self.ffn(x_btd, train=train, tau=tau, rng=rng, row_ids=row_ids)
 
 
 class Transformer(nnx.Module):
@@ -121,27 +161,24 @@ class Transformer(nnx.Module):
         Gumbel noise of a token depends on (rng, layer, row id, position) only, so a microbatch of
         gradient accumulation passes its rows' global indices and gets the whole batch's noise."""
         cfg = self.cfg
-        dtype = jnp.dtype(cfg.dtype)
-        # gathered whole, like any FSDP weight: a lookup into a vocab-sharded table makes XLA rematerialise it
-        table = constrain(self.embed[...], None, "act_embed")
-        h = constrain(jnp.take(table, tokens_bt, axis=0).astype(dtype), "act_batch", "act_seq", "act_embed")
+        h = embed(cfg, self.embed[...], tokens_bt)
         # model.doc_mask: document ids from EOS tokens; RoPE positions stay absolute (scores depend on offsets only)
         segment_ids = attention_lib.segment_ids(tokens_bt, cfg.eos_id) if cfg.doc_mask else None
         h, aux = self._run_layers(h, train=train, tau=tau, rng=rng, row_ids=row_ids, segment_ids=segment_ids)
-        h = ffn_lib.rms_norm(h, self.final_norm[...], cfg.norm_eps)
-        logits = jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
-        return constrain(logits, "act_batch", "act_seq", "act_vocab"), aux
+        return head(cfg, self.final_norm[...], self.lm_head[...], h), aux
 
     def _run_layers(self, h, *, train, tau, rng, row_ids=None, segment_ids=None):
         cfg = self.cfg
-        graphdef, stacked = nnx.split(self.layers)
+        stacked = nnx.to_pure_dict(nnx.state(self.layers))  # [layers, ...] arrays, the checkpoint's layout
         keys = jax.random.split(rng, cfg.n_layers) if rng is not None else jnp.zeros((cfg.n_layers,), jnp.uint32)
+        attend = causal_attend(cfg, segment_ids)
 
         def layer_fn(h, xs):
-            layer_state, key = xs
-            layer = nnx.merge(graphdef, layer_state)
-            return layer(h, train=train, tau=tau, rng=key if rng is not None else None, row_ids=row_ids,
-                         segment_ids=segment_ids)
+            p, key = xs
+            positions = jnp.arange(h.shape[1], dtype=jnp.float32)  # in the body: XLA hoists one sin/cos table
+            y, aux, _ = layer(cfg, p, h, positions, attend, train=train, tau=tau, rng=key if rng is not None else None,
+                              row_ids=row_ids)
+            return y, aux
 
         if cfg.remat != "none":
             layer_fn = jax.checkpoint(layer_fn, policy=REMAT_POLICIES[cfg.remat])
