@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (optional extra: pip install -r requirements-tpu.txt)")
+pytestmark = pytest.mark.tpu_extra  # every test here needs the TPU extra: python -m pytest -q -m tpu_extra
 
 
 def _dry_run(*args):

@@ -1,7 +1,8 @@
 """Typed run configuration: dataclasses, scale + variant presets, `--set` overrides, validation.
 
 A run's config is `scale preset ∘ variant preset ∘ --set overrides`. Presets are partial JSON
-files in the repository's `configs/` folder (`configs/scales/*.json`, `configs/variants/*.json`);
+files in the repository's `configs/` folder (`configs/scales/*.json`, `configs/variants/*.json`; an
+installed package carries the same files as `vffn_jax/presets/`);
 `--config` also accepts a path to a full or partial JSON file, e.g. a saved `config.json`.
 """
 from __future__ import annotations
@@ -13,7 +14,17 @@ import re
 from pathlib import Path
 from typing import Any, get_type_hints
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _configs_dir() -> Path:
+    """Where the presets are: `vffn_jax/presets/` in an installed package (pyproject.toml ships the
+    repository's `configs/` folder there as package data), else `configs/` beside the package (a checkout)."""
+    packaged = Path(__file__).resolve().parent / "presets"
+    if (packaged / "scales").is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+CONFIGS_DIR = _configs_dir()
 
 FFN_KINDS = ("dense", "kloop", "width_only", "width_shared", "depth_only", "versatile", "versatile_avg", "moe")
 EXPERT_KINDS = ("width_only", "width_shared", "versatile", "versatile_avg", "moe")  # have an expert router (top-k of E)
