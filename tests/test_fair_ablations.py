@@ -12,7 +12,9 @@ import pytest
 
 from vffn_jax.model import ffn
 from vffn_jax.perf import flops
-from vffn_jax.study import runner as study
+from vffn_jax.plan import plan
+from vffn_jax.study.presets import VARIANTS, continued_shuffle_seed
+from vffn_jax.study.stats import ordering_verdict
 from vffn_jax.model import placement
 from vffn_jax.train import optimizer
 from vffn_jax.train import step as step_lib
@@ -230,28 +232,28 @@ def test_tau_decay_scales_with_run_length():
 
 
 def test_continued_runs_have_their_own_data_order(tmp_path):
-    runs = study.plan("354m", tmp_path, seeds=3)
+    runs = plan("354m", tmp_path, seeds=3)
     base = runs[0]
     assert base.regime == "base" and base.cfg.data.shuffle_seed == 0
     scratch = {r.seed: r.cfg.data.shuffle_seed for r in runs if r.regime == "scratch" and r.variant == "dense"}
     cont = {r.seed: r.cfg.data.shuffle_seed for r in runs if r.regime == "continued" and r.variant == "dense"}
     assert scratch == {0: 0, 1: 1, 2: 2}
     assert len(set(cont.values())) == 3 and not set(cont.values()) & {0, 1, 2}
-    assert cont == {k: study.continued_shuffle_seed(k) for k in range(3)}
+    assert cont == {k: continued_shuffle_seed(k) for k in range(3)}
     assert all(r.cfg.data.shuffle_seed == cont[r.seed] for r in runs if r.regime == "continued")
-    assert "width_shared" in study.VARIANTS
+    assert "width_shared" in VARIANTS
 
 
 def test_ordering_uses_width_shared_and_reports_width_only():
     losses = {"versatile": [2.00], "depth_only": [2.05], "width_shared": [2.06], "width_only": [2.15],
               "dense": [2.10]}
-    v = study.ordering_verdict(losses)
+    v = ordering_verdict(losses)
     assert v["held"] is True
     assert ("versatile", "width_shared") in [(c["better"], c["worse"]) for c in v["comparisons"]]
     assert "width_shared 2.0600" in v["sentence"]
     assert "width_only (the k routed slices alone" in v["sentence"] and "NOT below dense (2.1000)" in v["sentence"]
     assert [c["held"] for c in v["width_only_check"]] == [True, False]
-    assert "width_only" not in study.ordering_verdict({k: x for k, x in losses.items() if k != "width_only"})["sentence"]
+    assert "width_only" not in ordering_verdict({k: x for k, x in losses.items() if k != "width_only"})["sentence"]
 
 
 def test_len_norm_conventions():

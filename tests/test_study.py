@@ -10,14 +10,20 @@ import numpy as np
 import pytest
 
 from vffn_jax.data import pipeline as data_lib
-from vffn_jax.study import runner as study
+from vffn_jax.study.budget import describe_budget_plan, plan_budget, run_budget_study
+from vffn_jax.study.corpus import build_stdlib_corpus
+from vffn_jax.study.plan import plan
+from vffn_jax.study.presets import BUDGET_VARIANTS, PRESETS, VARIANTS
+from vffn_jax.study.report import REGIME_TITLES, _trend_sentence, write_budget_results
+from vffn_jax.study.runner import run_study
+from vffn_jax.study.stats import budget_gaps, budget_trends, ordering_verdict
 from vffn_jax.config import ConfigError, DataConfig
 
 
 def test_ordering_held_from_numbers():
     losses = {"versatile": [2.00, 2.01, 2.02], "depth_only": [2.05, 2.06, 2.04], "width_shared": [2.07, 2.08, 2.06],
               "dense": [2.10, 2.12, 2.11], "moe": [1.0]}
-    v = study.ordering_verdict(losses)
+    v = ordering_verdict(losses)
     assert v["held"] is True
     assert v["seeds_all_held"] == 3 and v["seeds_compared"] == 3
     assert "held on mean held-out loss" in v["sentence"] and "NOT" not in v["sentence"]
@@ -28,7 +34,7 @@ def test_ordering_held_from_numbers():
 def test_ordering_not_held_names_the_failed_comparison():
     losses = {"versatile": [2.00, 2.02], "depth_only": [2.05, 2.06], "width_shared": [2.15, 2.13],
               "dense": [2.10, 2.12]}
-    v = study.ordering_verdict(losses)
+    v = ordering_verdict(losses)
     assert v["held"] is False
     assert "did NOT hold" in v["sentence"]
     assert "width_shared (2.1400) is not below dense (2.1100" in v["sentence"]
@@ -43,20 +49,20 @@ def test_ordering_within_spread_and_per_seed_count():
     # means in order but seed 1 reverses versatile vs depth_only: held on means, 1 of 2 seeds
     losses = {"versatile": [2.00, 2.10], "depth_only": [2.08, 2.04], "width_shared": [2.09, 2.09],
               "dense": [2.20, 2.20]}
-    v = study.ordering_verdict(losses)
+    v = ordering_verdict(losses)
     assert v["held"] is True and v["seeds_all_held"] == 1
     assert "1 of 2 seed(s)" in v["sentence"] and "within the seed spread" in v["sentence"]
 
 
 def test_ordering_missing_variant():
-    v = study.ordering_verdict({"versatile": [1.0], "dense": [2.0]})
+    v = ordering_verdict({"versatile": [1.0], "dense": [2.0]})
     assert v["held"] is None and "cannot be checked" in v["sentence"]
     assert set(v["missing"]) == {"depth_only", "width_shared"}
 
 
 def test_plan_composes_variants_and_continued_runs(tmp_path):
-    runs = study.plan("354m", tmp_path, seeds=2)
-    assert len(runs) == 1 + 2 * len(study.VARIANTS) * 2
+    runs = plan("354m", tmp_path, seeds=2)
+    assert len(runs) == 1 + 2 * len(VARIANTS) * 2
     base = runs[0]
     assert (base.regime, base.variant, base.workdir.name) == ("base", "dense", "dense_base")
     assert base.cfg.scale == "354m" and base.cfg.model.d_model == 1024 and base.cfg.train.steps == 25431
@@ -65,14 +71,14 @@ def test_plan_composes_variants_and_continued_runs(tmp_path):
     assert by[("scratch", "kloop4", 1)].model.n_loops == 4
     assert by[("scratch", "versatile", 1)].train.seed == 1 and by[("scratch", "versatile", 1)].data.shuffle_seed == 1
     assert by[("scratch", "moe", 0)].train.init_from == ""
-    for v in study.VARIANTS:
+    for v in VARIANTS:
         cfg = by[("continued", v, 0)]
         assert cfg.train.init_from == str((tmp_path / "dense_base").resolve())
         assert cfg.train.steps == by[("scratch", v, 0)].train.steps  # same continuation steps for all
         assert cfg.model == by[("scratch", v, 0)].model
-    assert not any(r.regime == "base" for r in study.plan("cpu", tmp_path, regimes=["scratch"], seeds=1))
+    assert not any(r.regime == "base" for r in plan("cpu", tmp_path, regimes=["scratch"], seeds=1))
     with pytest.raises(ConfigError, match="unknown variant"):
-        study.plan("cpu", tmp_path, variants=["nope"])
+        plan("cpu", tmp_path, variants=["nope"])
 
 
 def test_stdlib_corpus_skips_non_utf8_and_site_packages(tmp_path):
@@ -87,7 +93,7 @@ def test_stdlib_corpus_skips_non_utf8_and_site_packages(tmp_path):
     (root / "site-packages" / "x" / "c.py").write_text("pass\n")
     (root / "data.txt").write_text("not python\n")
     (root / "pkg" / "long.py").write_text("".join(f"line_{i} = {i}\n" for i in range(400)))
-    path, fraction = study.build_stdlib_corpus(tmp_path / "corpus", root=root, holdout_files=0.34,
+    path, fraction = build_stdlib_corpus(tmp_path / "corpus", root=root, holdout_files=0.34,
                                                eval_chunk_chars=500)
     docs = [json.loads(line) for line in path.read_text().splitlines()]
     files = {d["path"].split("#")[0] for d in docs}
@@ -107,18 +113,18 @@ def test_stdlib_corpus_skips_non_utf8_and_site_packages(tmp_path):
     assert len(val) == len(held_text.encode()) + len(pieces)  # each piece + EOS
     assert len(train) + len(val) == sum(len(d["text"].encode()) + 1 for d in docs)
     assert len(pieces) > 1
-    assert study.build_stdlib_corpus(tmp_path / "corpus", root=root, holdout_files=0.34,
+    assert build_stdlib_corpus(tmp_path / "corpus", root=root, holdout_files=0.34,
                                      eval_chunk_chars=500) == (path, fraction)  # built once
 
 
 def test_micro_study_end_to_end(tmp_path):
     logs = []
-    doc = study.run_study("micro", tmp_path, seeds=1, variants=["dense", "versatile"], log=logs.append)
+    doc = run_study("micro", tmp_path, seeds=1, variants=["dense", "versatile"], log=logs.append)
     for name in ("results.md", "results.json", "loss_curves.png", "loops_per_layer.png"):
         assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
     md = (tmp_path / "results.md").read_text()
     for regime in ("scratch", "continued"):
-        table = md.split(study.REGIME_TITLES[regime])[1].split("**Ordering.**")[0]
+        table = md.split(REGIME_TITLES[regime])[1].split("**Ordering.**")[0]
         rows = re.findall(r"^\| (\w+) \| \d", table, flags=re.M)
         assert rows == ["dense", "versatile"], (regime, rows)
         assert set(doc["regimes"][regime]) == {"dense", "versatile"}
@@ -132,7 +138,7 @@ def test_micro_study_end_to_end(tmp_path):
     assert (tmp_path / "continued" / "versatile" / "seed0" / "checkpoints").is_dir()
     # re-running the same command reuses every finished run
     logs.clear()
-    again = study.run_study("micro", tmp_path, seeds=1, variants=["dense", "versatile"], log=logs.append)
+    again = run_study("micro", tmp_path, seeds=1, variants=["dense", "versatile"], log=logs.append)
     assert sum("finished, reusing" in line for line in logs) == 5
     assert not any("trained in" in line for line in logs)
     assert again["regimes"]["scratch"]["dense"]["loss_mean"] == doc["regimes"]["scratch"]["dense"]["loss_mean"]
@@ -144,9 +150,9 @@ def test_micro_study_end_to_end(tmp_path):
 def test_budget_plan_grid_and_tokens_per_param(tmp_path):
     from vffn_jax.perf import flops
 
-    grid = study.PRESETS["budget"].grid
-    runs = study.plan_budget("budget", tmp_path)
-    assert len(runs) == len(grid.widths) * len(grid.tokens_per_param) * len(study.BUDGET_VARIANTS) * grid.seeds
+    grid = PRESETS["budget"].grid
+    runs = plan_budget("budget", tmp_path)
+    assert len(runs) == len(grid.widths) * len(grid.tokens_per_param) * len(BUDGET_VARIANTS) * grid.seeds
     assert {r.regime for r in runs} == {"budget"} and not any(r.cfg.train.init_from for r in runs)
     assert [r.seed for r in runs] == sorted(r.seed for r in runs)  # seed-major: whole seeds of the grid first
     by = {(r.width, r.tpp, r.variant, r.seed): r for r in runs}
@@ -162,12 +168,12 @@ def test_budget_plan_grid_and_tokens_per_param(tmp_path):
         assert r.cfg.run.eval_every == 0 and r.cfg.run.ckpt_every == t.steps
     assert by[(32, 20, "kloop4", 2)].cfg.model.n_loops == 4 and by[(48, 1, "versatile", 0)].cfg.model.ffn == "versatile"
     assert by[(32, 20, "width_shared", 0)].cfg.model.ffn == "width_shared"
-    assert len(study.plan_budget("budget", tmp_path, seeds=1, variants=["dense", "versatile"])) == 2 * 4 * 2
+    assert len(plan_budget("budget", tmp_path, seeds=1, variants=["dense", "versatile"])) == 2 * 4 * 2
     with pytest.raises(ConfigError, match="needs dense"):
-        study.plan_budget("budget", tmp_path, variants=["versatile"])
+        plan_budget("budget", tmp_path, variants=["versatile"])
     with pytest.raises(ConfigError, match="budget study"):
-        study.plan("budget", tmp_path)
-    lines = study.describe_budget_plan("budget", runs)
+        plan("budget", tmp_path)
+    lines = describe_budget_plan("budget", runs)
     assert len(lines) == 2 + len(grid.widths) * len(grid.tokens_per_param) + 3
     hours = float(re.search(r"= ([\d.]+) h in all", "\n".join(lines)).group(1))
     assert 2.0 < hours < 4.0  # the preset is sized for ~3 hours on the project's 2-core CPU
@@ -186,27 +192,27 @@ def _fake_finish(spec, loss):
 
 def test_budget_resume_marks_finished_runs_and_reports_them(tmp_path):
     logs = []
-    doc = study.run_budget_study("budget-micro", tmp_path, dry_run=True, log=logs.append)
+    doc = run_budget_study("budget-micro", tmp_path, dry_run=True, log=logs.append)
     assert len(doc["runs"]) == 2 * 2 * 5 * 2 and not any(r["finished"] for r in doc["runs"])
     assert "some widths have no stated throughput" in "\n".join(logs)
-    specs = study.plan_budget("budget-micro", tmp_path, corpus=study.build_stdlib_corpus(
+    specs = plan_budget("budget-micro", tmp_path, corpus=build_stdlib_corpus(
         tmp_path / "corpus", 40, holdout_files=0.1))
     first = [s for s in specs if (s.width, s.tpp) == (16, 0.02) and s.variant in ("dense", "versatile")]
     for i, s in enumerate(first):
         _fake_finish(s, 2.0 + 0.1 * (s.variant == "versatile") + 0.01 * s.seed)
-    again = study.run_budget_study("budget-micro", tmp_path, dry_run=True, log=logs.append)
+    again = run_budget_study("budget-micro", tmp_path, dry_run=True, log=logs.append)
     done = {(r["variant"], r["seed"]) for r in again["runs"] if r["finished"]}
     assert done == {("dense", 0), ("dense", 1), ("versatile", 0), ("versatile", 1)}
     assert all(r["width"] == 16 and r["tokens_per_param"] == 0.02 for r in again["runs"] if r["finished"])
     assert "(4 finished)" in "\n".join(logs)
-    rep = study.run_budget_study("budget-micro", tmp_path, report_only=True, log=logs.append)
+    rep = run_budget_study("budget-micro", tmp_path, report_only=True, log=logs.append)
     (pt,) = [p for p in rep["budget"]["points"] if p["variant"] == "versatile"]
     assert pt["n"] == 2 and pt["gap_mean"] == pytest.approx(0.1) and pt["gap_std"] == pytest.approx(0.0, abs=1e-9)
     assert (tmp_path / "gap_vs_budget.png").stat().st_size > 0
     assert "| 16 | 0.02 (" in (tmp_path / "results.md").read_text()
     # a changed config under a finished run is refused, not silently reused
     with pytest.raises(ConfigError, match="different config"):
-        study.run_budget_study("budget-micro", tmp_path, dry_run=True, overrides={"train.lr": 0.01}, log=logs.append)
+        run_budget_study("budget-micro", tmp_path, dry_run=True, overrides={"train.lr": 0.01}, log=logs.append)
 
 
 def _fake_results():
@@ -225,7 +231,7 @@ def _fake_results():
 
 
 def test_budget_gaps_from_fake_numbers():
-    rows = {(r["variant"], r["width"], r["tokens_per_param"]): r for r in study.budget_gaps(_fake_results())}
+    rows = {(r["variant"], r["width"], r["tokens_per_param"]): r for r in budget_gaps(_fake_results())}
     k = rows[("kloop4", 32, 1)]
     assert k["n"] == 3 and k["gap_mean"] == pytest.approx(0.05) and k["gap_std"] == pytest.approx(0.0, abs=1e-12)
     v = rows[("versatile", 32, 20)]
@@ -234,23 +240,23 @@ def test_budget_gaps_from_fake_numbers():
     v48 = rows[("versatile", 48, 20)]
     assert v48["seeds"] == [0, 1] and v48["n"] == 2 and v48["loss_seeds"] == [0, 1, 2]  # no dense seed 2
     assert rows[("dense", 48, 20)]["gap_mean"] == 0.0 and rows[("dense", 48, 20)]["n"] == 2
-    trends = {(t["variant"], t["width"]): t for t in study.budget_trends(list(rows.values()))}
+    trends = {(t["variant"], t["width"]): t for t in budget_trends(list(rows.values()))}
     assert ("dense", 32) not in trends
     t = trends[("kloop4", 32)]
     assert t["gap_low"] == pytest.approx(0.05) and t["gap_high"] == pytest.approx(0.01) and t["resolved"]
-    assert "the variant gains on dense" in study._trend_sentence(t)
+    assert "the variant gains on dense" in _trend_sentence(t)
     # kloop4's gap falls by 0.04 over log10(20) decades, the same for every seed: an exact fit, zero error
     assert t["slope_per_decade"] == pytest.approx(-0.04 / np.log10(20)) and t["slope_se"] == pytest.approx(0, abs=1e-9)
-    assert t["below_dense_high"] == 0 and "more than 2 standard errors" in study._trend_sentence(t)
+    assert t["below_dense_high"] == 0 and "more than 2 standard errors" in _trend_sentence(t)
     flat = trends[("versatile", 32)]  # gaps 0, -0.02, -0.04 at both budgets: slope 0, seed noise only
     assert flat["slope_per_decade"] == pytest.approx(0, abs=1e-12) and flat["slope_se"] > 0
-    assert flat["below_dense_high"] == 2 and "not distinguishable from flat" in study._trend_sentence(flat)
+    assert flat["below_dense_high"] == 2 and "not distinguishable from flat" in _trend_sentence(flat)
 
 
 def test_budget_writer_on_fake_results(tmp_path):
     meta = {"preset": "budget", "model": "m", "data": "d", "widths": [32, 48], "tokens_per_param": [1, 20],
             "seeds": [0, 1, 2], "planned": 40, "finished": 35, "eval_tokens": 100, "device": "cpu"}
-    doc = study.write_budget_results(tmp_path, _fake_results(), meta)
+    doc = write_budget_results(tmp_path, _fake_results(), meta)
     assert (tmp_path / "gap_vs_budget.png").stat().st_size > 1000
     md = (tmp_path / "results.md").read_text()
     assert "| d_model | tokens/param (actual) | tokens | dense loss | kloop4 gap | versatile gap |" in md
@@ -260,4 +266,4 @@ def test_budget_writer_on_fake_results(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["budget"]["points"] == json.loads(json.dumps(doc["budget"]["points"]))
     assert {p["variant"] for p in saved["budget"]["points"]} == {"dense", "kloop4", "versatile"}
-    assert study.write_budget_results(tmp_path, [], meta)["budget"]["points"] == []  # nothing finished yet
+    assert write_budget_results(tmp_path, [], meta)["budget"]["points"] == []  # nothing finished yet

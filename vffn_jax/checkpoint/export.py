@@ -24,7 +24,7 @@ def export(workdir, out, *, step: int | None = None, dtype: str | None = None, d
     from vffn_jax.checkpoint import manager as ckpt
     from vffn_jax.checkpoint import restore
     from vffn_jax import storage
-    from vffn_jax import rundir
+    from vffn_jax.rundir import RunDir
     from vffn_jax.config import ConfigError
 
     if dtype is not None and dtype not in DTYPES:
@@ -36,7 +36,7 @@ def export(workdir, out, *, step: int | None = None, dtype: str | None = None, d
     out = storage.as_path(out)
     if ckpt.all_steps(out):
         raise ConfigError(f"--out={out} already holds checkpoints; export into an empty folder")
-    rundir.prepare_workdir(cfg, out, is_main=jax.process_index() == 0)
+    RunDir.at(out).prepare(cfg, is_main=jax.process_index() == 0)
     manager = ckpt.make_manager(out, cfg.run)
     ckpt.save(manager, run.step, params, None, force=True)
     ckpt.wait_until_finished(manager)

@@ -36,6 +36,7 @@ from vffn_jax import storage
 from vffn_jax.checkpoint.integrity import CheckpointDamagedError, CheckpointUnreadableError
 from vffn_jax.config import RunConfig
 from vffn_jax.storage import as_path
+from vffn_jax.rundir import RunDir
 
 __all__ = ["CheckpointDamagedError", "CheckpointMismatchError", "CheckpointUnreadableError", "abstract_with_shardings", "all_steps",
            "check_compatible", "checkpoint_dir", "latest_step", "make_manager", "restore", "resume_state",
@@ -49,7 +50,7 @@ class CheckpointMismatchError(ValueError):
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
-    return as_path(workdir) / "checkpoints"
+    return RunDir.at(workdir).checkpoints
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ of `checkpoints/<step>`, verified and resharded by Orbax into the new layout.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,6 +14,7 @@ from vffn_jax import config as config_lib
 from vffn_jax import storage
 from vffn_jax.checkpoint import manager as ckpt
 from vffn_jax.config import Config, ConfigError, MeshConfig
+from vffn_jax.rundir import RunDir
 
 
 class StepNotFoundError(FileNotFoundError):
@@ -26,21 +26,7 @@ class StepNotFoundError(FileNotFoundError):
 
 def load_run_config(workdir: str | Path) -> Config:
     """The run's saved config; FileNotFoundError naming the missing path and how to create it."""
-    workdir = storage.as_path(workdir)
-    if not workdir.exists():
-        raise FileNotFoundError(
-            f"run directory {workdir} does not exist; create it by training, e.g. "
-            f"`python train.py --config tiny --workdir {workdir}`")
-    path = workdir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: {workdir} is not a training run directory (train.py writes config.json at "
-            f"the start of a run); train into it with `python train.py --workdir {workdir} ...`")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); restore it from the run or re-train") from None
-    return config_lib.config_from_dict(data)
+    return RunDir.at(workdir).read_config()
 
 
 def resolve_step(workdir: str | Path, step: int | None) -> int:

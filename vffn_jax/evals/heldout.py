@@ -22,20 +22,18 @@ per layer from the load aggregated over all evaluated tokens (`train.step.load_b
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
 from vffn_jax import config as config_lib
-from vffn_jax import storage
 from vffn_jax.checkpoint.restore import restore_params
 from vffn_jax.config import DEPTH_KINDS, ConfigError
+from vffn_jax.evals import summary
+from vffn_jax.rundir import RunDir
 
 
-PLOT_NAME = "depth_per_layer.png"
+PLOT_NAME = RunDir.DEPTH_PLOT
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -82,58 +80,13 @@ def evaluate_run(workdir: str | Path, *, step: int | None = None, n_batches: int
         **counts,
     }
 
-    mean_depth = None
+    result.update(summary.routing_summary(m, cfg.train.seq_len, raw))
     if "depth_hist" in raw:
-        hist = np.asarray(raw["depth_hist"], np.float64)  # [layers, L]: fraction of tokens at 1..L loops
-        loops = np.arange(1, hist.shape[1] + 1)
-        per_layer = hist @ loops
-        mean_depth = float(raw["mean_depth"])
-        result.update({
-            "max_depth": m.max_depth,
-            "depth_hist": hist.tolist(),
-            "mean_depth_per_layer": per_layer.tolist(),
-            "mean_depth": mean_depth,
-            "mean_alpha": float(raw["mean_alpha"]),
-            "depth_router_entropy": float(raw["depth_entropy"]),
-            "tau": float(config_lib.tau_at(step, cfg.train)),  # Gumbel temperature training had reached
-        })
-    if "expert_load" in raw:
-        load = np.asarray(raw["expert_load"], np.float64)  # [layers, E]: fraction of token-slots per expert
-        balance = step_lib.load_balance(load)
-        max_over_mean, cv = balance["max_over_mean"], balance["cv"]
-        result.update({
-            "n_experts": m.n_experts, "top_k": m.top_k,
-            "expert_load_per_layer": load.tolist(),
-            "expert_load": load.mean(0).tolist(),
-            "expert_load_max_over_mean_per_layer": max_over_mean.tolist(),
-            "expert_load_max_over_mean": float(max_over_mean.mean()),
-            "expert_load_cv_per_layer": cv.tolist(),
-            "expert_load_cv": float(cv.mean()),
-            "router_entropy": float(raw["router_entropy"]),
-            "router_entropy_max": math.log(m.n_experts),
-            "balance_loss": float(raw["balance_loss"]),
-            "z_loss": float(raw["z_loss"]),
-        })
-
-    result["flops_per_token_train"] = flops_lib.flops_per_token(m, cfg.train.seq_len, train=True)
-    # inference three ways (vffn_jax/flops.py): ideal at the measured mean own depth, executed at the measured
-    # mean (over layers and batches) of each batch's deepest token, paper = FFN only with sparse experts
-    executed_depth = float(np.mean(raw["executed_depth"])) if "executed_depth" in raw else None
-    width_fraction = float(1.0 - np.mean(np.asarray(raw["depth_hist"])[:, -1])) if "depth_hist" in raw else None
-    inference = flops_lib.inference_flops(m, cfg.train.seq_len, mean_depth=mean_depth, executed_depth=executed_depth,
-                                          width_fraction=width_fraction)
-    result.update(flops_lib.inference_flops_fields(inference))
-    if mean_depth is not None:
-        result["inference_flops_depth"] = mean_depth  # loops counted by the ideal figure: the measured mean depth
-        result["inference_flops_executed_depth"] = executed_depth  # and by the executed one
-        result["executed_depth_per_layer"] = [float(x) for x in np.ravel(raw["executed_depth"])]
-    result["flops_per_token_inference_dense"] = flops_lib.flops_per_token(
-        dataclasses.replace(m, ffn="dense"), cfg.train.seq_len, train=False)
-
+        result["tau"] = float(config_lib.tau_at(step, cfg.train))  # Gumbel temperature training had reached
     if m.ffn in DEPTH_KINDS:
-        path = workdir / PLOT_NAME
+        path = RunDir.at(workdir).depth_plot
         if plot and jax.process_index() == 0:
-            plot_depth(result, path)
+            summary.plot_depth(result, path)
             result["depth_plot"] = str(path)
         else:
             result["depth_plot"] = None
@@ -143,57 +96,3 @@ def evaluate_run(workdir: str | Path, *, step: int | None = None, n_batches: int
         result["depth_plot_note"] = f"skipped: ffn={m.ffn} has no depth router (every token runs a fixed number of loops)"
     result["notes"] = notes
     return result
-
-
-# --------------------------------------------------------------------------- figure
-
-
-def plot_depth(result: dict[str, Any], path: str | Path) -> Path:
-    """Loops per layer (cf. the paper's Figure 4): stacked bars of the depth histogram per layer, with
-    each layer's mean loop count on a second axis. Writes a PNG to `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if "depth_hist" not in result:
-        raise ValueError(f"ffn={result.get('ffn')} has no depth histogram to plot")
-    hist = np.asarray(result["depth_hist"], np.float64)
-    n_layers, max_depth = hist.shape
-    layers = np.arange(1, n_layers + 1)
-    per_layer = hist @ np.arange(1, max_depth + 1)
-    colors = plt.get_cmap("viridis")(np.linspace(0.15, 0.9, max_depth))
-
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * n_layers + 3.0), 4.2), dpi=120)
-    bottom = np.zeros(n_layers)
-    for d in range(max_depth):
-        ax.bar(layers, hist[:, d], bottom=bottom, width=0.8, color=colors[d], edgecolor="white", linewidth=0.5,
-               label=f"{d + 1} loop{'s' if d else ''}")
-        bottom += hist[:, d]
-    ax.set_xlabel("layer")
-    ax.set_ylabel("fraction of tokens")
-    ax.set_ylim(0, 1)
-    ax.set_xticks(layers)
-    ax.set_xlim(0.4, n_layers + 0.6)
-
-    ax2 = ax.twinx()
-    ax2.plot(layers, per_layer, color="crimson", marker="o", linewidth=2, label="mean loops")
-    for x, y in zip(layers, per_layer):
-        ax2.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7,
-                     color="crimson", bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
-    ax2.set_ylim(0.5, max_depth + 0.5)
-    ax2.set_yticks(range(1, max_depth + 1))
-    ax2.set_ylabel("mean loops (depth)", color="crimson")
-    ax2.tick_params(axis="y", colors="crimson")
-
-    handles, labels = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(handles[::-1] + h2, labels[::-1] + l2, loc="upper left", bbox_to_anchor=(1.08, 1.0), fontsize=8,
-              frameon=False)
-    title = f"{result.get('scale', '')}/{result.get('variant', '')} step {result.get('step', '?')}: loops per layer"
-    sub = f"mean depth {result['mean_depth']:.2f} of {max_depth}" if "mean_depth" in result else ""
-    if "mean_alpha" in result:
-        sub += f", mean alpha {result['mean_alpha']:.3f}"
-    ax.set_title(f"{title}\n{sub}", fontsize=10)
-    fig.tight_layout()
-    return storage.save_figure(fig, path)

@@ -24,6 +24,7 @@ import numpy as np
 from vffn_jax.checkpoint import manager as ckpt
 from vffn_jax.perf import flops as flops_lib
 from vffn_jax import storage
+from vffn_jax.rundir import RunDir
 
 
 class TrainingDivergedError(RuntimeError):
@@ -206,7 +207,7 @@ class Profiler:
         self.first, self.last, self.workdir = first, last, storage.as_path(workdir)
         self.remote = storage.is_gcs(self.workdir)
         self.local = (Path(tempfile.mkdtemp(prefix="vffn_jax_profile_")) if self.remote
-                      else Path(os.fspath(self.workdir / "tb")))
+                      else Path(os.fspath(RunDir.at(self.workdir).tensorboard)))
         self.active = False
         if start_step == first - 1:  # resuming right before the window: open it before the first step
             self._start()
@@ -232,7 +233,7 @@ class Profiler:
         jax.profiler.stop_trace()
         self.active = False
         if self.remote:
-            storage.upload_tree(self.local, self.workdir / "tb")
+            storage.upload_tree(self.local, RunDir.at(self.workdir).tensorboard)
             shutil.rmtree(self.local, ignore_errors=True)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 
 from vffn_jax import storage
+from vffn_jax.rundir import RunDir
 
 MIN_COMPILE_SECONDS = 1.0  # programs that compile faster are not worth a round trip to a bucket
 
@@ -22,7 +23,7 @@ def enable(setting: str, workdir) -> str | None:
     if setting == "auto":
         if current:
             return current
-        folder = str(storage.as_path(workdir) / "compile_cache")
+        folder = str(RunDir.at(workdir).compile_cache)
     else:
         folder = str(storage.as_path(setting))
     if folder != current:

@@ -1,7 +1,6 @@
 """Continued pretraining (docs/method.md): a fresh train state whose weights come from another run."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import jax
@@ -12,6 +11,7 @@ from vffn_jax.checkpoint import manager as ckpt
 from vffn_jax.config import ConfigError, ModelConfig, config_from_dict
 from vffn_jax.model.placement import Setup, abstract_model, init_params, param_name
 from vffn_jax.parallel import sharding as shd
+from vffn_jax.rundir import RunDir
 
 
 # --------------------------------------------------------------------------- continued pretraining (docs/method.md)
@@ -23,13 +23,13 @@ def resolve_init_source(source, step: int = -1) -> tuple[Any, int]:
     """(source run directory, checkpoint step) for `train.init_from`: a workdir written by train.py,
     its `checkpoints/` folder or one `checkpoints/<step>` folder; `step=-1` is the latest."""
     path = storage.check_readable(source, "train.init_from")
-    if path.name.isdigit() and path.parent.name == "checkpoints":
+    if path.name.isdigit() and path.parent.name == RunDir.CHECKPOINTS:
         if step not in (-1, int(path.name)):
             raise ConfigError(f"train.init_from={source} names step {path.name} but train.init_step={step}; drop one")
         path, step = path.parent.parent, int(path.name)
-    elif path.name == "checkpoints" and not (path / "checkpoints").exists():
+    elif path.name == RunDir.CHECKPOINTS and not RunDir.at(path).checkpoints.exists():
         path = path.parent
-    if not (path / "config.json").is_file():
+    if not RunDir.at(path).has_config():
         raise ConfigError(f"train.init_from={source}: {path} has no config.json; point --init-from at a run "
                           "directory written by train.py (it holds config.json and checkpoints/)")
     steps = ckpt.all_steps(path)
@@ -63,7 +63,7 @@ def init_from_checkpoint(s: Setup, tx: optax.GradientTransformation, opt_shardin
     with a fresh data iterator. Returns `(params, opt_state, info)`; `info` names what was copied.
     """
     src_dir, step = resolve_init_source(source, step)
-    src_cfg = config_from_dict({"model": json.loads((src_dir / "config.json").read_text())["model"]})  # shapes only
+    src_cfg = config_from_dict({"model": RunDir.at(src_dir).read_config_dict()["model"]})  # shapes only
     check_init_compatible(src_cfg.model, s.cfg.model, source)
     _, src_abstract = abstract_model(src_cfg.model)
     src_params, _ = ckpt.restore(ckpt.make_manager(src_dir, read_only=True), step,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from vffn_jax.checkpoint import manager as ckpt
 from vffn_jax.train import compile_cache
-from vffn_jax.rundir import prepare_workdir
+from vffn_jax.rundir import RunDir
 from vffn_jax.config import Config, ConfigError
 from vffn_jax.train.actions import (Checkpointer, DivergenceGuard, LoopState, MetricsLog, PeriodicEval, PreemptionWatch, Profiler, TrainingDivergedError, parse_profile_steps)
 from vffn_jax.train.metrics_log import MetricLogger, Progress
@@ -42,7 +42,7 @@ def train(cfg: Config, workdir, *, devices=None, progress: bool = True, stop_at:
     from vffn_jax.data import pipeline as data_lib  # tfds/grain import lazily: dry runs and eval-only imports stay light
 
     is_main = jax.process_index() == 0
-    workdir = prepare_workdir(cfg, workdir, is_main)
+    workdir = RunDir.at(workdir).prepare(cfg, is_main).path
     compile_cache.enable(cfg.run.compile_cache, workdir)
     s = setup(cfg, devices)
     if data_lib.uses_manifest(cfg.data):  # a pre-tokenised corpus: its tokenizer must be the run's

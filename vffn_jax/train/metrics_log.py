@@ -13,6 +13,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from vffn_jax import storage
+from vffn_jax.rundir import RunDir
 
 
 class MetricLogger:
@@ -32,9 +33,9 @@ class MetricLogger:
         self.workdir = storage.as_path(workdir)
         self.remote = storage.is_gcs(self.workdir)
         self.local = Path(tempfile.mkdtemp(prefix="vffn_jax_run_")) if self.remote else Path(os.fspath(self.workdir))
-        self.path = self.local / "metrics.jsonl"
+        self.path = self.local / RunDir.METRICS
         self.sync_seconds, self.last_sync = sync_seconds, time.monotonic()
-        remote_metrics = self.workdir / "metrics.jsonl"
+        remote_metrics = RunDir.at(self.workdir).metrics_path
         if self.remote and remote_metrics.exists():
             self.path.write_bytes(remote_metrics.read_bytes())
         if self.path.exists():
@@ -43,7 +44,7 @@ class MetricLogger:
             self.path.write_text("".join(line + "\n" for line in kept))
         from tensorboardX import SummaryWriter  # writes event files without TensorFlow
 
-        self.tb = SummaryWriter(str(self.local / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        self.tb = SummaryWriter(str(self.local / RunDir.TENSORBOARD), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, step: int, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -64,8 +65,9 @@ class MetricLogger:
         """Uploads metrics.jsonl and the TensorBoard event files of a gs:// workdir."""
         if not (self.enabled and self.remote):
             return
-        (self.workdir / "metrics.jsonl").write_bytes(self.path.read_bytes())
-        storage.upload_tree(self.local / "tb", self.workdir / "tb")
+        run = RunDir.at(self.workdir)
+        run.metrics_path.write_bytes(self.path.read_bytes())
+        storage.upload_tree(self.local / RunDir.TENSORBOARD, run.tensorboard)
         self.last_sync = time.monotonic()
 
     def close(self) -> None:
