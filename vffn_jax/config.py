@@ -31,7 +31,7 @@ EXPERT_KINDS = ("width_only", "width_shared", "versatile", "versatile_avg", "moe
 VIRTUAL_EXPERT_KINDS = ("width_only", "width_shared", "versatile", "versatile_avg")  # experts are slices of the shared FFN
 DEPTH_KINDS = ("depth_only", "versatile", "versatile_avg")  # have a depth router (1..L loops per token)
 REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_KINDS = ("auto", "xla", "splash", "cudnn")  # vffn_jax/attention.py
+ATTENTION_KINDS = ("auto", "xla", "splash", "cudnn")  # vffn_jax/model/attention.py
 
 
 class ConfigError(ValueError):
@@ -125,7 +125,7 @@ class DataConfig:
     cache_dir: str = ""  # where tokenised caches go ("" = ~/.cache/vffn_jax)
     shuffle_seed: int = 0
     num_workers: int = 0  # grain worker processes (0 = in-process)
-    # token-shard corpora (manifest.json + shards, see vffn_jax/manifest.py; data.path may name one too):
+    # token-shard corpora (manifest.json + shards, see vffn_jax/data/manifest.py; data.path may name one too):
     # "PATH=WEIGHT,PATH=WEIGHT" mixes several manifests (file or folder, local or gs://) by weight
     # (positive, normalised); data.path must then be ""
     mixture: str = ""
