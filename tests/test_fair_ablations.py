@@ -12,7 +12,7 @@ import pytest
 
 from vffn_jax.model import ffn
 from vffn_jax.perf import flops
-from vffn_jax.plan import plan
+from vffn_jax.study.plan import plan
 from vffn_jax.study.presets import VARIANTS, continued_shuffle_seed
 from vffn_jax.study.stats import ordering_verdict
 from vffn_jax.model import placement
