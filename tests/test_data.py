@@ -2,14 +2,17 @@
 import dataclasses
 import importlib.util
 import json
+from pathlib import Path
 
 import grain
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vffn_jax.data import pipeline as data_lib
+from vffn_jax.data import corpus as corpus_lib
+from vffn_jax.data import token_cache
 from vffn_jax.config import ConfigError, DataConfig
+from vffn_jax.data.manifest import read_manifest
 from vffn_jax.data.pipeline import (eval_batches, load_tokenizer, main, make_batch_iterator, prepare_default_corpus, token_split)
 
 BYTE = load_tokenizer("byte")
@@ -159,7 +162,7 @@ def test_cache_is_reused_and_keyed_by_tokenizer(jsonl, tmp_path, monkeypatch):
     files = sorted((tmp_path / "cache" / "tokens").iterdir())
     assert len(files) == 1 and not any(".tmp" in f.name for f in files)
     with monkeypatch.context() as m:  # a cache hit must not tokenise again
-        m.setattr(data_lib, "_encode_chunk", lambda *a: pytest.fail("re-tokenised despite a cached split"))
+        m.setattr(token_cache, "_encode_chunk", lambda *a: pytest.fail("re-tokenised despite a cached split"))
         again = token_split(jsonl, "train")
     assert isinstance(again, np.memmap) and again.filename == first.filename
     bpe = dataclasses.replace(jsonl, tokenizer=str(train_bpe(tmp_path)))
@@ -168,6 +171,24 @@ def test_cache_is_reused_and_keyed_by_tokenizer(jsonl, tmp_path, monkeypatch):
     assert tokens.tolist() == stream(DOCS[:90], load_tokenizer(bpe.tokenizer))
     other_holdout = dataclasses.replace(jsonl, holdout_fraction=0.2)
     assert token_split(other_holdout, "train").filename not in (first.filename, tokens.filename)
+
+
+def test_token_cache_is_a_token_shard_corpus(jsonl, tmp_path):
+    """Raw sources are tokenised once into manifest.json + one shard per split: the format of
+    `python -m vffn_jax.data tokenize`, read the same way; a cache of the old format (one flat file per
+    split) is ignored, not read."""
+    stale = tmp_path / "cache" / "tokens" / "docs-train-byte-0123456789abcdef.uint16"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"\x00\x01" * 7)
+    train = token_split(jsonl, "train")
+    folder = Path(train.filename).parent
+    m = read_manifest(str(folder))
+    assert {s: (d["documents"], d["shards"]) for s, d in m.splits().items()} == {"train": (90, 1), "validation": (10, 1)}
+    assert m.dtype == "uint16" and m.tokenizer["name"] == BYTE.name and train.tolist() == stream(DOCS[:90])
+    as_corpus = DataConfig(path=str(folder), cache_dir=jsonl.cache_dir)
+    kw = dict(seq_len=32, global_batch=4, seed=1)
+    a, b = take(make_batch_iterator(jsonl, "train", **kw), 3), take(make_batch_iterator(as_corpus, "train", **kw), 3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 def test_failed_tokenisation_leaves_no_cache(tmp_path):
@@ -273,7 +294,7 @@ def test_default_corpus(corpus_cache, monkeypatch):
     assert (len(train), len(val)) == (1166, 23)  # 1,189 chapters, every 50th held out
     assert train[0]["text"].decode().startswith("Genesis 1\nIn the beginning God created the heaven and the earth.\n")
     assert val[0]["title"] == b"Genesis 50"
-    monkeypatch.setattr(data_lib.KjvBible, "download_and_prepare", lambda self: pytest.fail("prepared twice"))
+    monkeypatch.setattr(corpus_lib.KjvBible, "download_and_prepare", lambda self: pytest.fail("prepared twice"))
     assert prepare_default_corpus(str(corpus_cache)) == out  # idempotent: the second call builds nothing
 
 

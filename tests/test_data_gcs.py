@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from vffn_jax.data import pipeline as data_lib
+from vffn_jax.data import token_cache
 from vffn_jax import storage
 from vffn_jax.config import ConfigError, DataConfig
 from vffn_jax.data.pipeline import eval_batches, load_tokenizer, make_batch_iterator, prepare_default_corpus, token_split
@@ -83,8 +83,8 @@ def test_gcs_cache_hit_reads_no_documents(tmp_path, trees, monkeypatch):
     _, remote = cfgs(tmp_path, trees, "corpus/a.jsonl", holdout_fraction=0.1)
     first = token_split(remote, "train")
     with monkeypatch.context() as m:  # a cache hit lists and stats the objects, nothing more
-        m.setattr(data_lib._FileDocs, "_count", lambda *a: pytest.fail("documents counted on a cache hit"))
-        m.setattr(data_lib, "_encode_chunk", lambda *a: pytest.fail("re-tokenised despite a cached split"))
+        m.setattr(token_cache._FileDocs, "_count", lambda *a: pytest.fail("documents counted on a cache hit"))
+        m.setattr(token_cache, "_encode_chunk", lambda *a: pytest.fail("re-tokenised despite a cached split"))
         assert token_split(remote, "train").filename == first.filename
 
 
@@ -119,7 +119,7 @@ def test_gcs_token_files(tmp_path, gcs_bucket, suffix, monkeypatch):
     copies = sorted((cache / "tokens").iterdir())
     assert [p.suffix for p in copies] == [suffix] and "-gcs-" in copies[0].name  # one local copy, nothing else
     with monkeypatch.context() as m:  # served from the copy
-        m.setattr(data_lib, "_copy_object", lambda *a: pytest.fail("copied twice"))
+        m.setattr(token_cache, "_copy_object", lambda *a: pytest.fail("copied twice"))
         token_split(cfg_g, "train")
     changed = tokens[::-1].copy()  # same size, new generation
     np.save(local, changed.astype(np.int32)) if suffix == ".npy" else changed.tofile(local)

