@@ -265,7 +265,7 @@ def open_source(cfg: DataConfig) -> _TfdsDocs | _FileDocs | np.memmap:
 # --------------------------------------------------------------------------- token splits
 
 
-def _split_range(sizes: dict[str, int], split: str, holdout: float, what: str,
+def split_range(sizes: dict[str, int], split: str, holdout: float, what: str,
                  unit: str = "documents") -> tuple[str, int, int]:
     """(source split, start, stop): the source's own validation split, else the last `holdout` of train."""
     if "validation" in sizes and "train" in sizes:
@@ -321,7 +321,7 @@ def _build_cache(cfg: DataConfig, source, tok: Tokenizer, folder: Path) -> None:
         for split in SPLITS:
             if split == "validation" and holdout <= 0 and "validation" not in sizes:
                 continue  # no validation split: token_split("validation") says so
-            src_split, start, stop = _split_range(sizes, split, holdout, what)
+            src_split, start, stop = split_range(sizes, split, holdout, what)
             if stop <= start:
                 raise ConfigError(f"split {split!r} of {what} is empty")
             name, sha, n = f"{split}-00000-0000.bin", hashlib.sha256(), 0
@@ -379,7 +379,7 @@ def token_split(cfg: DataConfig, split: str) -> np.memmap:
     check_split(split)
     corpus = cached_corpus(cfg)
     if isinstance(corpus, np.memmap):
-        _, start, stop = _split_range({"train": len(corpus)}, split, cfg.holdout_fraction, cfg.path, "tokens")
+        _, start, stop = split_range({"train": len(corpus)}, split, cfg.holdout_fraction, cfg.path, "tokens")
         return _token_view(corpus, start, stop)
     (shard,) = split_shards(cfg, corpus, split)
     return np.memmap(corpus.folder / shard.file, dtype=np.dtype(corpus.dtype), mode="r")

@@ -54,7 +54,7 @@ def build_stdlib_corpus(out_dir: Path, max_files: int | None = None, root: Path 
     exactly those pieces. Files that are not valid UTF-8 (a few deliberate encoding tests) and empty
     files are skipped. `max_files` keeps only the first files of the hashed order (smoke tests).
     """
-    from vffn_jax.data.pipeline import _split_range
+    from vffn_jax.data.token_cache import split_range
 
     root = Path(root or sysconfig.get_paths()["stdlib"])
     ver = f"py{sys.version_info.major}.{sys.version_info.minor}"
@@ -85,7 +85,7 @@ def build_stdlib_corpus(out_dir: Path, max_files: int | None = None, root: Path 
     pieces.sort(key=lambda x: _sha(f"{x[0]}:{x[1]}"))
     n_total = len(train_docs) + len(pieces)
     fraction = len(pieces) / n_total
-    if _split_range({"train": n_total}, "validation", fraction, str(path)) != ("train", len(train_docs), n_total):
+    if split_range({"train": n_total}, "validation", fraction, str(path)) != ("train", len(train_docs), n_total):
         raise RuntimeError("internal: the held-out fraction does not select exactly the held-out pieces")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
