@@ -1,7 +1,6 @@
 """The budget study: gap to dense vs tokens/param at several widths, planned, run and reported after every run."""
 from __future__ import annotations
 
-from __future__ import annotations
 import dataclasses
 import sys
 import time

@@ -1,7 +1,6 @@
 """The stdlib corpus: the Python standard library's source as text files, split into train and held-out files."""
 from __future__ import annotations
 
-from __future__ import annotations
 import hashlib
 import json
 import os

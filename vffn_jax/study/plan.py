@@ -1,7 +1,6 @@
 """A study's runs: one RunSpec (config + run directory) per regime x variant x seed."""
 from __future__ import annotations
 
-from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path

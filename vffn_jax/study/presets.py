@@ -1,7 +1,6 @@
 """The study's presets, its variants and the ordering the paper reports (what a study compares)."""
 from __future__ import annotations
 
-from __future__ import annotations
 import dataclasses
 import hashlib
 from typing import Any

@@ -1,7 +1,6 @@
 """results.md / results.json and the PNG plots of a study (the regimes' tables and the budget report)."""
 from __future__ import annotations
 
-from __future__ import annotations
 import json
 import math
 import os

@@ -50,7 +50,6 @@ rebuilds the report from the finished runs without training.
 """
 from __future__ import annotations
 
-from __future__ import annotations
 import argparse
 import sys
 import time

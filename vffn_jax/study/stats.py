@@ -1,7 +1,6 @@
 """Statistics over seeds: means and spreads, the ordering verdict, the budget study's gaps and slopes."""
 from __future__ import annotations
 
-from __future__ import annotations
 from typing import Any
 import numpy as np
 from vffn_jax.study.presets import ORDERING, ORDERING_TEXT, VARIANTS, WIDTH_ONLY_CHECK
