@@ -13,7 +13,10 @@ from vffn_jax.data import corpus as corpus_lib
 from vffn_jax.data import token_cache
 from vffn_jax.config import ConfigError, DataConfig
 from vffn_jax.data.manifest import read_manifest
-from vffn_jax.data.pipeline import (eval_batches, load_tokenizer, main, make_batch_iterator, prepare_default_corpus, token_split)
+from vffn_jax.data.corpus import prepare_default_corpus
+from vffn_jax.data.pipeline import eval_batches, main, make_batch_iterator
+from vffn_jax.data.token_cache import token_split
+from vffn_jax.data.tokenizer import load_tokenizer
 
 BYTE = load_tokenizer("byte")
 DOCS = [f"document {i}: " + "lorem ipsum dolor sit amet " * (i % 7 + 1) + "ünïcødé ✓" for i in range(100)]

@@ -8,7 +8,10 @@ import pytest
 from vffn_jax.data import token_cache
 from vffn_jax import storage
 from vffn_jax.config import ConfigError, DataConfig
-from vffn_jax.data.pipeline import eval_batches, load_tokenizer, make_batch_iterator, prepare_default_corpus, token_split
+from vffn_jax.data.corpus import prepare_default_corpus
+from vffn_jax.data.pipeline import eval_batches, make_batch_iterator
+from vffn_jax.data.token_cache import token_split
+from vffn_jax.data.tokenizer import load_tokenizer
 
 BYTE = load_tokenizer("byte")
 DOCS = [f"doc {i}: " + "lorem ipsum dolor sit amet " * (i % 5 + 1) + "ünïcødé ✓\r\nend" for i in range(60)]

@@ -13,6 +13,7 @@ import pytest
 
 from vffn_jax.data import pipeline as data_lib
 from vffn_jax.data import shards as shards_lib
+from vffn_jax.data import token_cache
 from vffn_jax import storage
 from vffn_jax.config import ConfigError, DataConfig, load_config
 from vffn_jax.data.pipeline import batch_dataset, check_corpus, eval_batches, make_batch_iterator, shard_sources
@@ -302,7 +303,7 @@ def test_mixture_config_errors(tmp_path, corpus):
     with pytest.raises(FileNotFoundError, match="data.mixture entry=.*manifest.json not found"):
         shard_sources(DataConfig(mixture=f"{path}=1,{tmp_path / 'none'}=1"), "train", SEQ)
     with pytest.raises(ConfigError, match="read in place"):
-        data_lib.token_split(DataConfig(path=path), "train")
+        token_cache.token_split(DataConfig(path=path), "train")
 
 
 # --------------------------------------------------------------------------- as the trainer uses them

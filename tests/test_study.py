@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from vffn_jax.data import pipeline as data_lib
+from vffn_jax.data import token_cache
 from vffn_jax.study.budget import describe_budget_plan, plan_budget, run_budget_study
 from vffn_jax.study.corpus import build_stdlib_corpus
 from vffn_jax.study.plan import plan
@@ -104,8 +104,8 @@ def test_stdlib_corpus_skips_non_utf8_and_site_packages(tmp_path):
     assert len(held_out) == 1 and manifest["holdout_fraction"] == fraction
     # data.py's rule (the last `fraction` of documents) selects exactly the held-out file's pieces
     cfg = DataConfig(path=str(path), holdout_fraction=fraction, cache_dir=str(tmp_path / "cache"))
-    val = data_lib.token_split(cfg, "validation")
-    train = data_lib.token_split(cfg, "train")
+    val = token_cache.token_split(cfg, "validation")
+    train = token_cache.token_split(cfg, "train")
     held_text = (root / held_out[0]).read_text()
     pieces = [d for d in docs if d["path"].split("#")[0] == held_out[0]]
     assert docs[-len(pieces):] == pieces and "".join(

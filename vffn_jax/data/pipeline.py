@@ -53,15 +53,12 @@ import numpy as np
 
 from vffn_jax.config import ConfigError, DataConfig
 from vffn_jax.data import manifest as manifest_lib
-from vffn_jax.data.corpus import KjvBible, cache_root, prepare_default_corpus
+from vffn_jax.data.corpus import prepare_default_corpus
 from vffn_jax.data.shards import ShardWindows, check_shards
 from vffn_jax.data.sources import SPLITS
 from vffn_jax.data.token_cache import split_range, cached_corpus, check_split as _check_split, split_shards, token_split
 from vffn_jax.data.tokenizer import load_tokenizer
 
-__all__ = ["KjvBible", "batch_dataset", "cache_root", "check_corpus", "eval_batches", "load_tokenizer", "main",
-           "make_batch_iterator", "prepare_default_corpus", "shard_sources", "token_split", "uses_manifest",
-           "split_range"]  # the corpus and token-cache names stay importable from here
 _READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 _READ_GCS = grain.ReadOptions(num_threads=8, prefetch_buffer_size=8)  # batches in flight for ranged gs:// reads
 

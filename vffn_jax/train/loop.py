@@ -40,6 +40,7 @@ def train(cfg: Config, workdir, *, devices=None, progress: bool = True, stop_at:
     continues the same schedule to `cfg.train.steps`.
     """
     from vffn_jax.data import pipeline as data_lib  # tfds/grain import lazily: dry runs and eval-only imports stay light
+    from vffn_jax.data.tokenizer import load_tokenizer
 
     is_main = jax.process_index() == 0
     workdir = RunDir.at(workdir).prepare(cfg, is_main).path
@@ -47,7 +48,7 @@ def train(cfg: Config, workdir, *, devices=None, progress: bool = True, stop_at:
     s = setup(cfg, devices)
     if data_lib.uses_manifest(cfg.data):  # a pre-tokenised corpus: its tokenizer must be the run's
         data_lib.check_corpus(cfg.data, cfg.model.vocab_size)
-    tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer {cfg.data.tokenizer!r} has {tokenizer.vocab_size} tokens but "
                           f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
