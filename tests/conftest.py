@@ -35,10 +35,3 @@ def gcs_bucket(gcs_emulator):
     """A fresh bucket on the emulator: returns 'gs://NAME'."""
     return gcs_emulator.create_bucket(f"test-{uuid.uuid4().hex[:12]}")
 
-
-def pytest_collection_modifyitems(config, items):
-    """A test that skips without libtpu (the optional TPU extra) is marked `tpu_extra`, so that
-    `python -m pytest -q -m tpu_extra` runs exactly those once requirements-tpu.txt is installed."""
-    for item in items:
-        if any("libtpu" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")):
-            item.add_marker(pytest.mark.tpu_extra)

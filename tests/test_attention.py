@@ -1,6 +1,5 @@
 """Attention kernels (XLA, splash in Pallas interpret mode) and document masking (model.doc_mask)."""
 import dataclasses
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +8,7 @@ import pytest
 from flax import nnx
 
 from vffn_jax.model import attention as attn
+from vffn_jax.testing.markers import needs_libtpu
 from vffn_jax.parallel import sharding as shd
 from vffn_jax.model import placement
 from vffn_jax.train import optimizer
@@ -253,7 +253,7 @@ def test_config_validation():
         validate(load_config("tiny", "versatile", {"model.attention": "splash", "train.seq_len": 100}))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (optional extra)")
+@needs_libtpu
 def test_tiny_step_with_splash_and_doc_mask_compiles_for_tpu():
     """The real train step, AOT for v5p:2x2x2 (8 chips, 2 hosts) on this CPU host: Mosaic kernels, not interpret."""
     from vffn_jax.checkpoint import manager as ckpt

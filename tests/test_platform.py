@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 
 from vffn_jax import platform
+from vffn_jax.testing.markers import needs_libtpu
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBTPU_WARNINGS = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "libtpu_init_utils")
 
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu not installed (optional extra: pip install -r requirements-tpu.txt)")
 off_accelerators = pytest.mark.skipif(platform.accelerator_may_be_present(),
                                       reason="this host may have a TPU or GPU: libtpu's warnings concern hosts without one")
 

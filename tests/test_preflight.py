@@ -1,5 +1,4 @@
 """TPU pre-flight: the real train step AOT-compiled for a TPU topology on this CPU-only host."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -7,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from vffn_jax.testing.markers import needs_libtpu
+
 ROOT = Path(__file__).resolve().parent.parent
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu not installed (optional extra: pip install -r requirements-tpu.txt)")
 pytestmark = pytest.mark.tpu_extra  # every test here needs the TPU extra: python -m pytest -q -m tpu_extra
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import importlib.metadata as md
 from pathlib import Path
 
-import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+
+from vffn_jax.testing.markers import needs_libtpu
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,15 +73,7 @@ def test_tpu_requirements_pin_the_libtpu_jax_declares():
             f"requirements-tpu.txt pins {r}, outside jax {jax_version}'s own libtpu{spec}"
 
 
-def _installed(name: str) -> bool:
-    try:
-        md.version(name)
-    except md.PackageNotFoundError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _installed("libtpu"), reason="libtpu not installed (optional extra: pip install -r requirements-tpu.txt)")
+@needs_libtpu
 def test_installed_libtpu_is_the_one_jax_declares():
     installed = Version(md.version("libtpu"))
     spec = _jax_libtpu_specifier()
