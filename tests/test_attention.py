@@ -181,11 +181,12 @@ def test_splash_interpret_equals_xla_values_and_grads(doc_mask):
     _splash_vs_xla(q, k, v, seg, lambda *a: attn.splash_attention(*a, interpret=True, block=128))
 
 
-@pytest.mark.parametrize("doc_mask", [False, True])
-def test_splash_under_shard_map_equals_xla(doc_mask):
+@pytest.mark.parametrize("doc_mask,kv_heads", [(False, 4), (True, 2)])  # 2: grouped-query attention
+def test_splash_under_shard_map_equals_xla(doc_mask, kv_heads):
     """Batch over (data, fsdp), heads over tensor on 8 fake devices; attend(kind=splash) picks interpret on CPU."""
     mesh = shd.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices())
     q, k, v = qkv((4, 128, 4, 16), seed=1)
+    k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]
     seg = attn.segment_ids(packed_tokens(4, 128, seed=2), EOS) if doc_mask else None
     with jax.set_mesh(mesh):
         hlo = jax.jit(lambda *a: attn.attend(*a, kind="splash")).lower(q, k, v, seg).as_text()

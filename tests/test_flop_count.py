@@ -38,6 +38,10 @@ def test_traced_flops_equal_the_analytic_count(variant):
     assert _ratio(variant, **{"model.scan_layers": False}) == pytest.approx(1.0, rel=1e-9)
 
 
+def test_grouped_query_attention_and_tied_head_flops():
+    assert _ratio("dense", **{"model.n_kv_heads": 1, "model.tie_embeddings": True}) == pytest.approx(1.0, rel=1e-9)
+
+
 def test_remat_and_dense_dispatch_show_up_as_extra_flops():
     assert 1.25 < _ratio("versatile", **{"model.remat": "full"}) < 1.34  # the forward runs twice
     assert _ratio("moe") > 1.2  # every expert runs on every token, the analytic count takes top-k

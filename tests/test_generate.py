@@ -87,6 +87,19 @@ def test_cache_matches_full_forward_every_position(ffn):
         assert (depth == fixed).all() and all((lo == fixed).all() for _, _, lo in steps)
 
 
+def test_cache_holds_only_the_key_value_heads_and_matches_the_full_forward():
+    """Grouped-query attention (4 query heads, 1 key/value head) with a tied head: the cache is 4x smaller and
+    the cached steps still give the full forward's logits."""
+    m = small("versatile", n_heads=4, n_kv_heads=1, tie_embeddings=True)
+    g, st = build(m)
+    toks = jax.random.randint(jax.random.key(4), (B, T), 0, m.vocab_size)
+    full, _ = full_forward(g, st, toks)
+    _, cache, *_ = decode.prefill(m, decode.pure_params(st), toks[:, :T_PROMPT], jnp.asarray(LENGTHS), S)
+    assert cache["k"].shape == (m.n_layers, B, S, 1, m.head_dim)
+    logits, _, _ = teacher_forced(m, decode.pure_params(st), toks, LENGTHS)
+    np.testing.assert_allclose(logits, np.asarray(full), rtol=1e-4, atol=2e-5)
+
+
 def test_cache_matches_full_forward_with_document_mask():
     m = small("versatile", doc_mask=True, eos_id=5)
     g, st = build(m)

@@ -135,11 +135,14 @@ def test_paper_parameter_counts(scale, expected):
     assert vers["params_total"] - expected == m.n_layers * m.d_model * (m.n_experts + m.max_depth)
 
 
-@pytest.mark.parametrize("variant", ["versatile", "moe"])  # moe: stacked experts sharded [E, d/fsdp, (f/E)/tensor]
-def test_sharded_forward_equals_single_device(variant):
+# moe: stacked experts sharded [E, d/fsdp, (f/E)/tensor]; with grouped-query attention (2 key/value heads over
+# tensor=2) and a tied head (the embedding serves as the vocab-sharded output projection)
+@pytest.mark.parametrize("variant,extra", [("versatile", {}),
+                                           ("moe", {"model.n_kv_heads": 2, "model.tie_embeddings": True})])
+def test_sharded_forward_equals_single_device(variant, extra):
     cfg = load_config("tiny", variant, {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4,
                                             "model.d_ff": 128, "train.batch_size": 8, "train.seq_len": 16,
-                                            "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+                                            "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, **extra})
     outs = []
     for devices, mesh_over in ((jax.devices()[:1], {"data": 1, "fsdp": 1, "tensor": 1}), (jax.devices(), None)):
         c = cfg if mesh_over is None else dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **mesh_over))
@@ -149,11 +152,44 @@ def test_sharded_forward_equals_single_device(variant):
         batch = np.asarray(jax.random.randint(jax.random.key(0), (8, 17), 0, 257))
         outs.append(jax.device_get(step(params, step_lib.global_batch(batch, s.mesh))))
         if mesh_over is None:
-            assert len(params["lm_head"][...].sharding.device_set) == 8
+            assert len(params["embed" if c.model.tie_embeddings else "lm_head"][...].sharding.device_set) == 8
     np.testing.assert_allclose(outs[0]["ce_sum"], outs[1]["ce_sum"], rtol=1e-5)
     np.testing.assert_allclose(outs[0]["expert_load"], outs[1]["expert_load"])
     if variant == "versatile":
         np.testing.assert_allclose(outs[0]["depth_hist"], outs[1]["depth_hist"])
+
+
+def test_grouped_query_attention_equals_repeated_key_value_heads():
+    """K key/value heads serving N/K query heads each equal multi-head attention whose k/v weights repeat each
+    key/value head N/K times in a row (transformers' Llama grouping)."""
+    gqa = small("versatile", n_kv_heads=2)
+    g, st = build(gqa)
+    params = nnx.to_pure_dict(st)
+    assert params["layers"]["attn"]["w_k"].shape == (3, 32, 2, 8)
+    mha = jax.tree.map(lambda a: a, params)
+    for name in ("w_k", "w_v"):
+        mha["layers"]["attn"][name] = jnp.repeat(params["layers"]["attn"][name], 2, axis=2)
+    g_mha, st_mha = build(small("versatile"))
+    nnx.replace_by_pure_dict(st_mha, mha)
+    want, aux_want = apply(g_mha, st_mha, tokens())
+    got, aux_got = apply(g, st, tokens())
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(aux_got["depth"], aux_want["depth"])
+
+
+def test_tied_head_is_the_embedding_transposed():
+    tied = small("dense", tie_embeddings=True)
+    g, st = build(tied)
+    params = nnx.to_pure_dict(st)
+    assert "lm_head" not in params
+    g_u, st_u = build(small("dense"))
+    untied = {**params, "lm_head": params["embed"].T}
+    nnx.replace_by_pure_dict(st_u, untied)
+    np.testing.assert_allclose(apply(g, st, tokens())[0], apply(g_u, st_u, tokens())[0], rtol=1e-6, atol=1e-6)
+    assert placement.describe(placement.setup(load_config("tiny", "dense", {"model.tie_embeddings": True,
+                                                                          "model.n_kv_heads": 1})))["params_total"] \
+        == placement.describe(placement.setup(load_config("tiny", "dense", {"model.tie_embeddings": True,
+                                                                          "model.n_kv_heads": 1})))["params_analytic"]
 
 
 def test_bf16_compute_with_f32_params():

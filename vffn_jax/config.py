@@ -48,6 +48,7 @@ class ModelConfig:
     d_model: int = 1024
     n_layers: int = 15
     n_heads: int = 16
+    n_kv_heads: int = 0  # grouped-query attention: key/value heads (0 = n_heads, multi-head attention)
     d_ff: int = 4096  # SwiGLU hidden units f
     ffn: str = "versatile"  # one of FFN_KINDS
     n_experts: int = 8  # E virtual experts (width path)
@@ -55,6 +56,14 @@ class ModelConfig:
     max_depth: int = 4  # L loops of the depth path
     n_loops: int = 4  # K for the `kloop` baseline
     rope_theta: float = 10000.0
+    # RoPE frequency scaling of Llama 3.1/3.2 checkpoints: "none" | "llama3" (its factor, low/high-frequency
+    # factors and the original context length, as in a HF config's rope_parameters)
+    rope_scaling: str = "none"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    tie_embeddings: bool = False  # the LM head reuses the input embedding matrix (no lm_head parameter)
     norm_eps: float = 1e-6
     init_std: float = 0.02
     scan_layers: bool = True  # one compiled layer body (compile time independent of n_layers)
@@ -71,6 +80,10 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,6 +394,15 @@ def validate(cfg: Config, n_devices: int | None = None, n_slices: int | None = N
             raise ConfigError(f"model.{name}={getattr(m, name)} must be >= 1")
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; pick heads so d_model % n_heads == 0")
+    if m.n_kv_heads < 0 or m.n_heads % m.kv_heads:
+        raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} (each key/value "
+                          "head serves n_heads/n_kv_heads query heads); 0 means n_heads")
+    if m.rope_scaling not in ("none", "llama3"):
+        raise ConfigError(f"model.rope_scaling={m.rope_scaling!r}: choose none or llama3")
+    if m.rope_scaling == "llama3" and not (m.rope_factor > 0 and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor
+                                           and m.rope_original_max_len > 0):
+        raise ConfigError("model.rope_scaling=llama3 needs rope_factor > 0, 0 < rope_low_freq_factor < "
+                          "rope_high_freq_factor and rope_original_max_len > 0")
     if m.head_dim % 2:
         raise ConfigError(f"head dim d_model/n_heads={m.head_dim} must be even for RoPE; change model.n_heads or model.d_model")
     if m.ffn in EXPERT_KINDS:
@@ -465,10 +487,10 @@ def validate(cfg: Config, n_devices: int | None = None, n_slices: int | None = N
                 f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum} x the "
                 f"data-parallel size mesh.data*mesh.fsdp={data * fsdp}: every device needs the same number of rows "
                 f"in each microbatch; use a batch_size multiple of {t.grad_accum * data * fsdp} or a smaller grad_accum")
-        if m.d_ff % tensor or m.n_heads % tensor or m.vocab_size % tensor:
+        if m.d_ff % tensor or m.n_heads % tensor or m.kv_heads % tensor or m.vocab_size % tensor:
             raise ConfigError(
-                f"mesh.tensor={tensor} must divide model.d_ff={m.d_ff}, model.n_heads={m.n_heads} "
-                f"and model.vocab_size={m.vocab_size}")
+                f"mesh.tensor={tensor} must divide model.d_ff={m.d_ff}, model.n_heads={m.n_heads}, the key/value "
+                f"heads (model.n_kv_heads: {m.kv_heads}) and model.vocab_size={m.vocab_size}")
         if m.ffn in VIRTUAL_EXPERT_KINDS and m.n_experts % tensor:
             # f is sharded over tensor in contiguous blocks: E % T == 0 puts E/T whole experts on each device
             raise ConfigError(

@@ -16,7 +16,7 @@ from vffn_jax import storage
 from vffn_jax.config import ConfigError
 
 OLMO_TOKENIZER = "tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json"  # inside the olmo_eval package
-EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>")
+EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")  # GPT-NeoX/OLMo/SmolLM, Llama 3, Llama 2/Mistral, Gemma
 
 
 class Tokenizer(abc.ABC):

@@ -8,9 +8,10 @@ stacked `[layers, ...]` parameters, exactly like the full forward (`Transformer.
 decode-specific: the cache, the attention of one query over it, the generation loop and its driver.
 
 Cache layout (one pytree, per decode batch):
-  * `k`, `v`: `[layers, B, S, N, H]` in the compute dtype (`model.dtype`), S = the cache length
-    (prompt bucket + new tokens, at most the context `train.seq_len`). Logical axes
-    `(layers, act_batch, act_seq, act_heads, -)`: rows over the data-parallel mesh axes (data, fsdp),
+  * `k`, `v`: `[layers, B, S, K, H]` in the compute dtype (`model.dtype`), S = the cache length
+    (prompt bucket + new tokens, at most the context `train.seq_len`), K the key/value heads (`model.n_kv_heads`:
+    fewer than the query heads with grouped-query attention, so the cache shrinks by N/K). Logical axes
+    `(layers, act_batch, act_seq, act_kv_heads, -)`: rows over the data-parallel mesh axes (data, fsdp),
     heads over `tensor`, exactly like the training activations, so a decode step needs no more
     communication than a forward pass of one token.
   * `seg`: `[B, S]` int32 document index of each cached token (`model.doc_mask`; zeros otherwise).
@@ -57,7 +58,7 @@ from vffn_jax.infer import sampling
 from vffn_jax.config import DEPTH_KINDS, ConfigError, ModelConfig
 from vffn_jax.parallel.sharding import constrain, logical_to_spec
 
-CACHE_AXES = ("layers", "act_batch", "act_seq", "act_heads", None)
+CACHE_AXES = ("layers", "act_batch", "act_seq", "act_kv_heads", None)
 MIN_BUCKET = 16
 
 
@@ -86,15 +87,22 @@ def _token_depth(m: ModelConfig, aux, shape):
 
 
 def cached_attention(q, k_new, v_new, k_cache, v_cache, visible):
-    """One query per row (`[B, 1, N, H]`) over the cached keys where `visible [B, S]`, plus its own key."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    s_cache = jnp.einsum("btnh,bsnh->bnts", q, k_cache).astype(jnp.float32) * scale
-    s_cache = jnp.where(visible[:, None, None, :], s_cache, jnp.finfo(jnp.float32).min)
-    s_self = jnp.einsum("btnh,btnh->bnt", q, k_new).astype(jnp.float32)[..., None] * scale
+    """One query per row (`[B, 1, N, H]`) over the cached keys where `visible [B, S]`, plus its own key.
+
+    The cache holds the K key/value heads only (`[B, S, K, H]`); with grouped-query attention the N query
+    heads are attended as K groups of N/K, so the cache is never repeated up to N heads."""
+    b, t, n, h = q.shape
+    kv = k_cache.shape[2]
+    q = q.reshape(b, t, kv, n // kv, h)  # query head n sits in group n // (N/K), like the full forward's kernel
+    scale = 1.0 / math.sqrt(h)
+    s_cache = jnp.einsum("btkgh,bskh->bkgts", q, k_cache).astype(jnp.float32) * scale
+    s_cache = jnp.where(visible[:, None, None, None, :], s_cache, jnp.finfo(jnp.float32).min)
+    s_self = jnp.einsum("btkgh,btkh->bkgt", q, k_new).astype(jnp.float32)[..., None] * scale
     probs = jax.nn.softmax(jnp.concatenate([s_cache, s_self], axis=-1), axis=-1)
-    p_cache, p_self = probs[..., :-1].astype(q.dtype), probs[..., -1].astype(q.dtype)  # [B,N,T,S], [B,N,T]
-    out = jnp.einsum("bnts,bsnh->btnh", p_cache, v_cache) + jnp.swapaxes(p_self, 1, 2)[..., None] * v_new
-    return out
+    p_cache, p_self = probs[..., :-1].astype(q.dtype), probs[..., -1].astype(q.dtype)  # [B,K,G,T,S], [B,K,G,T]
+    out = (jnp.einsum("bkgts,bskh->btkgh", p_cache, v_cache)
+           + jnp.moveaxis(p_self, -1, 1)[..., None] * v_new[:, :, :, None, :])
+    return out.reshape(b, t, n, h)
 
 
 # --------------------------------------------------------------------------- prefill and one decode step
@@ -126,9 +134,9 @@ def prefill(m: ModelConfig, params, tokens_bt, lengths_b, cache_len: int, *, all
              "seg": jnp.pad(seg if seg is not None else jnp.zeros((b, t), jnp.int32), ((0, 0), (0, cache_len - t)))}
     last = jnp.clip(lengths_b - 1, 0, t - 1)
     if all_logits:
-        logits = transformer.head(m, params["final_norm"], params["lm_head"], h)
+        logits = transformer.head(m, params["final_norm"], transformer.lm_head(m, params), h)
     else:
-        logits = transformer.head(m, params["final_norm"], params["lm_head"],
+        logits = transformer.head(m, params["final_norm"], transformer.lm_head(m, params),
                                   jnp.take_along_axis(h, last[:, None, None], axis=1))[:, 0]
     if m.doc_mask:
         last_tok = jnp.take_along_axis(tokens_bt, last[:, None], axis=1)[:, 0]
@@ -163,7 +171,7 @@ def decode_step(m: ModelConfig, params, cache, tokens_b, pos_b, seg_b, active_b)
     cache = {"k": constrain(cache["k"].at[:, rows, pos_b].set(k, mode="drop"), *CACHE_AXES),
              "v": constrain(cache["v"].at[:, rows, pos_b].set(v, mode="drop"), *CACHE_AXES),
              "seg": cache["seg"].at[rows, pos_b].set(seg_b, mode="drop")}
-    logits = transformer.head(m, params["final_norm"], params["lm_head"], h)
+    logits = transformer.head(m, params["final_norm"], transformer.lm_head(m, params), h)
     return logits[:, 0], cache, jnp.moveaxis(depth, 0, -1), loops
 
 

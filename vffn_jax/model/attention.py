@@ -1,6 +1,7 @@
 """Causal self-attention kernels and document masking (`model.attention`, `model.doc_mask`).
 
-Kernels (all take q, k, v as `[B, T, N, H]` and return `[B, T, N, H]`):
+Kernels (all take q as `[B, T, N, H]`, k and v as `[B, T, K, H]` and return `[B, T, N, H]`; K divides N, and with
+grouped-query attention (K < N) key/value head j serves query heads j*N/K .. (j+1)*N/K - 1, as in transformers' Llama):
 
 * `xla`: `jax.nn.dot_product_attention(implementation="xla")`, the reference path and the one for CPUs.
 * `splash`: JAX's Pallas TPU flash kernel (`jax.experimental.pallas.ops.tpu.splash_attention`), run per
@@ -138,7 +139,9 @@ def splash_attention(q, k, v, seg=None, *, interpret: bool | None = None, block:
     `act_batch` mesh axes, heads over `act_heads`), or directly without a mesh."""
     if interpret is None:
         interpret = platform() != "tpu"
-    _, t, _, h = q.shape
+    _, t, n, h = q.shape
+    if k.shape[2] != n:  # grouped-query attention: each key/value head serves n / K consecutive query heads
+        k, v = (jnp.repeat(a, n // a.shape[2], axis=2) for a in (k, v))
     block = block or splash_block(t)
     q = q * jnp.asarray(1.0 / math.sqrt(h), q.dtype)  # the kernel does not scale the logits
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, N, T, H]: heads before the sequence

@@ -10,9 +10,11 @@ compile time does not grow with depth.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vffn_jax.model import attention as attention_lib
@@ -36,11 +38,32 @@ def param(rngs: nnx.Rngs, shape, names, cfg: ModelConfig, *, ones: bool = False)
     return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 
 
-def rope(x_btnh, positions, theta: float):
-    """Rotary embedding, rotate-half (GPT-NeoX/OLMo) layout, at `positions`: `[T]` (every row alike, the
-    full forward's `arange`) or `[B, T]` (a decode step: each row at its own position)."""
-    head_dim = x_btnh.shape[-1]
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """RoPE's inverse frequencies `[head_dim / 2]` (float32, computed as transformers' Llama computes them).
+
+    `model.rope_scaling=llama3` (Llama 3.1/3.2): wavelengths longer than `original_max_len / low_freq_factor`
+    are slowed down by `factor`, those shorter than `original_max_len / high_freq_factor` kept, and the band
+    between interpolated smoothly."""
+    h = cfg.head_dim
+    inv_freq = (1.0 / np.float32(cfg.rope_theta) ** (np.arange(0, h, 2).astype(np.float32) / np.float32(h)))
+    inv_freq = inv_freq.astype(np.float32)
+    if cfg.rope_scaling == "llama3":
+        factor, low, high = (np.float32(v) for v in (cfg.rope_factor, cfg.rope_low_freq_factor,
+                                                     cfg.rope_high_freq_factor))
+        old = np.float32(cfg.rope_original_max_len)
+        wavelen = np.float32(2 * math.pi) / inv_freq
+        scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope(x_btnh, positions, inv_freq):
+    """Rotary embedding, rotate-half (GPT-NeoX/OLMo/Llama) layout, at `positions`: `[T]` (every row alike, the
+    full forward's `arange`) or `[B, T]` (a decode step: each row at its own position); `inv_freq` from
+    `rope_frequencies`."""
     angles = jnp.atleast_2d(positions).astype(jnp.float32)[..., None] * inv_freq  # [B or 1, T, H/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B or 1, T, 1, H]: broadcast over heads
     x32 = x_btnh.astype(jnp.float32)
@@ -74,13 +97,16 @@ def attention(cfg: ModelConfig, p, x_btd, positions, attend):
     """Self-attention of the normed stream: `(out [B, T, d], (k, v))`.
 
     `attend(q, k, v) -> [B, T, N, H]` is the kernel (`causal_attend`, or one query over a KV cache);
-    `k`, `v` `[B, T, N, H]` (RoPE applied to k) are what a cache stores."""
+    `k`, `v` `[B, T, K, H]` (RoPE applied to k; K = `kv_heads`, fewer than the N query heads with grouped-query
+    attention) are what a cache stores."""
     dtype = jnp.dtype(cfg.dtype)
     x = x_btd.astype(dtype)
-    q = rope(jnp.einsum("btd,dnh->btnh", x, p["w_q"].astype(dtype)), positions, cfg.rope_theta)
-    k = rope(jnp.einsum("btd,dnh->btnh", x, p["w_k"].astype(dtype)), positions, cfg.rope_theta)
-    v = jnp.einsum("btd,dnh->btnh", x, p["w_v"].astype(dtype))
-    q, k, v = (constrain(a, "act_batch", "act_seq", "act_heads", None) for a in (q, k, v))
+    inv_freq = rope_frequencies(cfg)
+    q = rope(jnp.einsum("btd,dnh->btnh", x, p["w_q"].astype(dtype)), positions, inv_freq)
+    k = rope(jnp.einsum("btd,dkh->btkh", x, p["w_k"].astype(dtype)), positions, inv_freq)
+    v = jnp.einsum("btd,dkh->btkh", x, p["w_v"].astype(dtype))
+    q = constrain(q, "act_batch", "act_seq", "act_heads", None)
+    k, v = (constrain(a, "act_batch", "act_seq", "act_kv_heads", None) for a in (k, v))
     return jnp.einsum("btnh,nhd->btd", attend(q, k, v), p["w_o"].astype(dtype)), (k, v)
 
 
@@ -103,8 +129,13 @@ def layer(cfg: ModelConfig, p, h_btd, positions, attend, *, train: bool = False,
     return y, aux, kv
 
 
+def lm_head(cfg: ModelConfig, params):
+    """The output projection `[d, V]` of a params dict: `lm_head`, or the embedding transposed (`model.tie_embeddings`)."""
+    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+
+
 def head(cfg: ModelConfig, final_norm_d, lm_head_dv, h_btd):
-    """Final RMSNorm and the LM head: f32 logits `[B, T, V]`."""
+    """Final RMSNorm and the LM head (`lm_head(cfg, params)`): f32 logits `[B, T, V]`."""
     h = ffn_lib.rms_norm(h_btd, final_norm_d, cfg.norm_eps)
     logits = jnp.einsum("btd,dv->btv", h, lm_head_dv.astype(jnp.dtype(cfg.dtype)), preferred_element_type=jnp.float32)
     return constrain(logits, "act_batch", "act_seq", "act_vocab")
@@ -115,10 +146,10 @@ def head(cfg: ModelConfig, final_norm_d, lm_head_dv, h_btd):
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        d, n, h = cfg.d_model, cfg.n_heads, cfg.head_dim
+        d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.w_q = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg)
-        self.w_k = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg)
-        self.w_v = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg)
+        self.w_k = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
+        self.w_v = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
         self.w_o = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), cfg)
 
 
@@ -152,7 +183,8 @@ class Transformer(nnx.Module):
 
         self.layers = make_layers(rngs)
         self.final_norm = param(rngs, (cfg.d_model,), ("embed",), cfg, ones=True)
-        self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
 
     def __call__(self, tokens_bt, *, train: bool = False, tau=1.0, rng=None, row_ids=None):
         """Returns f32 logits `[B, T, V]` and the per-layer FFN aux, stacked on a leading layer axis.
@@ -165,7 +197,8 @@ class Transformer(nnx.Module):
         # model.doc_mask: document ids from EOS tokens; RoPE positions stay absolute (scores depend on offsets only)
         segment_ids = attention_lib.segment_ids(tokens_bt, cfg.eos_id) if cfg.doc_mask else None
         h, aux = self._run_layers(h, train=train, tau=tau, rng=rng, row_ids=row_ids, segment_ids=segment_ids)
-        return head(cfg, self.final_norm[...], self.lm_head[...], h), aux
+        out = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        return head(cfg, self.final_norm[...], out, h), aux
 
     def _run_layers(self, h, *, train, tau, rng, row_ids=None, segment_ids=None):
         cfg = self.cfg

@@ -26,6 +26,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),  # FFN hidden units; E % tensor == 0 keeps each virtual expert on one device
     ("expert", None),  # moe's stacked real experts [E, d, f/E]: every device holds all E, each split like the dense FFN
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),  # grouped-query attention: key/value heads split like the query heads (K % tensor == 0)
     ("vocab", "tensor"),  # output projection columns
     ("vocab_in", "tensor"),  # input embedding rows at rest; the model gathers the table whole before the lookup
     ("layers", None),  # the scanned layer axis
@@ -35,6 +36,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_seq", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
 )

@@ -64,17 +64,23 @@ def peak_flops_per_device(device=None, override: float = 0.0) -> float | None:
 def count_params(abstract_state) -> dict[str, int]:
     """Exact counts from the (abstract) model state: total and without the two embedding matrices."""
     total = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_state))
-    embedding = sum(math.prod(leaf.shape) for k in ("embed", "lm_head") for leaf in jax.tree.leaves(abstract_state[k]))
+    embedding = sum(math.prod(leaf.shape) for k in ("embed", "lm_head") if k in abstract_state
+                    for leaf in jax.tree.leaves(abstract_state[k]))
     return {"params_total": total, "params_non_embedding": total - embedding}
 
 
 def analytic_params(cfg: ModelConfig) -> int:
     """Closed form of the parameter count (must agree with count_params; docs/method.md table)."""
     d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
-    per_layer = 4 * d * d + 3 * d * f + 2 * d + router_width(cfg) * d
+    per_layer = attention_params(cfg) + 3 * d * f + 2 * d + router_width(cfg) * d
     if cfg.ffn == "moe":
         per_layer += 3 * d * f  # E real experts of f/E hidden units each: E * 3 * d * f/E
-    return 2 * v * d + cfg.n_layers * per_layer + d
+    return (1 if cfg.tie_embeddings else 2) * v * d + cfg.n_layers * per_layer + d
+
+
+def attention_params(cfg: ModelConfig) -> int:
+    """q and o (d x d each) plus k and v over the key/value heads (grouped-query attention: fewer of them)."""
+    return 2 * cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.kv_heads * cfg.head_dim
 
 
 def router_width(cfg: ModelConfig) -> int:
@@ -113,7 +119,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, train: bool, mean_depth: 
     """Model FLOPs per token: training (fwd+bwd) or inference (fwd) at `mean_depth` loops (the "ideal" count
     with a measured mean depth; see the module docstring)."""
     d = cfg.d_model
-    attn = 8 * d * d + 4 * seq_len * d
+    attn = 2 * attention_params(cfg) + 4 * seq_len * d
     per_layer = attn + ffn_forward_flops(cfg, train=train, mean_depth=mean_depth, all_experts=all_experts)
     forward = cfg.n_layers * per_layer + 2 * d * cfg.vocab_size
     return 3 * forward if train else forward

@@ -16,7 +16,8 @@ from vffn_jax.rundir import RunDir
 
 # --------------------------------------------------------------------------- continued pretraining (docs/method.md)
 
-SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff")  # must match between source and run
+# must match between source and run (kv_heads: the effective model.n_kv_heads, 0 meaning n_heads)
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "d_ff", "tie_embeddings")
 
 
 def resolve_init_source(source, step: int = -1) -> tuple[Any, int]:
@@ -47,6 +48,7 @@ def check_init_compatible(source: ModelConfig, model: ModelConfig, where: Any) -
     for name in SHAPE_FIELDS:
         a, b = getattr(source, name), getattr(model, name)
         if a != b:
+            name = "n_kv_heads" if name == "kv_heads" else name
             raise ConfigError(
                 f"train.init_from={where}: model.{name} differs (source {a}, this run {b}); continued pretraining "
                 f"copies weights of the same shape: set --set model.{name}={a} or initialise from another run")
