@@ -35,6 +35,7 @@ def test_pyproject_declares_the_requirements_pins():
     declared = _pins_from_lines(project["dependencies"]) | _pins_from_lines(extras["test"])
     assert declared == _pins(ROOT / "requirements.txt")
     assert _pins_from_lines(extras["tpu"]) == _pins(ROOT / "requirements-tpu.txt")
+    assert _pins_from_lines(extras["hf"]) == _pins(ROOT / "requirements-hf.txt")
 
 
 def test_every_package_is_listed():
@@ -67,6 +68,8 @@ def test_the_wheel_ships_every_module_and_preset_and_finds_them_from_anywhere(tm
     names = set(zipfile.ZipFile(wheel).namelist())
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "vffn_jax").rglob("*.py")}
     assert modules <= names, f"missing from the wheel: {sorted(modules - names)}"
+    tasks = {p.relative_to(ROOT).as_posix() for p in (ROOT / "vffn_jax" / "evals" / "lm_eval_tasks").glob("*.yaml")}
+    assert len(tasks) >= 9 and tasks <= names, f"lm-eval task files missing from the wheel: {sorted(tasks - names)}"
     for kind in ("scales", "variants"):
         presets = {f"vffn_jax/presets/{kind}/{p.name}" for p in (ROOT / "configs" / kind).glob("*.json")}
         assert presets and presets <= names, f"missing from the wheel: {sorted(presets - names)}"

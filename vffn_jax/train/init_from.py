@@ -18,6 +18,10 @@ from vffn_jax.rundir import RunDir
 
 # must match between source and run (kv_heads: the effective model.n_kv_heads, 0 meaning n_heads)
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "d_ff", "tie_embeddings")
+# not shapes, but the copied weights were trained with them (e.g. an imported Llama's RoPE): changing them would
+# silently change the model
+MATH_FIELDS = ("rope_theta", "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+               "rope_original_max_len", "norm_eps")
 
 
 def resolve_init_source(source, step: int = -1) -> tuple[Any, int]:
@@ -44,14 +48,17 @@ def resolve_init_source(source, step: int = -1) -> tuple[Any, int]:
 
 
 def check_init_compatible(source: ModelConfig, model: ModelConfig, where: Any) -> None:
-    """Raises ConfigError naming the first shape field that differs between the source run and this one."""
-    for name in SHAPE_FIELDS:
+    """Raises ConfigError naming the first shape field (or RoPE / norm setting) that differs between the source
+    run and this one."""
+    math_fields = MATH_FIELDS if source.rope_scaling != "none" else MATH_FIELDS[:2] + MATH_FIELDS[-1:]
+    for name in SHAPE_FIELDS + math_fields:
         a, b = getattr(source, name), getattr(model, name)
         if a != b:
             name = "n_kv_heads" if name == "kv_heads" else name
             raise ConfigError(
                 f"train.init_from={where}: model.{name} differs (source {a}, this run {b}); continued pretraining "
-                f"copies weights of the same shape: set --set model.{name}={a} or initialise from another run")
+                f"keeps the source's shapes, RoPE and norm: set --set model.{name}={a} (or --config SOURCE/config.json) "
+                "or initialise from another run")
 
 
 def init_from_checkpoint(s: Setup, tx: optax.GradientTransformation, opt_shardings, source,
