@@ -5,7 +5,7 @@ apart from writing depth_per_layer.png into it).
 Reports the held-out loss and perplexity, the per-layer depth histogram (loops per token at
 inference, i.e. argmax of the depth router), mean alpha, virtual-expert load and router entropy,
 parameter counts and FLOPs per token (inference three ways: ideal = each token at its own measured depth,
-executed = what the batches ran (the depth loop goes to each batch's deepest token), paper = FFN only with
+executed = what the batches ran (the depth loops as model.depth_exec runs them), paper = FFN only with
 sparse experts, the paper's Table 2 convention; see vffn_jax/perf/flops.py). Uses whatever
 devices exist: the saved mesh is kept if it fits, else the run is evaluated data-parallel.
 
@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --tasks: len_norm's divisor. olmo1 (default): the continuation's characters without "
                         "its leading space, as OLMo-1's in-loop evaluator (the one the paper used); olmo-eval: with "
                         "the leading space, as ai2-olmo-eval 0.9.0")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="how the restored run executes (repeatable): model.depth_exec=compact|masked|auto, "
+                        "model.depth_block=ROWS, model.attention=auto|xla|splash|cudnn, model.dtype=float32|bfloat16; "
+                        "other keys are an error (the run's shapes are its own)")
     from vffn_jax.parallel import distributed
 
     distributed.add_arguments(p)
@@ -93,8 +97,8 @@ def format_report(r: dict) -> str:
     if "flops_per_token_inference_executed" in r:
         exe = f"{pad}{r['flops_per_token_inference_executed']:>{w},.0f}   executed: what the batches ran"
         if r.get("inference_flops_executed_depth") is not None:
-            exe += (f" (the depth loop to each batch's deepest token: {r['inference_flops_executed_depth']:.2f} "
-                    "loops per layer, measured)")
+            exe += (f" ({r['inference_flops_executed_depth']:.2f} loops per token and layer executed, measured; "
+                    f"model.depth_exec={r.get('depth_exec', 'auto')})")
         if r["ffn"] == "moe":
             exe += " (the dense dispatch runs all E experts)"
         lines.append(exe)
@@ -169,6 +173,9 @@ def main(argv=None) -> int:
     from vffn_jax.checkpoint.manager import CheckpointDamagedError
 
     try:
+        from vffn_jax.config import parse_set_args
+
+        overrides = parse_set_args(args.overrides)
         distributed.initialize(distributed.from_args(args))  # multi-host: every process runs this command
         import jax
 
@@ -178,11 +185,12 @@ def main(argv=None) -> int:
             from vffn_jax.evals import downstream
 
             result = downstream.evaluate_tasks(args.workdir, args.tasks, step=args.step, limit=args.limit,
-                                               batch_rows=args.batch_size, len_norm=args.len_norm or "olmo1")
+                                               batch_rows=args.batch_size, len_norm=args.len_norm or "olmo1",
+                                               overrides=overrides)
             report = downstream.format_report
         else:
             result = heldout.evaluate_run(args.workdir, step=args.step, n_batches=args.batches,
-                                           plot=not args.no_plot)
+                                           plot=not args.no_plot, overrides=overrides)
             report = format_report
         if args.output and jax.process_index() == 0:
             from vffn_jax import storage

@@ -4,8 +4,9 @@
 Restores the parameters only (like eval.py) onto the devices that exist now, encodes the prompts with
 the run's tokenizer, and continues them in one batch (prefill, then one token per step). Every FFN
 variant decodes. For the depth-routed ones (versatile, depth_only, versatile_avg) each token runs its
-own argmax depth in every layer; a step executes, per layer, as many loops as the deepest token of the
-batch needs. A generated token's depth is that of the forward pass that produced it (run on the token
+own argmax depth in every layer; a step executes, per layer, each loop only on the rows that need it
+(model.depth_exec=compact, the default; --set model.depth_exec=masked runs every row as deep as the
+deepest). A generated token's depth is that of the forward pass that produced it (run on the token
 before it), so it is the compute the model spent choosing it.
 
 Plain output marks each generated piece with its mean depth over layers: coloured backgrounds on a
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "nothing (default auto: colours on a terminal, brackets otherwise; none for variants "
                         "without a depth router)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="how the restored run executes (repeatable): model.depth_exec=compact|masked|auto, "
+                        "model.depth_block=ROWS, model.attention=auto|xla|splash|cudnn, model.dtype=float32|bfloat16; "
+                        "other keys are an error (the run's shapes are its own)")
     from vffn_jax.parallel import distributed
 
     distributed.add_arguments(p)
@@ -197,7 +202,9 @@ def run(args) -> tuple[dict, object]:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size={args.batch_size} must be >= 1")
     prompts = read_prompts(args)
-    restored = restore.restore_params(args.workdir, args.step)
+    from vffn_jax.config import parse_set_args
+
+    restored = restore.restore_params(args.workdir, args.step, overrides=parse_set_args(args.overrides))
     cfg, m = restored.cfg, restored.cfg.model
     tok = load_tokenizer(cfg.data.tokenizer)
     if tok.vocab_size > m.vocab_size:
@@ -226,7 +233,7 @@ def run(args) -> tuple[dict, object]:
     for text, g in zip(prompts, gens):
         depth = np.asarray(g.depth, np.float64)
         toks = [{"id": int(t), "text": tok.decode([t]), "logprob": float(lp), "depth": [int(x) for x in d],
-                 "mean_depth": float(np.mean(d)), "loops": [int(x) for x in lo]}
+                 "mean_depth": float(np.mean(d)), "loops": [round(float(x), 4) for x in lo]}
                 for t, lp, d, lo in zip(g.ids, g.logprobs, g.depth, g.loops)]
         out.append({"prompt": text, "prompt_tokens": len(g.prompt_ids), "text": tok.decode(g.ids),
                     "finish_reason": g.finish_reason, "n_tokens": len(g.ids),

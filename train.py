@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", metavar="NAME",
                    help="with --dry-run: TPU pre-flight. Ahead-of-time compile the real train step for a TPU "
                         "topology (e.g. v5p:4x4x4, v5e:16x16, v4:2x2x2) on this host and report per-device memory "
-                        "against the chip's HBM. Needs libtpu: pip install -r requirements-tpu.txt")
+                        "against the chip's HBM; for depth-routed variants also the inference eval step (its "
+                        "depth loops as model.depth_exec runs them). Needs libtpu: pip install -r requirements-tpu.txt")
     p.add_argument("--sweep", nargs="?", const="default", metavar="SPEC",
                    help="with --dry-run --topology: also compile every combination of SPEC (KEY=V1,V2;KEY=...; default "
                         "model.remat=none,dots,full;train.grad_accum=1,2,4;model.attention=xla,splash: per-chip "
@@ -137,6 +138,8 @@ def main(argv=None) -> int:
             info = placement.describe(placement.setup(cfg, devices))
             if args.topology:
                 info["preflight"] = preflight.compile_train_step(cfg, devices)
+                if cfg.model.ffn in config_lib.DEPTH_KINDS:  # the inference step's data-dependent depth loops too
+                    info["preflight"]["eval"] = preflight.compile_eval_step(cfg, devices)
             if args.sweep:
                 spec = preflight.DEFAULT_SWEEP if args.sweep == "default" else args.sweep
                 info["sweep"] = preflight.sweep(cfg, devices, spec,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Decode speed of dense, kloop (K=4), depth_only and versatile at the same shape, side by side.
+"""Decode speed of dense, kloop (K=4), depth_only and versatile (masked and compacted depth loops), side by side.
 
-For each variant and batch size (default 1 and 8): random prompts of --prompt-len tokens, then
+For each variant and batch size (default 1, 8 and 64): random prompts of --prompt-len tokens, then
 --new-tokens tokens per row with the KV cache (`vffn_jax.infer.decode.generate`, temperature-1 sampling,
 EOS ignored so every row runs the full budget). Times the decode loop only (the prefill and the
 compile are excluded: every configuration is compiled and run once first), in interleaved rounds so
@@ -10,14 +10,15 @@ machine noise hits all variants alike; the table reports the median over rounds.
 Columns:
   tok/s          generated tokens per second (all rows), decode loop only
   own depth      mean loops per layer of each generated token's own forward pass (its argmax depth)
-  exec loops     FFN loops per layer the decode steps actually executed (a step runs as deep as the
-                 deepest token of its batch: with batch 8 this is the max over 8 tokens, per layer)
+  exec loops     FFN loops per token and layer the decode steps actually executed (model.depth_exec: masked
+                 runs every row as deep as the batch's deepest token, compact each loop only on the rows
+                 that need it, in blocks of ceil(batch/8) rows)
   time vs k4     time per token / kloop4's at the same batch
   loops vs k4    exec loops / 4
 
   MFLOPs/token   inference FLOPs per generated token three ways (`flops.inference_flops` at seq_len =
                  prompt + new tokens, from the row's own depth and exec loops): ideal (each token at its
-                 own depth), executed (what the steps ran: the batch's deepest token per layer) and the
+                 own depth), executed (what the steps ran, exec loops) and the
                  paper's Table 2 convention (FFN matmuls only; labelled "paper FFN")
 
 Weights are a fresh initialisation of the tiny scale (random routers give near-uniform depths), unless
@@ -26,7 +27,7 @@ with its learned depths.
 
 Examples:
   python bench/decode.py
-  python bench/decode.py --versatile-run runs/tiny --batch 1,8 --new-tokens 64 --rounds 3
+  python bench/decode.py --versatile-run runs/tiny --batch 1,8,64 --new-tokens 64 --rounds 3
   python bench/decode.py --json
 """
 from __future__ import annotations
@@ -40,13 +41,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 VARIANTS = (("dense", "dense", {}), ("kloop4", "kloop", {"model.n_loops": 4}), ("depth_only", "depth_only", {}),
-            ("versatile", "versatile", {}))
+            ("versatile masked", "versatile", {"model.depth_exec": "masked"}),
+            ("versatile compact", "versatile", {"model.depth_exec": "compact"}))
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", help="scale preset (default tiny)")
-    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--batch", default="1,8,64", help="comma-separated batch sizes (default 1,8,64)")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
@@ -77,8 +79,13 @@ def main(argv=None) -> int:
     if args.versatile_run:
         from vffn_jax.checkpoint import restore
 
+        import dataclasses
+
         run = restore.restore_params(args.versatile_run, devices=device)
-        models.append((f"versatile ({args.versatile_run}, step {run.step})", run.cfg, decode.pure_params(run.params)))
+        for mode in ("masked", "compact"):
+            cfg = dataclasses.replace(run.cfg, model=dataclasses.replace(run.cfg.model, depth_exec=mode))
+            models.append((f"versatile {mode} ({args.versatile_run}, step {run.step})", cfg,
+                           decode.pure_params(run.params)))
     rng = np.random.default_rng(0)
     s_cfg = sampling.SamplingConfig(temperature=1.0)
 

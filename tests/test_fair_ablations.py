@@ -183,20 +183,29 @@ def test_inference_flops_three_ways_formulas():
     assert flops.inference_flops(_m("depth_only"), T, mean_depth=2.0)["paper_ffn_vs_dense"] == 2.0
 
 
-def test_eval_step_returns_each_batchs_deepest_token():
+@pytest.mark.parametrize("depth_exec", ["masked", "compact"])
+def test_eval_step_returns_the_loops_it_executed(depth_exec):
     cfg = load_config("tiny", "versatile", {"model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2,
                                             "model.d_ff": 64, "train.batch_size": 4, "train.seq_len": 16,
-                                            "mesh.data": 1, "train.grad_accum": 2})
+                                            "mesh.data": 1, "train.grad_accum": 2, "model.depth_exec": depth_exec})
     s = placement.setup(cfg, jax.devices()[:1])
     _, params, _ = placement.init_params(cfg.model, s.mesh, 0)
     params = jax.tree.map(lambda a: a * 20 if a.ndim == 3 and a.shape[-1] == cfg.model.max_depth else a, params)
     batch = np.asarray(jax.random.randint(jax.random.key(0), (4, 17), 0, 256), np.int32)
     out = jax.device_get(step_lib.make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)(
         params, step_lib.global_batch(batch, s.mesh)))
-    # the reference: depth per layer of each microbatch (rows j, j+2, ...), its max, averaged over microbatches
+    # the reference, per layer of each microbatch (rows j, j+2, ...), averaged over microbatches: masked runs
+    # every token to the microbatch's deepest one; compact runs loop l on the n_l tokens that need it, in
+    # blocks of b rows (32 tokens per microbatch: b = 4), the last block's padding counted
     _, (_, aux) = step_lib.forward_loss(s.graphdef, params, jnp.asarray(batch), cfg, train=False)
     depth = np.asarray(aux["depth"])  # [layers, B, T]
-    want = np.mean([depth[:, j::2].max(axis=(1, 2)) for j in range(2)], axis=0)
+
+    def executed(d):  # [B', T] -> loops per token
+        if depth_exec == "masked":
+            return d.max()
+        return (d.size + sum(-(-int((d >= l).sum()) // 4) * 4 for l in range(2, 5))) / d.size
+
+    want = np.mean([[executed(depth[i, j::2]) for i in range(2)] for j in range(2)], axis=0)
     np.testing.assert_allclose(out["executed_depth"], want)
     assert (np.asarray(out["executed_depth"]) >= np.asarray(depth.mean(axis=(1, 2)))).all()
 

@@ -69,6 +69,11 @@ class ModelConfig:
     scan_layers: bool = True  # one compiled layer body (compile time independent of n_layers)
     remat: str = "none"  # per-layer rematerialisation: none | full | dots (save matmul outputs)
     remat_loops: bool = False  # rematerialise each depth loop of the FFN as well
+    # inference depth loops (docs/method.md): "compact" runs loop l only on the tokens whose depth reaches it
+    # (depth-sorted, in blocks of depth_block rows); "masked" runs it on the whole batch while any token needs
+    # it; "auto" = compact. Training always runs every loop (the Gumbel mixture needs them)
+    depth_exec: str = "auto"
+    depth_block: int = 64
     dtype: str = "float32"  # compute dtype; params stay `param_dtype`
     param_dtype: str = "float32"
     # attention kernel: auto (splash on TPU, cuDNN on GPU with bf16/fp16, XLA elsewhere) | xla | splash | cudnn
@@ -397,6 +402,9 @@ def validate(cfg: Config, n_devices: int | None = None, n_slices: int | None = N
     if m.n_kv_heads < 0 or m.n_heads % m.kv_heads:
         raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} (each key/value "
                           "head serves n_heads/n_kv_heads query heads); 0 means n_heads")
+    if m.depth_exec not in ("auto", "masked", "compact") or m.depth_block < 1:
+        raise ConfigError(f"model.depth_exec={m.depth_exec!r} / model.depth_block={m.depth_block}: choose auto, "
+                          "masked or compact, and a block of >= 1 rows")
     if m.rope_scaling not in ("none", "llama3"):
         raise ConfigError(f"model.rope_scaling={m.rope_scaling!r}: choose none or llama3")
     if m.rope_scaling == "llama3" and not (m.rope_factor > 0 and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor

@@ -86,14 +86,32 @@ class RestoredRun:
     notes: list[str]
 
 
-def restore_params(workdir, step: int | None = None, devices: Sequence[Any] | None = None) -> RestoredRun:
-    """Params only (never the optimizer state or the data iterator), verified, resharded to `devices`."""
+# What `--set` may change when a run is restored for inference (eval.py, generate.py): how the same
+# parameters are executed, never their shapes or the method
+INFERENCE_OVERRIDES = ("model.depth_exec", "model.depth_block", "model.attention", "model.dtype")
+
+
+def with_inference_overrides(cfg: Config, overrides: dict[str, Any] | None) -> Config:
+    """`cfg` with `--set` overrides of INFERENCE_OVERRIDES applied; ConfigError naming any other key."""
+    if not overrides:
+        return cfg
+    for key in overrides:
+        if key not in INFERENCE_OVERRIDES:
+            raise ConfigError(f"--set {key}=...: a restored run can only change how it runs at inference "
+                              f"({', '.join(INFERENCE_OVERRIDES)}); its shapes and training settings are the run's own")
+    return config_lib.config_from_dict(config_lib.apply_overrides(cfg, overrides).to_dict())
+
+
+def restore_params(workdir, step: int | None = None, devices: Sequence[Any] | None = None,
+                   overrides: dict[str, Any] | None = None) -> RestoredRun:
+    """Params only (never the optimizer state or the data iterator), verified, resharded to `devices`.
+    `overrides`: `--set` values of INFERENCE_OVERRIDES (e.g. `{"model.depth_exec": "masked"}`)."""
     import jax
 
     from vffn_jax.model import placement
 
     workdir = storage.as_path(workdir)
-    saved_cfg = load_run_config(workdir)
+    saved_cfg = with_inference_overrides(load_run_config(workdir), overrides)
     step = resolve_step(workdir, step)
     devices = list(devices) if devices is not None else jax.devices()
     cfg, eval_batch, notes = fit_to_devices(saved_cfg, len(devices))

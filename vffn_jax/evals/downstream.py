@@ -400,7 +400,8 @@ def evaluate_examples(score_fn, params, mesh, tokenizer, examples: Sequence[Exam
 
 def evaluate_tasks(workdir: str | Path, tasks: str | Sequence[str] = "all", *, step: int | None = None,
                    limit: int | None = None, devices: Sequence[Any] | None = None,
-                   batch_rows: int | None = None, len_norm: str = DEFAULT_LEN_NORM) -> dict[str, Any]:
+                   batch_rows: int | None = None, len_norm: str = DEFAULT_LEN_NORM,
+                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Zero-shot multiple choice on a run's checkpoint (parameters only). Returns
 
         {"workdir", "step", "tokenizer", "limit", "mesh", "devices", "tasks": [names], "len_norm_convention",
@@ -424,7 +425,7 @@ def evaluate_tasks(workdir: str | Path, tasks: str | Sequence[str] = "all", *, s
     from vffn_jax.checkpoint import restore
     from vffn_jax.data.tokenizer import load_tokenizer
 
-    run = restore.restore_params(workdir, step, devices)
+    run = restore.restore_params(workdir, step, devices, overrides)
     workdir, step, cfg, s, params = run.workdir, run.step, run.cfg, run.setup, run.params
     devices = list(s.mesh.devices.flat)
     notes = [n for n in run.notes if not n.startswith("eval batch")]  # the held-out batch does not apply here

@@ -40,7 +40,8 @@ PLOT_NAME = RunDir.DEPTH_PLOT
 
 
 def evaluate_run(workdir: str | Path, *, step: int | None = None, n_batches: int | None = None,
-                 devices: Sequence[Any] | None = None, plot: bool = True) -> dict[str, Any]:
+                 devices: Sequence[Any] | None = None, plot: bool = True,
+                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluates a run's checkpoint on held-out data; see the module docstring for what is returned.
 
     Raises FileNotFoundError (missing workdir/config/checkpoints; StepNotFoundError for an unknown
@@ -54,7 +55,7 @@ def evaluate_run(workdir: str | Path, *, step: int | None = None, n_batches: int
 
     if n_batches is not None and n_batches < 1:
         raise ConfigError(f"number of eval batches must be >= 1, got {n_batches}")
-    run = restore_params(workdir, step, devices)
+    run = restore_params(workdir, step, devices, overrides)
     workdir, step, cfg, s, params, eval_batch, notes = (run.workdir, run.step, run.cfg, run.setup, run.params,
                                                         run.eval_batch, run.notes)
     devices = list(s.mesh.devices.flat)
@@ -72,6 +73,7 @@ def evaluate_run(workdir: str | Path, *, step: int | None = None, n_batches: int
     counts = flops_lib.count_params(s.abstract_params)
     result: dict[str, Any] = {
         "workdir": str(workdir), "step": step, "scale": cfg.scale, "variant": cfg.variant, "ffn": m.ffn,
+        "depth_exec": m.depth_exec,
         "loss": raw["loss"], "perplexity": raw["perplexity"],
         "eval_batches": len(batches), "eval_batch_size": eval_batch, "seq_len": cfg.train.seq_len,
         "eval_tokens": len(batches) * eval_batch * cfg.train.seq_len,

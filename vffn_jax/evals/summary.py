@@ -1,9 +1,9 @@
 """The per-layer depth / expert / FLOP summary of an evaluation, computed once for eval.py and the study.
 
 `routing_summary` turns the raw held-out metrics of the eval step (`train.step.evaluate`: depth histogram
-per layer, mean depth and alpha, the deepest token of each batch per layer, expert load, router entropies)
+per layer, mean depth and alpha, the loops per token the inference program executed per layer, expert load, router entropies)
 into the figures a report shows: loops per layer, expert balance, and inference FLOPs per token three ways
-(ideal at each token's own depth, executed = each batch's deepest token per layer, the paper's convention).
+(ideal at each token's own depth, executed = the loops the inference program ran, the paper's convention).
 The same keys arrive as `eval/<key>` rows in metrics.jsonl; `from_metrics_row` strips that prefix.
 `plot_depth` draws the loops-per-layer figure.
 """
@@ -64,7 +64,7 @@ def routing_summary(m: ModelConfig, seq_len: int, raw: dict[str, Any]) -> dict[s
 
     out["flops_per_token_train"] = flops_lib.flops_per_token(m, seq_len, train=True)
     # inference three ways (perf/flops.py): ideal at the measured mean own depth, executed at the measured
-    # mean (over layers and batches) of each batch's deepest token, paper = FFN only with sparse experts
+    # mean (over layers and batches) of the executed loops per token, paper = FFN only with sparse experts
     executed_depth = float(np.mean(raw["executed_depth"])) if "executed_depth" in raw else None
     width_fraction = float(1.0 - np.mean(np.asarray(raw["depth_hist"])[:, -1])) if "depth_hist" in raw else None
     inference = flops_lib.inference_flops(m, seq_len, mean_depth=mean_depth, executed_depth=executed_depth,

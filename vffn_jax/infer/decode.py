@@ -30,10 +30,11 @@ decode loop).
 
 Depth at inference (docs/method.md): the FFN is the inference FFN of the eval forward
 (`ffn.apply_ffn(train=False)`) given the step's `active` tokens: each token runs its own
-`argmax(depth_logits) + 1` loops in one `lax.while_loop` per layer that stops at the deepest *active*
-token (finished or padding rows are forced to depth 1), and versatile skips its width path when no
-active token has alpha > 0. So the *executed* loops of a layer in a step are `max(depth)` over the
-active rows, while each token's own depth is what its output depends on; both are returned.
+`argmax(depth_logits) + 1` loops (finished or padding rows are forced to depth 1), and versatile skips its
+width path when no active token has alpha > 0. With `model.depth_exec=compact` (the default) a layer runs
+loop l only on the rows whose depth reaches it (`model/depth_compact.py`), so a step's *executed* loops per
+row are about the rows' mean depth; with `masked` every row runs as deep as the deepest active row. Each
+token's own depth (what its output depends on) and the executed loops per row (float) are both returned.
 Dense/kloop/width/moe run a fixed number of loops (1, or K for kloop: `loops_per_layer`).
 
 The generation loop (`make_decoder`) is two jitted programs: `prefill` (prompt -> cache, first token)
@@ -79,11 +80,11 @@ def loops_per_layer(m: ModelConfig) -> int | None:
 
 
 def _token_depth(m: ModelConfig, aux, shape):
-    """Each token's FFN loops in one layer `[B, T]`: the depth router's choice (1 for inactive tokens), or
-    the variant's fixed count."""
+    """(each token's FFN loops in one layer `[B, T]`: the depth router's choice (1 for inactive tokens) or the
+    variant's fixed count; the loops per token the layer executed, float: `model.depth_exec` decides)."""
     if "depth" in aux:
-        return aux["depth"]
-    return jnp.full(shape, loops_per_layer(m), jnp.int32)
+        return aux["depth"], aux["executed_loops"]
+    return jnp.full(shape, loops_per_layer(m), jnp.int32), jnp.asarray(loops_per_layer(m), jnp.float32)
 
 
 def cached_attention(q, k_new, v_new, k_cache, v_cache, visible):
@@ -113,8 +114,8 @@ def prefill(m: ModelConfig, params, tokens_bt, lengths_b, cache_len: int, *, all
 
     Returns `(logits, cache, depth [B, T, layers], loops [layers], next_seg [B])`: logits `[B, V]` at each
     row's last prompt token (`[B, T, V]` at every position with `all_logits`), the cache of length
-    `cache_len` holding positions `[0, T)`, each prompt token's own depth per layer, the executed loops
-    per layer (max depth over the real prompt tokens) and the document index of the next token."""
+    `cache_len` holding positions `[0, T)`, each prompt token's own depth per layer, the loops per token each
+    layer executed (float, `model.depth_exec`) and the document index of the next token."""
     b, t = tokens_bt.shape
     if cache_len < t:
         raise ValueError(f"cache_len {cache_len} < prompt length {t}")
@@ -125,8 +126,8 @@ def prefill(m: ModelConfig, params, tokens_bt, lengths_b, cache_len: int, *, all
 
     def body(h, p):
         y, aux, (k, v) = transformer.layer(m, p, h, positions, attend, active=active)
-        depth = _token_depth(m, aux, (b, t))
-        return y, (k, v, depth, jnp.max(depth))
+        depth, executed = _token_depth(m, aux, (b, t))
+        return y, (k, v, depth, executed)
 
     h, (k, v, depth, loops) = jax.lax.scan(body, transformer.embed(m, params["embed"], tokens_bt), params["layers"])
     pad = ((0, 0), (0, 0), (0, cache_len - t), (0, 0), (0, 0))
@@ -162,8 +163,8 @@ def decode_step(m: ModelConfig, params, cache, tokens_b, pos_b, seg_b, active_b)
         p, k_cache, v_cache = xs
         attend = functools.partial(cached_attention, k_cache=k_cache, v_cache=v_cache, visible=visible)
         y, aux, (k, v) = transformer.layer(m, p, h, positions, attend, active=active)
-        depth = _token_depth(m, aux, (b, 1))
-        return y, (k[:, 0], v[:, 0], depth[:, 0], jnp.max(depth))
+        depth, executed = _token_depth(m, aux, (b, 1))
+        return y, (k[:, 0], v[:, 0], depth[:, 0], executed)
 
     h, (k, v, depth, loops) = jax.lax.scan(body, transformer.embed(m, params["embed"], tokens_b[:, None]),
                                            (params["layers"], cache["k"], cache["v"]))
@@ -217,7 +218,7 @@ def prefill_state(m: ModelConfig, o: DecodeOptions, params, tokens_bt, lengths_b
     depth_last = jnp.take_along_axis(depth, jnp.clip(lengths_b - 1, 0)[:, None, None], axis=1)[:, 0]
     state = {"cache": cache, "row_ids": row_ids_b, "t": jnp.asarray(0, jnp.int32),
              "tokens": jnp.full((b, n), -1, jnp.int32), "logprobs": jnp.zeros((b, n), jnp.float32),
-             "depth": jnp.zeros((b, n, n_layers), jnp.int32), "loops": jnp.zeros((n, n_layers), jnp.int32)}
+             "depth": jnp.zeros((b, n, n_layers), jnp.int32), "loops": jnp.zeros((n, n_layers), jnp.float32)}
     state, tok = _record(state, logits, depth_last, loops, active, o, key)
     state.update(tok=tok, pos=lengths_b, seg=seg, active=active & _continues(tok, 0, lengths_b, o),
                  t=jnp.asarray(1, jnp.int32), prefill_loops=loops)
@@ -303,14 +304,14 @@ def batch_multiple(mesh) -> int:
 @dataclasses.dataclass
 class Generation:
     """One prompt's continuation. `depth[i]` is the loops per layer of the forward pass that produced
-    token i (run on the token before it); `loops[i]` the loops each layer executed in that step
-    (max depth over the batch's active rows)."""
+    token i (run on the token before it); `loops[i]` the loops per row each layer executed in that step
+    (float: about the rows' mean depth with `model.depth_exec=compact`, the deepest active row's with masked)."""
 
     prompt_ids: list[int]
     ids: list[int]
     logprobs: list[float]
     depth: np.ndarray  # [n, layers] int
-    loops: np.ndarray  # [n, layers] int
+    loops: np.ndarray  # [n, layers] float
     finish_reason: str  # "eos" | "length" | "context"
 
 

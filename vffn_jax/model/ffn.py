@@ -19,6 +19,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from vffn_jax.model import depth_compact
+
 Params = dict[str, jax.Array]
 Aux = dict[str, jax.Array]
 
@@ -211,7 +213,8 @@ def depth_choice(depth_logits, *, train: bool, tau, rng, row_ids=None):
     return g, depth
 
 
-def _depth_and_alpha(p, x, hidden, depth_logits, *, train, tau, rng, eps, remat_loops, row_ids=None, active=None):
+def _depth_and_alpha(p, x, hidden, depth_logits, *, train, tau, rng, eps, remat_loops, row_ids=None, active=None,
+                     depth_exec="masked", depth_block=64):
     max_depth = depth_logits.shape[-1]
     g, depth = depth_choice(depth_logits, train=train, tau=tau, rng=rng, row_ids=row_ids)
     y1 = x + hidden @ p["w_down"]
@@ -223,16 +226,23 @@ def _depth_and_alpha(p, x, hidden, depth_logits, *, train, tau, rng, eps, remat_
     else:
         if active is not None:  # padding / finished rows: depth 1, so they never extend the while_loop
             depth = jnp.where(active, depth, 1)
-        x_depth = depth_infer(p, y1, depth, eps=eps)
+        if depth_exec == "masked":
+            x_depth, executed = depth_infer(p, y1, depth, eps=eps), jnp.max(depth).astype(jnp.float32)
+        else:  # compact (model.depth_exec auto/compact): each loop runs only on the tokens that need it
+            x_depth, executed = depth_compact.compact_depth(p, y1, depth, eps=eps, depth_block=depth_block,
+                                                            max_depth=max_depth, loop_fn=ffn_loop)
         expected_loops = depth.astype(jnp.float32)
     alpha = (max_depth - expected_loops) / max_depth  # the depth router's second gradient path
     aux = {"depth": depth, "alpha": alpha,
            "depth_entropy": jnp.mean(-jnp.sum(jax.nn.softmax(depth_logits) * jax.nn.log_softmax(depth_logits), -1))}
+    if not train:  # FFN loops per token the inference program ran (loop 1 included): the cost, beside each own depth
+        aux["executed_loops"] = executed
     return x_depth, alpha, aux
 
 
 def depth_ffn(params: Params, x, *, max_depth: int, train: bool = False, tau=1.0, rng=None, row_ids=None,
-              active=None, dtype=None, eps: float = 1e-6, remat_loops: bool = False, **_):
+              active=None, dtype=None, eps: float = 1e-6, remat_loops: bool = False, depth_exec: str = "masked",
+              depth_block: int = 64, **_):
     """Depth-only ablation: learned per-token loop count, no width path (alpha forced to 0).
 
     Inference (`train=False`) runs each token `argmax(depth_logits) + 1` loops in one while_loop that stops
@@ -242,7 +252,8 @@ def depth_ffn(params: Params, x, *, max_depth: int, train: bool = False, tau=1.0
     depth_logits = x.astype(jnp.float32) @ params["depth_router"].astype(jnp.float32)
     assert depth_logits.shape[-1] == max_depth, (depth_logits.shape, max_depth)
     x_depth, _, aux = _depth_and_alpha(p, x, swiglu_hidden(p, x, eps), depth_logits, train=train, tau=tau,
-                                       rng=rng, eps=eps, remat_loops=remat_loops, row_ids=row_ids, active=active)
+                                       rng=rng, eps=eps, remat_loops=remat_loops, row_ids=row_ids, active=active,
+                                       depth_exec=depth_exec, depth_block=depth_block)
     aux["alpha"] = jnp.zeros_like(aux["alpha"])
     return x_depth, aux
 
@@ -252,7 +263,8 @@ def depth_ffn(params: Params, x, *, max_depth: int, train: bool = False, tau=1.0
 
 def versatile_ffn(params: Params, x, *, n_experts: int, top_k: int, max_depth: int, train: bool = False,
                   tau=1.0, rng=None, row_ids=None, active=None, dtype=None, eps: float = 1e-6,
-                  remat_loops: bool = False, fixed_alpha: float | None = None, **_):
+                  remat_loops: bool = False, fixed_alpha: float | None = None, depth_exec: str = "masked",
+                  depth_block: int = 64, **_):
     """VersatileFFN (docs/method.md): `(1 - alpha) * x_depth + alpha * x_width`, alpha from the token's depth.
 
     The width path reuses loop 1's hidden activation, so it costs one extra down-projection; at inference
@@ -274,7 +286,8 @@ def versatile_ffn(params: Params, x, *, n_experts: int, top_k: int, max_depth: i
 
     gates, top_idx = expert_gates(expert_logits, top_k)
     x_depth, alpha, aux = _depth_and_alpha(p, x, hidden, depth_logits, train=train, tau=tau, rng=rng,
-                                           eps=eps, remat_loops=remat_loops, row_ids=row_ids, active=active)
+                                           eps=eps, remat_loops=remat_loops, row_ids=row_ids, active=active,
+                                           depth_exec=depth_exec, depth_block=depth_block)
     if fixed_alpha is not None:
         alpha = aux["alpha"] = jnp.full_like(alpha, fixed_alpha)
     a = alpha[..., None].astype(x.dtype)

@@ -115,7 +115,8 @@ def ffn(cfg: ModelConfig, p, x_btd, *, train: bool = False, tau=1.0, rng=None, r
     return ffn_lib.apply_ffn(
         cfg.ffn, p, x_btd, n_experts=cfg.n_experts, top_k=cfg.top_k, max_depth=cfg.max_depth,
         n_loops=cfg.n_loops, train=train, tau=tau, rng=rng, row_ids=row_ids, active=active,
-        dtype=jnp.dtype(cfg.dtype), eps=cfg.norm_eps, remat_loops=cfg.remat_loops)
+        dtype=jnp.dtype(cfg.dtype), eps=cfg.norm_eps, remat_loops=cfg.remat_loops,
+        depth_exec="masked" if cfg.depth_exec == "masked" else "compact", depth_block=cfg.depth_block)
 
 
 def layer(cfg: ModelConfig, p, h_btd, positions, attend, *, train: bool = False, tau=1.0, rng=None, row_ids=None,

@@ -14,10 +14,10 @@ variants do not run the same work per token:
   ideal     each token at its own depth: the loops counted are the mean over tokens (and layers) of
             the token's own argmax depth; the rest as training counts it (width path's down-projection
             for every token, moe's k of E experts). `flops_per_token(train=False, mean_depth=...)`.
-  executed  what the compiled inference program ran: the depth `lax.while_loop` of a layer runs as far as
-            the deepest token of the batch (microbatch) and masks the others, so the loops counted are the
-            mean over layers and batches of that batch's maximum depth; moe's dense dispatch runs all E
-            experts (2x dense FFN). Equal to ideal for the variants without a depth router (except moe).
+  executed  what the compiled inference program ran: the FFN's `executed_loops` per token (model.depth_exec:
+            compact runs each loop on the tokens that need it, in blocks, padding counted; masked runs the
+            whole batch to its deepest token), averaged over layers and batches; moe's dense dispatch runs
+            all E experts (2x dense FFN). Equal to ideal for the variants without a depth router (except moe).
   paper     the paper's convention (its Table 2, docs/method.md "FFN compute vs dense"): FFN matmuls only (no
             attention, embeddings or routers), forward, with sparse experts: a virtual or real expert costs
             its f/E hidden units' gate/up/down (k/E of a dense FFN per token for k experts), and VersatileFFN's
@@ -144,7 +144,7 @@ def inference_flops(cfg: ModelConfig, seq_len: int, *, mean_depth: float | None 
     """Inference FLOPs per token three ways: `ideal`, `executed` and `paper` (FFN only), see the module docstring.
 
     `mean_depth`: mean own depth per token (ideal); `executed_depth`: mean over layers and batches of the
-    batch's deepest token (executed); `width_fraction`: fraction of tokens with alpha > 0 (versatile's paper
+    executed loops per token (executed); `width_fraction`: fraction of tokens with alpha > 0 (versatile's paper
     count). Each defaults to the uniform-depth assumption; all three are ignored by variants without a depth
     router. Returns also the depths used and `paper_ffn_vs_dense` (the paper's per-layer multiplier)."""
     routed = cfg.ffn in DEPTH_ROUTED
@@ -167,7 +167,7 @@ def inference_flops_fields(fl: dict[str, float]) -> dict[str, float]:
 
 
 INFERENCE_FLOPS_NOTE = ("inference FLOPs/token: ideal = each token at its own depth; executed = what the batch ran "
-                        "(the depth loop runs to the batch's deepest token per layer; moe all E experts); paper = "
+                        "(the depth loops as model.depth_exec runs them, block padding counted; moe all E experts); paper = "
                         "the paper's Table 2 convention, FFN matmuls only with sparse experts (vffn_jax/flops.py)")
 
 

@@ -45,7 +45,7 @@ def write_results(out, results: list[dict[str, Any]], meta: dict[str, Any], base
               "reported as mean ± std (sample std over seeds) with the min–max",
               "- FLOPs/token: analytic (vffn_jax.flops, matmuls). Inference three ways: *ideal* = each token at its "
               "own depth (the measured mean depth on the held-out data); *executed* = what the evaluation batches "
-              "ran (the depth loop runs to each batch's deepest token per layer; moe's dense dispatch runs all E "
+              "ran (the depth loops as model.depth_exec runs them, block padding counted; moe's dense dispatch runs all E "
               "experts); *paper* = the paper's Table 2 convention, FFN matmuls only with sparse experts (width path "
               "counted only for tokens with alpha > 0), also given as a multiple of the dense FFN",
               "- tokens/s: measured training throughput (median over logging windows, mean over seeds) on "

@@ -189,6 +189,27 @@ def _nbytes_per_device(x: jax.ShapeDtypeStruct) -> int:
     return int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
 
 
+def compile_eval_step(cfg: Config, devices) -> dict[str, Any]:
+    """AOT-compiles the inference-mode eval step (held-out loss; for depth-routed variants the depth loops run as
+    `model.depth_exec` says, compact: data-dependent loop bounds per device) and returns its memory per device."""
+    s = placement.setup(cfg, devices)
+    step = step_lib.make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)
+    params = ckpt.abstract_with_shardings(s.abstract_params, s.param_shardings)
+    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
+                                 sharding=shd.batch_sharding(s.mesh))
+    try:
+        mem = step.lower(params, batch).compile().memory_analysis()
+        temp = mem.temp_size_in_bytes
+        total = mem.argument_size_in_bytes + mem.output_size_in_bytes + temp + mem.generated_code_size_in_bytes
+    except Exception as e:  # refused for memory, like the train step: report what it needed
+        oom = _HBM_OOM.search(str(e))
+        if oom is None:
+            raise
+        temp = _bytes(*oom.group(1, 2))
+        total = temp + sum(_nbytes_per_device(x) for x in jax.tree.leaves((params, batch)))
+    return {"depth_exec": cfg.model.depth_exec, "temp_bytes": int(temp), "per_device_bytes": int(total)}
+
+
 def format_report(r: dict[str, Any]) -> str:
     gib = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
     hbm = "unknown" if r["hbm_bytes"] is None else gib(r["hbm_bytes"]).strip()
@@ -201,6 +222,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"  outputs     {gib(r['output_bytes'] - r['alias_bytes'])}  (not aliased to donated inputs)",
         f"  total       {gib(r['per_device_bytes'])}  of {hbm} HBM per chip: {verdict}",
         *_speed_lines(r),
+        *([f"  eval step   {gib(r['eval']['per_device_bytes'])}  compiled too (inference mode, model.depth_exec="
+           f"{r['eval']['depth_exec']}; temporaries {gib(r['eval']['temp_bytes']).strip()})"] if "eval" in r else []),
     ])
 
 

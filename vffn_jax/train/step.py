@@ -235,8 +235,8 @@ def make_eval_step(graphdef, cfg: Config, mesh, param_shardings):
         def one(micro, _row_ids):
             _, (ce, aux) = forward_loss(graphdef, params, micro, cfg, train=False)
             stats = _microbatch_stats(ce, aux, cfg.model.max_depth)
-            if "depth" in aux:  # loops the inference while_loop ran per layer: this (micro)batch's deepest token
-                stats["executed_depth"] = aux["depth"].max(axis=(1, 2)).astype(jnp.float32)  # [layers]
+            if "executed_loops" in aux:  # FFN loops per token the inference program ran, per layer (model.depth_exec)
+                stats["executed_depth"] = aux["executed_loops"]  # [layers]
             return (), stats
 
         n = math.gcd(cfg.train.grad_accum, batch.shape[0])  # an eval batch resized by eval_lib may not split
