@@ -21,6 +21,7 @@ Examples:
   python eval.py --workdir runs/tiny --tasks piqa,hellaswag,winogrande --json
   python eval.py --workdir runs/tiny --tasks all --len-norm olmo-eval   # ai2-olmo-eval's len_norm divisor
   python eval.py --workdir gs://my-bucket/runs/354m --tasks all --output gs://my-bucket/runs/354m/downstream.json
+  python eval.py --workdir runs/tiny --all-steps [--tasks all --limit 200]   # learning curve over every checkpoint
 
 Exit status: 0 ok, 2 missing run/config/checkpoint step, invalid config, unknown task or missing
 ai2-olmo-eval, or a damaged checkpoint step (a file missing, truncated or changed since it was saved:
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the result as JSON to this file (local or gs://), e.g. for a results table")
     p.add_argument("--step", type=int, default=None,
                    help="checkpoint step to evaluate (default: the latest; an unknown step lists the available ones)")
+    p.add_argument("--all-steps", action="store_true",
+                   help="a learning curve: evaluate every saved checkpoint step (held-out loss and, with --tasks, the "
+                        "task scores) into one table, JSON and WORKDIR/learning_curve.png (next to --output when "
+                        "given); steps evaluated before with the same settings are read from WORKDIR/eval_steps/")
     p.add_argument("--batches", type=int, default=None, metavar="N",
                    help="number of held-out batches of train.batch_size x train.seq_len tokens "
                         "(default: the run's run.eval_batches, the same data training's eval/ metrics used)")
@@ -65,10 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --tasks: len_norm's divisor. olmo1 (default): the continuation's characters without "
                         "its leading space, as OLMo-1's in-loop evaluator (the one the paper used); olmo-eval: with "
                         "the leading space, as ai2-olmo-eval 0.9.0")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="how the restored run executes (repeatable): model.depth_exec=compact|masked|auto, "
-                        "model.depth_block=ROWS, model.attention=auto|xla|splash|cudnn, model.dtype=float32|bfloat16; "
-                        "other keys are an error (the run's shapes are its own)")
+    from vffn_jax.checkpoint import restore
+
+    restore.add_inference_overrides_argument(p)
     from vffn_jax.parallel import distributed
 
     distributed.add_arguments(p)
@@ -164,6 +168,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.tasks is None and (args.limit is not None or args.batch_size is not None or args.len_norm is not None):
         parser.error("--limit, --batch-size and --len-norm apply to the downstream evaluation: add --tasks")
+    if args.all_steps and args.step is not None:
+        parser.error("--all-steps evaluates every checkpoint step: leave out --step")
     from absl import logging as absl_logging  # orbax logs read-only/handler warnings at WARNING
 
     absl_logging.set_verbosity(absl_logging.ERROR)
@@ -181,7 +187,16 @@ def main(argv=None) -> int:
 
         if jax.process_index() != 0:  # only process 0 reports
             sys.stdout = open(os.devnull, "w")
-        if args.tasks is not None:
+        if args.all_steps:
+            from vffn_jax.evals import learning_curve
+
+            plot_path = os.path.splitext(args.output)[0] + ".png" if args.output else None
+            result = learning_curve.evaluate_all_steps(
+                args.workdir, n_batches=args.batches, tasks=args.tasks, limit=args.limit, batch_rows=args.batch_size,
+                len_norm=args.len_norm, overrides=overrides, plot=not args.no_plot, plot_path=plot_path,
+                say=lambda text: print(f"eval: {text}", file=sys.stderr, flush=True) if jax.process_index() == 0 else None)
+            report = learning_curve.format_report
+        elif args.tasks is not None:
             from vffn_jax.evals import downstream
 
             result = downstream.evaluate_tasks(args.workdir, args.tasks, step=args.step, limit=args.limit,

@@ -69,10 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "nothing (default auto: colours on a terminal, brackets otherwise; none for variants "
                         "without a depth router)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="how the restored run executes (repeatable): model.depth_exec=compact|masked|auto, "
-                        "model.depth_block=ROWS, model.attention=auto|xla|splash|cudnn, model.dtype=float32|bfloat16; "
-                        "other keys are an error (the run's shapes are its own)")
+    from vffn_jax.checkpoint import restore
+
+    restore.add_inference_overrides_argument(p)
     from vffn_jax.parallel import distributed
 
     distributed.add_arguments(p)

@@ -11,10 +11,14 @@ Examples:
 Preemption: on SIGTERM (TPU VMs, SLURM, Kubernetes; on several hosts, at JAX's preemption sync point)
 every process saves the same step, waits for it to commit and exits with status 75; re-run the same
 command to resume. run.ckpt_minutes adds a time-based save as a backstop to run.ckpt_every.
+Ctrl-C does the same and exits 130 (Ctrl-C again: stop at once, no save). run.hang_minutes=M: when no
+step finishes for M minutes, every process writes its thread stacks to WORKDIR/hang-<process>.txt and
+exits 86, for a supervisor to restart it.
 
 Exit status: 0 done (or --stop-at reached), 2 invalid config/path/bucket or every checkpoint damaged,
 3 diverged (NaN) or checkpoint does not match the config, 4 peers missing at start-up, 75 preempted
-(checkpoint saved; re-run to resume).
+(checkpoint saved; re-run to resume), 86 hung (run.hang_minutes), 130 Ctrl-C (the step reached was saved
+once training had started).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import json
 import sys
 
 from vffn_jax import config as config_lib
+from vffn_jax.cli_errors import EXIT_INTERRUPTED
 from vffn_jax.parallel import distributed
 
 
@@ -119,6 +124,17 @@ def print_dry_run(info: dict, as_json: bool) -> None:
 
 
 def main(argv=None) -> int:
+    from vffn_jax.train import watchdog
+
+    # Ctrl-C outside the training loop (start-up, dry runs) exits 130 at once; the loop installs its own (save first)
+    ctrl_c = watchdog.CtrlC(on_first=lambda: watchdog.exit_now("(Ctrl-C) before training started: nothing saved"))
+    try:
+        return _main(argv)
+    finally:
+        ctrl_c.close()
+
+
+def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         dist = distributed.from_args(args)
@@ -156,6 +172,11 @@ def main(argv=None) -> int:
         from vffn_jax import cli_errors
 
         return cli_errors.report(e)
+    if summary["interrupted"]:
+        if summary["is_main"]:
+            print(f"vffn_jax: interrupted (Ctrl-C) at step {summary['step']}: saved checkpoint {summary['step']} in "
+                  f"{summary['checkpoint_dir']}; re-run the same command to resume", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     if summary["preempted"]:
         if summary["is_main"]:
             print(f"preempted: stopped at step {summary['step']} after saving it to {summary['checkpoint_dir']}; "
@@ -170,4 +191,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before training started (or after it ended): nothing to save
+        print("\nvffn_jax: interrupted (Ctrl-C) before training started: nothing saved", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)

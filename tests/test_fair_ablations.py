@@ -18,7 +18,7 @@ from vffn_jax.study.stats import ordering_verdict
 from vffn_jax.model import placement
 from vffn_jax.train import optimizer
 from vffn_jax.train import step as step_lib
-from vffn_jax.evals import downstream as ds
+from vffn_jax.data import mc_tasks as mc
 from vffn_jax.config import ConfigError, FFN_KINDS, ModelConfig, TrainConfig, load_config, tau_at, tau_decay_per_step
 from vffn_jax.data.tokenizer import ByteTokenizer
 
@@ -266,14 +266,14 @@ def test_ordering_uses_width_shared_and_reports_width_only():
 
 
 def test_len_norm_conventions():
-    exs = [ds.Example(("c",) * 2, (" ab", " b"), 0)]  # sums -2 vs -1.2: olmo1 -1 vs -1.2 -> 0; olmo-eval -0.67 vs -0.6
-    r = ds.build_requests(exs, ByteTokenizer(), seq_len=64)
+    exs = [mc.Example(("c",) * 2, (" ab", " b"), 0)]  # sums -2 vs -1.2: olmo1 -1 vs -1.2 -> 0; olmo-eval -0.67 vs -0.6
+    r = mc.build_requests(exs, ByteTokenizer(), seq_len=64)
     sums = np.array([-2.0, -1.2])
-    assert ds.choice_metrics(sums, r, exs)["len_norm"] == 1.0  # default: olmo1 (OLMo-1, the paper's evaluator)
-    assert ds.choice_metrics(sums, r, exs, "olmo1")["len_norm"] == 1.0
-    assert ds.choice_metrics(sums, r, exs, "olmo-eval")["len_norm"] == 0.0
-    np.testing.assert_array_equal(ds.len_norm_divisor(np.array([3, 2, 1]), "olmo1"), [2, 1, 1])
-    np.testing.assert_array_equal(ds.len_norm_divisor(np.array([3, 2, 1]), "olmo-eval"), [3, 2, 1])
-    assert ds.DEFAULT_LEN_NORM == "olmo1"
+    assert mc.choice_metrics(sums, r, exs)["len_norm"] == 1.0  # default: olmo1 (OLMo-1, the paper's evaluator)
+    assert mc.choice_metrics(sums, r, exs, "olmo1")["len_norm"] == 1.0
+    assert mc.choice_metrics(sums, r, exs, "olmo-eval")["len_norm"] == 0.0
+    np.testing.assert_array_equal(mc.len_norm_divisor(np.array([3, 2, 1]), "olmo1"), [2, 1, 1])
+    np.testing.assert_array_equal(mc.len_norm_divisor(np.array([3, 2, 1]), "olmo-eval"), [3, 2, 1])
+    assert mc.DEFAULT_LEN_NORM == "olmo1"
     with pytest.raises(ConfigError, match="len-norm"):
-        ds.len_norm_divisor(np.array([3]), "olmo2")
+        mc.len_norm_divisor(np.array([3]), "olmo2")

@@ -174,7 +174,8 @@ def test_versatile_accumulated_equals_one_batch():
     for a, b in zip(base, acc):  # losses, grad norm, depth mean/histogram, expert load, entropy, balance loss
         assert_metrics_equal(a, b)
     assert_params_equal(base_params, acc_params)
-    assert_metrics_equal(base_eval, acc_eval)  # the eval step splits the batch the same way
+    # the eval step splits the batch the same way; only the loops it executed differ (compacted per microbatch)
+    assert_metrics_equal(base_eval, acc_eval, skip=("executed_depth",))
 
 
 @pytest.mark.parametrize("variant", ["dense", "moe"])

