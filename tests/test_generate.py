@@ -240,20 +240,15 @@ def test_sampling_filters():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A params-only run of a tiny versatile model (byte tokenizer, context 48), no training needed."""
-    from vffn_jax.checkpoint import manager as ckpt
+    from vffn_jax.checkpoint.export import write_params_run
     from vffn_jax.parallel import sharding as shd
-    from vffn_jax.rundir import RunDir
 
     cfg = config_lib.load_config("tiny", "versatile", {
         "model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2, "model.d_ff": 64, "model.init_std": 0.2,
         "train.seq_len": 48, "train.batch_size": 8, "run.async_checkpointing": False})
     workdir = tmp_path_factory.mktemp("gen") / "run"
-    RunDir.at(workdir).prepare(cfg, True)
     _, params, _ = placement.init_params(cfg.model, shd.make_mesh(cfg.mesh), cfg.train.seed)
-    manager = ckpt.make_manager(workdir, cfg.run)
-    ckpt.save(manager, 3, params, None, force=True)
-    ckpt.wait_until_finished(manager)
-    manager.close()
+    write_params_run(workdir, cfg, 3, params)
     return workdir
 
 

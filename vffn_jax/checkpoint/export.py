@@ -17,6 +17,21 @@ import dataclasses
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def write_params_run(out, cfg, step: int, params) -> None:
+    """Writes a params-only run directory: `out/config.json` (`cfg`) and `out/checkpoints/<step>` holding `params`
+    only (no optimizer or data-iterator state), committed and checksummed like every checkpoint."""
+    import jax
+
+    from vffn_jax.checkpoint import manager as ckpt
+    from vffn_jax.rundir import RunDir
+
+    RunDir.at(out).prepare(cfg, is_main=jax.process_index() == 0)
+    manager = ckpt.make_manager(out, cfg.run)
+    ckpt.save(manager, step, params, None, force=True)
+    ckpt.wait_until_finished(manager)
+    manager.close()
+
+
 def export(workdir, out, *, step: int | None = None, dtype: str | None = None, devices=None) -> dict:
     """Writes `out/config.json` and `out/checkpoints/<step>/params`; returns a summary."""
     import jax
@@ -24,7 +39,6 @@ def export(workdir, out, *, step: int | None = None, dtype: str | None = None, d
     from vffn_jax.checkpoint import manager as ckpt
     from vffn_jax.checkpoint import restore
     from vffn_jax import storage
-    from vffn_jax.rundir import RunDir
     from vffn_jax.config import ConfigError
 
     if dtype is not None and dtype not in DTYPES:
@@ -36,11 +50,7 @@ def export(workdir, out, *, step: int | None = None, dtype: str | None = None, d
     out = storage.as_path(out)
     if ckpt.all_steps(out):
         raise ConfigError(f"--out={out} already holds checkpoints; export into an empty folder")
-    RunDir.at(out).prepare(cfg, is_main=jax.process_index() == 0)
-    manager = ckpt.make_manager(out, cfg.run)
-    ckpt.save(manager, run.step, params, None, force=True)
-    ckpt.wait_until_finished(manager)
-    manager.close()
+    write_params_run(out, cfg, run.step, params)
     n_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     return {"workdir": str(run.workdir), "step": run.step, "out": str(out), "param_dtype": cfg.model.param_dtype,
             "param_bytes": int(n_bytes)}
