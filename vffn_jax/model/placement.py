@@ -29,6 +29,12 @@ def abstract_model(model_cfg: ModelConfig, seed: int = 0):
 
 def init_params(model_cfg: ModelConfig, mesh, seed: int = 0):
     """Abstract-first init: eval_shape -> shardings -> jitted init that writes each shard in place."""
+    graphdef, init, shardings = _jitted_init(model_cfg, mesh, seed)
+    return graphdef, init(), shardings
+
+
+@functools.lru_cache(maxsize=8)  # a second run of the same model on the same mesh re-uses the compiled init
+def _jitted_init(model_cfg: ModelConfig, mesh, seed: int):
     graphdef, abstract = abstract_model(model_cfg, seed)
     shardings = shd.state_shardings(abstract, mesh)
 
@@ -36,7 +42,7 @@ def init_params(model_cfg: ModelConfig, mesh, seed: int = 0):
     def init():
         return nnx.state(Transformer(model_cfg, nnx.Rngs(seed)))
 
-    return graphdef, init(), shardings
+    return graphdef, init, shardings
 
 
 # --------------------------------------------------------------------------- set-up shared by train and eval

@@ -1,6 +1,8 @@
 """AdamW with the cosine schedule and decay mask of docs/method.md, and the optimizer state's placement."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import optax
 
@@ -34,6 +36,7 @@ def _decay_mask(params):
         lambda path, _: not any("norm" in str(getattr(k, "key", k)) for k in path), params)
 
 
+@functools.lru_cache(maxsize=16)  # the same object for the same section, so the train step can be memoised on it
 def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(train.grad_clip),

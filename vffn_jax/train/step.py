@@ -5,6 +5,7 @@ Gumbel temperature and the noise key are pure functions of the step, so resume i
 """
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any
 
@@ -203,9 +204,40 @@ def _with_load_balance(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+# --------------------------------------------------------------------------- memoised step builders
+
+_STEPS: collections.OrderedDict = collections.OrderedDict()  # key -> jitted step, least recently used first
+_STEPS_KEPT = 8  # a process rarely alternates between more programs (eval.py --all-steps, a sweep, the tests)
+
+
+def _memoised(key, build):
+    """One jitted program per (builder, model, train, mesh, shardings): a second `train()` or `evaluate_run()`
+    with the same model and training sections in one process re-uses the traced and compiled step."""
+    if key in _STEPS:
+        _STEPS.move_to_end(key)
+        return _STEPS[key]
+    step = _STEPS[key] = build()
+    while len(_STEPS) > _STEPS_KEPT:
+        _STEPS.popitem(last=False)
+    return step
+
+
+def _tree_key(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple(leaves)
+
+
 def make_train_step(graphdef, tx, cfg: Config, mesh, param_shardings, opt_shardings):
     """The jitted step `(params, opt_state, batch [B, T+1], step) -> (params, opt_state, metrics)`: one
-    optimizer update from the whole global batch, run as `train.grad_accum` microbatches."""
+    optimizer update from the whole global batch, run as `train.grad_accum` microbatches.
+
+    The step reads only `cfg.model` and `cfg.train` (and `tx`, which `optimizer.make_optimizer` memoises on
+    `cfg.train`), so the program is memoised on those, the mesh and the shardings."""
+    key = ("train", graphdef, tx, cfg.model, cfg.train, mesh, _tree_key(param_shardings), _tree_key(opt_shardings))
+    return _memoised(key, lambda: _build_train_step(graphdef, tx, cfg, mesh, param_shardings, opt_shardings))
+
+
+def _build_train_step(graphdef, tx, cfg: Config, mesh, param_shardings, opt_shardings):
     rep = shd.replicated(mesh)
     base_key = jax.random.key(cfg.train.seed + 1)
 
@@ -229,7 +261,13 @@ def make_train_step(graphdef, tx, cfg: Config, mesh, param_shardings, opt_shardi
 
 def make_eval_step(graphdef, cfg: Config, mesh, param_shardings):
     """Inference-mode forward: summed CE, token count and the depth/expert statistics of one batch
-    (in `train.grad_accum` microbatches, so evaluation fits wherever training does)."""
+    (in `train.grad_accum` microbatches, so evaluation fits wherever training does). Memoised as
+    `make_train_step` is."""
+    key = ("eval", graphdef, cfg.model, cfg.train, mesh, _tree_key(param_shardings))
+    return _memoised(key, lambda: _build_eval_step(graphdef, cfg, mesh, param_shardings))
+
+
+def _build_eval_step(graphdef, cfg: Config, mesh, param_shardings):
 
     def eval_fn(params, batch):
         def one(micro, _row_ids):

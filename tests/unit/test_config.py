@@ -1,0 +1,109 @@
+"""Configs compose scale + variant + overrides; bad input fails at start-up naming the field and the fix."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vffn_jax.config import ConfigError, load_config, tau_at, validate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_scale_and_variant_compose():
+    cfg = load_config("354m", "kloop", {"model.n_loops": "2", "train.lr": "1e-3"})
+    assert (cfg.model.d_model, cfg.model.ffn, cfg.model.n_loops, cfg.train.lr) == (1024, "kloop", 2, 1e-3)
+    assert cfg.scale == "354m" and cfg.variant == "kloop"
+    assert load_config("tiny").model.ffn == "versatile"
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    ({"model.d_ff": 500}, "model.n_experts"),  # f % E != 0
+    ({"model.top_k": 9}, "model.top_k"),  # top_k > E
+    ({"model.max_depth": 0}, "model.max_depth"),
+    ({"model.n_heads": 3}, "model.n_heads"),
+    ({"model.ffn": "nope"}, "model.ffn"),
+    ({"model.d_modle": 3}, "unknown config key 'model.d_modle'"),
+    ({"train.lr": "fast"}, "train.lr"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, "at most one of"),
+])
+def test_invalid_configs_name_the_field(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace("(", r"\(")):
+        load_config("tiny", "versatile", overrides)
+
+
+def test_batch_must_divide_data_axes():
+    cfg = load_config("tiny", "versatile", {"train.batch_size": 6, "mesh.data": 4})
+    with pytest.raises(ConfigError, match=r"train\.batch_size=6 .*multiple of 4"):
+        validate(cfg, n_devices=4)
+    with pytest.raises(ConfigError, match="devices"):
+        validate(load_config("tiny", "versatile", {"mesh.data": 3}), n_devices=8)
+
+
+def test_experts_must_align_with_tensor_shards():
+    cfg = load_config("tiny", "versatile", {"model.n_experts": 4, "model.d_ff": 516, "mesh.tensor": 3,
+                                            "model.n_heads": 4, "mesh.data": 1})
+    with pytest.raises(ConfigError):
+        validate(cfg, n_devices=3)
+
+
+def test_tau_schedule_is_pure_function_of_step():
+    # the paper's explicit per-step factor (train.tau_decay > 0 takes precedence over train.tau_decay_frac)
+    train = load_config("354m", overrides={"train.tau_decay": 0.99984}).train
+    assert float(tau_at(0, train)) == pytest.approx(5.0)
+    assert float(tau_at(1000, train)) == pytest.approx(5.0 * 0.99984 ** 1000, rel=1e-5)
+    assert float(tau_at(30000, train)) == pytest.approx(0.1)
+    # the default derives the factor from the run length: the floor at 96% of the 354m preset's 25,431 steps,
+    # within 0.2% of the paper's per-step factor (0.99984 reaches it at step 24,448, 96.1%)
+    train = load_config("354m").train
+    assert float(tau_at(1000, train)) == pytest.approx(5.0 * 0.99984 ** 1000, rel=3e-4)
+    assert float(tau_at(24413, train)) > 0.1 and float(tau_at(24414, train)) == pytest.approx(0.1)
+
+
+def test_cli_errors_are_clear_and_help_explains_flags(tmp_path):
+    bad = subprocess.run([sys.executable, "train.py", "--config", "tiny", "--set", "model.top_k=12", "--dry-run"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "model.top_k=12" in bad.stderr and "Traceback" not in bad.stderr
+    unknown = subprocess.run([sys.executable, "train.py", "--config", "nosuch", "--dry-run"], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert unknown.returncode == 2 and "354m" in unknown.stderr
+    missing = subprocess.run([sys.executable, "train.py", "--workdir", "/tmp/x", "--set",
+                              "data.path=/no/such/corpus.txt", "--steps", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode == 2 and "/no/such/corpus.txt" in missing.stderr
+    corpus = Path(tmp_path) / "corpus.txt"
+    corpus.write_text("too short for one sequence")
+    short = subprocess.run([sys.executable, "train.py", "--workdir", str(tmp_path / "run"), "--set", f"data.path={corpus}",
+                            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--steps", "1"],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert short.returncode == 2 and "too few to hold out" in short.stderr and "Traceback" not in short.stderr
+    helptext = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    for flag in ("--config", "--variant", "--workdir", "--steps", "--set", "--dry-run", "--json"):
+        assert flag in helptext
+
+
+def test_dry_run_json_reports_counts_and_shardings():
+    out = subprocess.run([sys.executable, "train.py", "--config", "354m", "--variant", "dense", "--dry-run", "--json"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    import json
+
+    info = json.loads(out)
+    assert info["params_total"] == 354_712_576
+    assert info["params_non_embedding"] == 354_712_576 - 2 * 50304 * 1024
+    assert info["shardings"]["layers/ffn/w_gate"]["spec"] == "P(None, 'fsdp', 'tensor')"
+    assert info["flops_per_token_train"] > 6 * info["params_non_embedding"]
+
+
+@pytest.mark.parametrize("variant", ["moe", "versatile_avg"])
+def test_new_variants_follow_the_expert_rules(variant):
+    assert load_config("tiny", variant).model.ffn == variant
+    with pytest.raises(ConfigError, match=r"model\.n_experts"):
+        load_config("tiny", variant, {"model.d_ff": 500})  # f % E != 0
+    with pytest.raises(ConfigError, match=r"model\.top_k"):
+        load_config("tiny", variant, {"model.top_k": 9})
+    with pytest.raises(ConfigError, match=r"train\.init_step"):
+        load_config("tiny", variant, {"train.init_step": 3})  # a step without a source
+    if variant == "moe":  # each expert's f/E hidden units are sharded over tensor: 512/8 = 64 units
+        validate(load_config("tiny", "moe", {"mesh.data": 2, "mesh.tensor": 4}), n_devices=8)
+        with pytest.raises(ConfigError, match=r"mesh\.tensor=4 must divide each moe expert"):
+            validate(load_config("tiny", "moe", {"model.d_ff": 48, "model.n_experts": 8, "mesh.data": 2,
+                                                 "mesh.tensor": 4, "model.vocab_size": 512}), n_devices=8)
