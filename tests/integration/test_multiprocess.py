@@ -1,39 +1,28 @@
-"""Multi-process runs of train.py on 127.0.0.1: 2 processes equal 1, checkpoints move between process
-counts and meshes (ICI and hybrid DCN), and a missing peer ends start-up with a clear error."""
+"""Multi-process runs of train.py on 127.0.0.1: 2 processes equal 1, a preemption notice to one process stops
+both at the same saved step, checkpoints move between process counts and meshes (ICI and hybrid DCN), and a
+missing peer ends start-up with a clear error."""
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["--config", "tiny", "--no-progress",
-         "--set", "model.d_model=64", "--set", "model.n_layers=2", "--set", "model.d_ff=256",
-         "--set", "train.batch_size=8", "--set", "train.seq_len=64", "--set", "run.log_every=1",
-         "--set", "run.ckpt_every=2", "--set", "run.eval_batches=1"]
+from vffn_jax.testing.processes import ROOT, child_env, free_port, run_script
+from vffn_jax.testing.shapes import tiny_args, tiny_config
+from vffn_jax.train import loop as trainer
+
 TIMEOUT_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices_per_process: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
-            "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".jax_cache"),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
-
-
+# Process 1 gets the notice once step 3 is logged; the processes agree on a stop step a few steps later (5 or 6
+# seen on a loaded 2-core machine), well before the end.
+STEPS = 16
+FAR = {"run.ckpt_every": 1000}  # periodic saves far away: only the preemption and the last step save
 GLOO_TIMEOUT = "Gloo context initialization failed"  # gloo's fixed 30 s rendezvous, missed on an overloaded host
 
 
@@ -54,19 +43,18 @@ def _launch(workdir, **kw):
     return _run(workdir, **kw)
 
 
-def _run(workdir, *, processes: int, devices_per_process: int, steps: int, extra=(), timeout=TIMEOUT_S,
-         sigterm_last_at_step: int | None = None, expect_rc: int = 0):
-    """Runs train.py as `processes` local processes; returns their (returncode, output). Kills them all
-    (by PID) if any is still running at the deadline. With `sigterm_last_at_step`, the last process
-    alone gets SIGTERM (a preemption notice) once process 0 has logged that step."""
-    port = _free_port()
+def _run(workdir, *, extra=(), sigterm_last_at_step: int | None = None, expect_rc: int = 0, timeout=TIMEOUT_S):
+    """Runs train.py as 2 local processes of 2 devices each at the shared tiny shape; returns their
+    (returncode, output). Kills them (by PID) if one is still running at the deadline. With
+    `sigterm_last_at_step`, process 1 alone gets SIGTERM (a preemption notice) once process 0 has logged that
+    step."""
+    port = free_port()
     procs = []
-    for i in range(processes):
-        cmd = [sys.executable, "train.py", "--workdir", str(workdir), "--steps", str(steps), *SMALL, *extra]
-        if processes > 1:
-            cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes), "--process-id", str(i),
-                    "--init-timeout", "60"]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(devices_per_process), stdout=subprocess.PIPE,
+    for i in range(2):
+        cmd = [sys.executable, "train.py", "--workdir", str(workdir), "--steps", str(STEPS), "--no-progress",
+               *tiny_args(FAR), *extra, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+               "--process-id", str(i), "--init-timeout", "60"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=child_env(2), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     deadline = time.monotonic() + timeout
     results = []
@@ -82,7 +70,7 @@ def _run(workdir, *, processes: int, devices_per_process: int, steps: int, extra
             if p.poll() is None:
                 os.kill(p.pid, signal.SIGKILL)  # jax.distributed catches SIGTERM (preemption notice)
         outs = [p.communicate()[0] for p in procs]
-        pytest.fail(f"{processes}-process run did not finish in {timeout} s:\n" + "\n----\n".join(o[-3000:] for o in outs))
+        pytest.fail(f"2-process run did not finish in {timeout} s:\n" + "\n----\n".join(o[-3000:] for o in outs))
     for rc, out in results:
         assert rc == expect_rc, out[-4000:] + ("\n" + GLOO_TIMEOUT if any(GLOO_TIMEOUT in o for _, o in results) else "")
     return results
@@ -94,7 +82,7 @@ def _wait_for_logged_step(workdir, step: int, proc, deadline: float) -> None:
         if path.exists() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()
                                  if line.strip() and '"loss"' in line):
             return
-        time.sleep(0.02)
+        time.sleep(0.01)
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -102,18 +90,16 @@ def _losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-STEPS = 30
-FAR = ["--set", "run.ckpt_every=1000"]  # periodic saves far away: only the preemption and the last step save
-
-
 @pytest.mark.slow
-def test_two_processes_equal_one_survive_preemption_and_move_between_process_counts(tmp_path):
+def test_two_processes_equal_one_survive_preemption_and_move_between_process_counts(tmp_path, capsys):
+    cfg = tiny_config("versatile", {**FAR, "train.steps": STEPS})
     ref, two = tmp_path / "one_process", tmp_path / "two_processes"
-    _launch(ref, processes=1, devices_per_process=4, steps=STEPS, extra=FAR)
+    # The 1-process reference (4 devices, data=4) trains in this process: the same program a 1-process
+    # train.py compiles.
+    trainer.train(cfg, ref, devices=jax.devices()[:4], progress=False)
     # Process 1 alone is told to stop (SIGTERM): JAX propagates the notice and both processes save the
     # same step at the preemption sync point, wait for it to commit, and exit 75.
-    results = _launch(two, processes=2, devices_per_process=2, steps=STEPS, extra=FAR, sigterm_last_at_step=3,
-                      expect_rc=75)
+    results = _launch(two, sigterm_last_at_step=3, expect_rc=75)
     (saved,) = [int(p.name) for p in (two / "checkpoints").iterdir() if p.name.isdigit()]
     assert 3 <= saved < STEPS
     assert f"preempted: stopped at step {saved}" in results[0][1]
@@ -124,14 +110,14 @@ def test_two_processes_equal_one_survive_preemption_and_move_between_process_cou
     assert sorted(f.name for f in (two / "checkpoints" / str(saved) / "data").glob("*.json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]  # the data-iterator state of each process
 
-    # The preempted 2-process checkpoint resumes in 1 process (4 devices)...
+    # The preempted 2-process checkpoint resumes in 1 process (4 devices; in this process)...
     two_again = tmp_path / "two_again"
     shutil.copytree(two, two_again)
-    (out,) = _launch(two, processes=1, devices_per_process=4, steps=STEPS, extra=FAR)
-    assert f"steps {saved}->{STEPS}" in out[1]
+    capsys.readouterr()
+    trainer.train(cfg, two, devices=jax.devices()[:4], progress=False)
+    assert f"steps {saved}->{STEPS}" in capsys.readouterr().out
     # ...and in 2 processes on a hybrid mesh: data split 2 across processes (DCN) x 2 inside each (ICI).
-    results = _launch(two_again, processes=2, devices_per_process=2, steps=STEPS,
-                      extra=[*FAR, "--set", "mesh.dcn_data=2", "--set", "mesh.data=2"])
+    results = _launch(two_again, extra=["--set", "mesh.dcn_data=2", "--set", "mesh.data=2"])
     assert "mesh={'data': 4" in results[0][1] and f"steps {saved}->{STEPS}" in results[0][1]
     assert "vffn_jax:" not in results[1][1]  # only process 0 reports
     for resumed in (two, two_again):
@@ -141,43 +127,12 @@ def test_two_processes_equal_one_survive_preemption_and_move_between_process_cou
 
 
 def test_missing_peer_ends_startup_with_a_clear_error(tmp_path):
-    port = _free_port()
-    cmd = [sys.executable, "train.py", "--workdir", str(tmp_path / "w"), "--steps", "1", *SMALL,
-           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0", "--init-timeout", "3"]
+    """Process 0 of 2 alone: start-up gives up after --init-timeout with exit 4 and what to check."""
     t0 = time.monotonic()
-    res = subprocess.run(cmd, cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=120)
+    res = run_script(["train.py", "--workdir", tmp_path / "w", "--steps", "1", *tiny_args(),
+                      "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id", "0",
+                      "--init-timeout", "2"], timeout=120)
     assert res.returncode == 4, res.stderr[-2000:]
-    assert "timed out after 3 s waiting for 2 processes at coordinator 127.0.0.1" in res.stderr
+    assert "timed out after 2 s waiting for 2 processes at coordinator 127.0.0.1" in res.stderr
     assert "--init-timeout" in res.stderr
     assert time.monotonic() - t0 < 60
-
-
-def test_partial_launch_flags_are_refused():
-    res = subprocess.run([sys.executable, "train.py", "--workdir", "x", "--num-processes", "2"], cwd=ROOT,
-                         env=_env(1), capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "--coordinator, --num-processes and --process-id go together" in res.stderr
-
-
-def test_data_state_from_another_process_count(tmp_path):
-    """Saved by 2 processes, restored by 1: the stream restarts at the saved global batch index, or the
-    run is refused with how to continue when the saved state does not carry over."""
-    from vffn_jax.checkpoint import manager as ckpt
-    from vffn_jax.data.pipeline import make_batch_iterator
-    from vffn_jax.config import DataConfig
-
-    data_dir = tmp_path / "checkpoints" / "3" / "data"
-    data_dir.mkdir(parents=True)
-    for p in range(2):
-        (data_dir / f"process_{p}-of-2.json").write_text(json.dumps({"next_index": 3}))
-    manager = type("M", (), {"directory": tmp_path / "checkpoints"})()
-    kw = dict(seq_len=32, global_batch=4, seed=0)
-    it = make_batch_iterator(DataConfig(), "train", **kw)
-    ckpt._restore_data_state_elsewhere(manager, 3, it)
-    fresh = make_batch_iterator(DataConfig(), "train", **kw)
-    for _ in range(3):
-        next(fresh)
-    np.testing.assert_array_equal(next(it), next(fresh))
-
-    (data_dir / "process_1-of-2.json").write_text(json.dumps({"next_index": 3, "workers": [1, 2]}))
-    with pytest.raises(ckpt.CheckpointMismatchError, match="Resume with 2 process"):
-        ckpt._restore_data_state_elsewhere(manager, 3, it)

@@ -1,7 +1,6 @@
-"""With the TPU extra (libtpu) installed on a host without TPUs, importing vffn_jax keeps JAX from loading
+"""With the TPU extra (libtpu) installed on a host without TPUs, importing vffn_jax in a fresh interpreter keeps JAX from loading
 libtpu, so ordinary CPU commands print none of libtpu's TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES
 warnings (vffn_jax/platform.py); an explicit JAX_PLATFORMS always wins."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -46,29 +45,3 @@ def test_no_libtpu_warnings_on_a_cpu_host(tmp_path, code):
     res = _python(code, tmp_path)
     assert "CpuDevice" in res.stdout
     assert not _warned(res.stderr), f"libtpu warnings on a CPU host after importing vffn_jax:\n{res.stderr}"
-
-
-def test_an_explicit_jax_platforms_wins(monkeypatch):
-    monkeypatch.setenv("JAX_PLATFORMS", "")
-    assert platform.cpu_only_platforms() is None
-    monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
-    assert platform.cpu_only_platforms() is None
-
-
-def test_nothing_changes_without_libtpu_or_on_an_accelerator_host(monkeypatch):
-    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
-    monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
-    monkeypatch.setattr(platform, "accelerator_may_be_present", lambda: False)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    assert platform.cpu_only_platforms() is None  # no libtpu: JAX never loads it
-    monkeypatch.setenv("TPU_LIBRARY_PATH", "/opt/libtpu.so")
-    assert platform.cpu_only_platforms() == "cpu"
-    monkeypatch.setattr(platform, "accelerator_may_be_present", lambda: True)
-    assert platform.cpu_only_platforms() is None  # a TPU or GPU may be there: JAX chooses as usual
-
-
-def test_tpu_variables_set_by_hand_count_as_a_tpu_host(monkeypatch):
-    for var in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "JAX_FORCE_TPU_INIT"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5p-8")
-    assert platform.accelerator_may_be_present()

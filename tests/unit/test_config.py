@@ -1,13 +1,11 @@
 """Configs compose scale + variant + overrides; bad input fails at start-up naming the field and the fix."""
-import subprocess
-import sys
-from pathlib import Path
+import json
 
 import pytest
 
+import train as train_cli
 from vffn_jax.config import ConfigError, load_config, tau_at, validate
-
-ROOT = Path(__file__).resolve().parents[2]
+from vffn_jax.testing.cli import call
 
 
 def test_scale_and_variant_compose():
@@ -61,32 +59,28 @@ def test_tau_schedule_is_pure_function_of_step():
 
 
 def test_cli_errors_are_clear_and_help_explains_flags(tmp_path):
-    bad = subprocess.run([sys.executable, "train.py", "--config", "tiny", "--set", "model.top_k=12", "--dry-run"],
-                         cwd=ROOT, capture_output=True, text=True)
+    bad = call(train_cli.main, "--config", "tiny", "--set", "model.top_k=12", "--dry-run")
     assert bad.returncode == 2 and "model.top_k=12" in bad.stderr and "Traceback" not in bad.stderr
-    unknown = subprocess.run([sys.executable, "train.py", "--config", "nosuch", "--dry-run"], cwd=ROOT,
-                             capture_output=True, text=True)
+    unknown = call(train_cli.main, "--config", "nosuch", "--dry-run")
     assert unknown.returncode == 2 and "354m" in unknown.stderr
-    missing = subprocess.run([sys.executable, "train.py", "--workdir", "/tmp/x", "--set",
-                              "data.path=/no/such/corpus.txt", "--steps", "1"], cwd=ROOT, capture_output=True, text=True)
+    missing = call(train_cli.main, "--workdir", tmp_path / "x", "--set", "data.path=/no/such/corpus.txt", "--steps", 1)
     assert missing.returncode == 2 and "/no/such/corpus.txt" in missing.stderr
-    corpus = Path(tmp_path) / "corpus.txt"
+    corpus = tmp_path / "corpus.txt"
     corpus.write_text("too short for one sequence")
-    short = subprocess.run([sys.executable, "train.py", "--workdir", str(tmp_path / "run"), "--set", f"data.path={corpus}",
-                            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--steps", "1"],
-                           cwd=ROOT, capture_output=True, text=True)
+    # a private corpus: its (tiny) token cache stays in tmp_path instead of the session's shared data cache
+    short = call(train_cli.main, "--workdir", tmp_path / "run", "--set", f"data.path={corpus}",
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}", "--steps", 1)
     assert short.returncode == 2 and "too few to hold out" in short.stderr and "Traceback" not in short.stderr
-    helptext = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    helptext = call(train_cli.main, "--help")
+    assert helptext.returncode == 0
     for flag in ("--config", "--variant", "--workdir", "--steps", "--set", "--dry-run", "--json"):
-        assert flag in helptext
+        assert flag in helptext.stdout
 
 
 def test_dry_run_json_reports_counts_and_shardings():
-    out = subprocess.run([sys.executable, "train.py", "--config", "354m", "--variant", "dense", "--dry-run", "--json"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    import json
-
-    info = json.loads(out)
+    res = call(train_cli.main, "--config", "354m", "--variant", "dense", "--dry-run", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads(res.stdout)
     assert info["params_total"] == 354_712_576
     assert info["params_non_embedding"] == 354_712_576 - 2 * 50304 * 1024
     assert info["shardings"]["layers/ffn/w_gate"]["spec"] == "P(None, 'fsdp', 'tensor')"
@@ -107,3 +101,31 @@ def test_new_variants_follow_the_expert_rules(variant):
         with pytest.raises(ConfigError, match=r"mesh\.tensor=4 must divide each moe expert"):
             validate(load_config("tiny", "moe", {"model.d_ff": 48, "model.n_experts": 8, "mesh.data": 2,
                                                  "mesh.tensor": 4, "model.vocab_size": 512}), n_devices=8)
+
+
+# --------------------------------------------------------------------------- the run-length Gumbel schedule
+# (moved from tests/unit/study/test_fair_ablations.py)
+
+
+def test_tau_decay_scales_with_run_length():
+    import math
+
+    from vffn_jax.config import TrainConfig, tau_decay_per_step
+
+    for steps in (250, 25431, 190735):
+        t = TrainConfig(steps=steps)  # tau_decay 0 (derive), tau_decay_frac 0.96
+        floor = 0.96 * steps
+        assert float(tau_at(math.floor(floor) - 1, t)) > t.tau_end
+        assert float(tau_at(math.ceil(floor), t)) == pytest.approx(t.tau_end)
+    cpu = load_config("study_cpu").train  # was 0.98 per step: the floor at 78% of its 250 steps
+    assert math.log(cpu.tau_end / cpu.tau_start) / math.log(tau_decay_per_step(cpu)) == pytest.approx(0.96 * 250)
+    explicit = TrainConfig(steps=250, tau_decay=0.98)  # an explicit per-step factor takes precedence
+    assert tau_decay_per_step(explicit) == 0.98
+    assert float(tau_at(100, explicit)) == pytest.approx(5.0 * 0.98 ** 100, rel=1e-5)
+    frac1 = TrainConfig(steps=100, tau_decay_frac=1.0)
+    assert float(tau_at(99, frac1)) > 0.1 and float(tau_at(100, frac1)) == pytest.approx(0.1)
+    for bad in ({"train.tau_decay_frac": 0.0}, {"train.tau_decay_frac": 1.5}, {"train.tau_decay": 1.2},
+                {"train.tau_decay": -0.1}):
+        with pytest.raises(ConfigError, match="tau_decay"):
+            load_config("tiny", "versatile", bad)
+    assert tau_decay_per_step(load_config("tiny", "versatile", {"train.tau_decay": 0.99}).train) == 0.99

@@ -7,6 +7,8 @@ the sharded train step for it on a CPU-only machine and reports per-device memor
 """
 from __future__ import annotations
 
+import collections
+import copy
 import os
 import re
 import types
@@ -79,8 +81,27 @@ def topology_devices(name: str) -> list:
             "(`pip install -r requirements-tpu.txt`) and a name like v5p:4x4x4, v5e:16x16 or v4:2x2x2") from None
 
 
+_REPORTS: collections.OrderedDict = collections.OrderedDict()  # program key -> report, least recently used first
+_REPORTS_KEPT = 32
+
+
 def compile_train_step(cfg: Config, devices) -> dict[str, Any]:
-    """AOT-compiles the training step on `devices` (real or a topology's) and returns its memory per device."""
+    """AOT-compiles the training step on `devices` (real or a topology's) and returns its memory per device.
+
+    Memoised on what determines the program (the model, train and mesh sections and the devices): a sweep
+    candidate equal to the run's own config (e.g. `model.remat=none` when the run has it) is compiled once.
+    Each call returns its own copy of the report."""
+    key = (cfg.model, cfg.train, cfg.mesh, tuple(devices))
+    if key in _REPORTS:
+        _REPORTS.move_to_end(key)
+    else:
+        _REPORTS[key] = _compile_train_step(cfg, devices)
+        while len(_REPORTS) > _REPORTS_KEPT:
+            _REPORTS.popitem(last=False)
+    return copy.deepcopy(_REPORTS[key])
+
+
+def _compile_train_step(cfg: Config, devices) -> dict[str, Any]:
     s = placement.setup(cfg, devices)
     tx = optimizer.make_optimizer(cfg.train)
     abstract_opt, opt_shardings = optimizer.opt_state_shardings(tx, s)

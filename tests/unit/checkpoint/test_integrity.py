@@ -1,9 +1,10 @@
 """Checkpoint integrity: checksums written after a step commits, damage caught at restore (local and gs://),
-resume falls back to the newest good step, eval.py exits 2 naming the step and the good earlier ones."""
+resume falls back to the newest good step, eval.py exits 2 naming the step and the good earlier ones. Two processes
+sharing the hashing: tests/integration/checkpoint/test_integrity.py."""
 from __future__ import annotations
 
 import json
-import os
+import shutil
 
 import grain
 import jax
@@ -15,6 +16,7 @@ from etils import epath
 from vffn_jax.checkpoint import manager as ckpt
 from vffn_jax.checkpoint import integrity
 from vffn_jax.checkpoint.manager import CheckpointDamagedError
+from vffn_jax.testing import cli
 
 # A restore that fails inside Orbax leaves its read coroutine to the garbage collector, which reports it
 # in whichever test happens to run then.
@@ -212,124 +214,22 @@ def test_gcs_damage_detected(gcs_bucket):
     assert ckpt.all_steps(workdir) == [4]
 
 
-def test_eval_cli_reports_damaged_step(tmp_path, capsys):
-    """A real tiny model's checkpoint at steps 2 and 4 (saved directly, no training): damage the largest
+def test_eval_cli_reports_damaged_step(tiny_run, tmp_path):
+    """A real tiny model's checkpoints at steps 2 and 4 (a copy of the session's `tiny_run`): damage the largest
     params file of step 4 -> eval.py exits 2 naming step 4 and suggesting --step 2, which then works."""
     import eval as eval_cli
-    from vffn_jax import config as config_lib
-    from vffn_jax.model import placement
 
-    tiny = {"train.batch_size": 8, "train.seq_len": 32, "model.n_layers": 2, "model.d_model": 64, "model.n_heads": 2,
-            "model.d_ff": 128, "run.eval_batches": 1, "data.cache_dir": str(tmp_path / "cache")}
-    cfg = config_lib.load_config("tiny", "versatile", tiny)
     workdir = tmp_path / "run"
-    workdir.mkdir()
-    (workdir / "config.json").write_text(cfg.to_json())
-    s = placement.setup(cfg, jax.devices()[:1])
-    _, params, _ = placement.init_params(cfg.model, s.mesh, cfg.train.seed)
-    manager = ckpt.make_manager(workdir, cfg.run)
-    for step in (2, 4):
-        ckpt.save(manager, step, params, {"count": np.zeros((), np.int32)}, force=True)
-    ckpt.wait_until_finished(manager)
+    shutil.copytree(tiny_run, workdir, ignore=shutil.ignore_patterns("tb"))
+    assert ckpt.all_steps(workdir) == [2, 4]
     target = _largest(ckpt.checkpoint_dir(workdir) / "4")
     _overwrite_middle(target)
 
-    assert eval_cli.main(["--workdir", str(workdir), "--no-plot", "--batches", "1"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: checkpoint step 4 is damaged (params: file ") and str(target) in err
-    assert "--step 2" in err and "Traceback" not in err
-    assert eval_cli.main(["--workdir", str(workdir), "--no-plot", "--batches", "1", "--step", "2", "--json"]) == 0
-    out = capsys.readouterr().out
-    out = json.loads(out[out.find("{\n"):])  # tfds may print "Downloading and preparing dataset..." first
+    r = cli.call(eval_cli.main, "--workdir", workdir, "--no-plot", "--batches", "1")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: checkpoint step 4 is damaged (params: file ") and str(target) in r.stderr
+    assert "--step 2" in r.stderr and "Traceback" not in r.stderr
+    r = cli.call(eval_cli.main, "--workdir", workdir, "--no-plot", "--batches", "1", "--step", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout[r.stdout.find("{\n"):])  # tfds may print "Downloading and preparing dataset..." first
     assert out["step"] == 2 and np.isfinite(out["loss"])
-
-
-_WORKER = r'''
-import json, sys
-import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
-from vffn_jax.checkpoint import manager as ckpt
-
-port, pid, phase, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
-                           initialization_timeout=60)
-mesh = jax.make_mesh((4,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
-shd = NamedSharding(mesh, P("d"))
-
-def state(step):
-    rows = np.arange(256 * 512, dtype=np.float32).reshape(256, 512) * step
-    make = lambda a: jax.make_array_from_callback(a.shape, shd, lambda idx: a[idx])
-    return {"w": make(rows), "v": make(rows[:, :64] + 1)}, {"mu": make(rows * 0.5)}
-
-abstract = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shd), t)
-if phase == "save":
-    manager = ckpt.make_manager(workdir)
-    for step in (1, 2):
-        ckpt.save(manager, step, *state(step), force=True)
-    ckpt.wait_until_finished(manager)
-    print("RESULT", json.dumps("saved"), flush=True)
-else:
-    params, opt = state(1)
-    lines = []
-    try:
-        step, p, o = ckpt.resume_state(ckpt.make_manager(workdir), abstract(params), abstract(opt), None,
-                                       log=lines.append)
-        ok = bool(np.array_equal(np.asarray(jax.device_get(p["w"].addressable_data(0))),
-                                 np.asarray(params["w"].addressable_data(0))))
-        out = {"step": step, "equal": ok, "lines": lines}
-    except ckpt.CheckpointDamagedError as e:
-        out = {"error": str(e), "lines": lines}
-    print("RESULT", json.dumps(out), flush=True)
-'''
-
-
-def _two_processes(tmp_path, phase: str, workdir) -> list:
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[3]
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(root)}
-    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), phase, str(workdir)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=180)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    results = []
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
-        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
-    return results
-
-
-def test_two_processes_split_hashing_and_agree(tmp_path):
-    """Two processes save into one folder: each writes the checksums of its share. A file only process 1
-    hashes is damaged in the newest step: both processes skip that step with the same message."""
-    workdir = tmp_path / "run"
-    assert _two_processes(tmp_path, "save", workdir) == ["saved", "saved"]
-    step_dir = ckpt.checkpoint_dir(workdir) / "2"
-    docs = [json.loads((step_dir / f"vffn_checksums.process_{p}-of-2.json").read_text()) for p in range(2)]
-    assert docs[0]["sizes"] == docs[1]["sizes"] and docs[0]["digests"] and docs[1]["digests"]
-    assert not set(docs[0]["digests"]) & set(docs[1]["digests"])
-    assert set(docs[0]["digests"]) | set(docs[1]["digests"]) == set(docs[0]["sizes"])
-    sizes = docs[0]["sizes"]
-    rel = max((k for k in docs[1]["digests"] if k.startswith("params/")), key=lambda k: sizes[k])
-    _overwrite_middle(step_dir / rel)
-    assert integrity.assign({k: v for k, v in sizes.items()}, 2)[1].count(rel) == 1  # restore splits the same files the same way: only process 1 re-hashes it
-
-    a, b = _two_processes(tmp_path, "resume", workdir)
-    assert a == b and a["step"] == 1 and a["equal"]
-    assert len(a["lines"]) == 1 and a["lines"][0].startswith("vffn_jax: checkpoint step 2 is damaged (params: file ")
-    assert rel in a["lines"][0] and "crc32c differs" in a["lines"][0]

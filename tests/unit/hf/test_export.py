@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +25,7 @@ from vffn_jax import config as config_lib  # noqa: E402
 from vffn_jax.config import DEPTH_KINDS, FFN_KINDS  # noqa: E402
 from vffn_jax.hf import export as hf_export  # noqa: E402
 from vffn_jax.infer import decode, sampling  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[3]
+from vffn_jax.testing import cli  # noqa: E402
 SMALL = {"model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2, "model.d_ff": 64, "model.init_std": 0.2,
          "model.vocab_size": 264, "model.n_experts": 4, "model.top_k": 2, "model.max_depth": 4, "model.n_loops": 3,
          "train.seq_len": 48, "train.batch_size": 8, "run.async_checkpointing": False}
@@ -160,12 +157,14 @@ def test_greedy_generate_matches_vffn_jax(exports, kind):
 
 
 def test_generate_cli_matches_hf(exports):
-    """The real `python generate.py ... --temperature 0 --json`, against HF generate() on the exported tokenizer."""
+    """`generate.py ... --temperature 0 --json` (its main, in-process), against HF generate() on the exported
+    tokenizer."""
+    import generate
+
     e = exports["versatile"]
     text = PROMPTS[0]
-    proc = subprocess.run([sys.executable, "generate.py", "--workdir", str(e.workdir), "--prompt", text,
-                           "--temperature", "0", "--max-new-tokens", "12", "--json"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = cli.call(generate.main, "--workdir", e.workdir, "--prompt", text, "--temperature", "0",
+                    "--max-new-tokens", "12", "--json")
     assert proc.returncode == 0, proc.stderr
     ours = [t["id"] for t in json.loads(proc.stdout)["generations"][0]["tokens"]]
     tok = transformers.AutoTokenizer.from_pretrained(str(e.dir), trust_remote_code=True)

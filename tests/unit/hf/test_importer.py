@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +24,7 @@ from vffn_jax.checkpoint.restore import restore_params  # noqa: E402
 from vffn_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from vffn_jax.hf import importer  # noqa: E402
 from vffn_jax.infer import decode  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[3]
+from vffn_jax.testing import cli  # noqa: E402
 VOCAB = 304  # the tokenizer's 300 tokens plus padded embedding rows
 EOS_TOKEN, BOS_TOKEN = "<|end_of_text|>", "<|begin_of_text|>"
 GQA_TIED = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -306,8 +303,9 @@ def test_refuses_an_out_with_checkpoints(hf, runs, capsys):
 
 
 def test_help_explains_every_flag():
-    res = subprocess.run([sys.executable, "-m", "vffn_jax.hf", "import", "--help"], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+    from vffn_jax.hf import __main__ as hf_cli
+
+    res = cli.call(hf_cli.main, "import", "--help")  # `python -m vffn_jax.hf import --help`
     assert res.returncode == 0, res.stderr
     for flag in ("--hf", "--out", "--variant", "--set", "--dtype"):
         assert flag in res.stdout

@@ -13,22 +13,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vffn_jax import config as config_lib
 from vffn_jax.infer import decode
 from vffn_jax.infer import sampling
 from vffn_jax.model import placement
 from vffn_jax.config import FFN_KINDS, ConfigError, ModelConfig, MeshConfig
 from vffn_jax.model.transformer import Transformer
+from vffn_jax.testing import cli
+from vffn_jax.testing.shapes import small_model  # init_std 0.2: a wrong depth shows in the logits
 
-# init_std 0.2: loops change the residual stream a lot, so a wrong depth shows in the logits
-SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, n_experts=4, top_k=2, max_depth=4,
-             n_loops=3, init_std=0.2)
 B, T, T_PROMPT, S = 3, 10, 8, 16
 LENGTHS = np.array([3, 5, 1], np.int32)
-
-
-def small(ffn="versatile", **kw) -> ModelConfig:
-    return ModelConfig(**{**SMALL, "ffn": ffn, **kw})
 
 
 def build(m: ModelConfig, seed=0):
@@ -69,7 +63,7 @@ def teacher_forced(m, params, toks, lengths):
 
 @pytest.mark.parametrize("ffn", FFN_KINDS)
 def test_cache_matches_full_forward_every_position(ffn):
-    m = small(ffn)
+    m = small_model(ffn)
     g, st = build(m)
     toks = jax.random.randint(jax.random.key(1), (B, T), 0, m.vocab_size)
     full, aux = full_forward(g, st, toks)
@@ -90,18 +84,19 @@ def test_cache_matches_full_forward_every_position(ffn):
 def test_cache_holds_only_the_key_value_heads_and_matches_the_full_forward():
     """Grouped-query attention (4 query heads, 1 key/value head) with a tied head: the cache is 4x smaller and
     the cached steps still give the full forward's logits."""
-    m = small("versatile", n_heads=4, n_kv_heads=1, tie_embeddings=True)
+    m = small_model("versatile", n_heads=4, n_kv_heads=1, tie_embeddings=True)
     g, st = build(m)
     toks = jax.random.randint(jax.random.key(4), (B, T), 0, m.vocab_size)
     full, _ = full_forward(g, st, toks)
-    _, cache, *_ = decode.prefill(m, decode.pure_params(st), toks[:, :T_PROMPT], jnp.asarray(LENGTHS), S)
+    _, cache, *_ = jax.eval_shape(functools.partial(decode.prefill, m, cache_len=S), decode.pure_params(st),
+                                  toks[:, :T_PROMPT], jnp.asarray(LENGTHS))  # the cache's shape, nothing compiled
     assert cache["k"].shape == (m.n_layers, B, S, 1, m.head_dim)
     logits, _, _ = teacher_forced(m, decode.pure_params(st), toks, LENGTHS)
     np.testing.assert_allclose(logits, np.asarray(full), rtol=1e-4, atol=2e-5)
 
 
 def test_cache_matches_full_forward_with_document_mask():
-    m = small("versatile", doc_mask=True, eos_id=5)
+    m = small_model("versatile", doc_mask=True, eos_id=5)
     g, st = build(m)
     toks = np.array(jax.random.randint(jax.random.key(2), (B, T), 0, m.vocab_size))
     toks[:, [1, 6]] = 5  # an EOS inside the prompt of rows 1 (length 5) and inside the decoded part
@@ -116,7 +111,7 @@ def _prompts(vocab, lengths=(4, 7, 2), seed=3):
 
 
 def test_greedy_generation_is_the_full_forward_argmax():
-    m = small("versatile", depth_exec="masked")  # masked: a step runs every row as deep as its deepest row
+    m = small_model("versatile", depth_exec="masked")  # masked: a step runs every row as deep as its deepest row
     g, st = build(m)
     prompts = _prompts(m.vocab_size)
     gens, stats = decode.generate(m, st, prompts, max_new_tokens=6, context=32,
@@ -137,8 +132,9 @@ def test_greedy_generation_is_the_full_forward_argmax():
     np.testing.assert_array_equal(stats.step_loops, all_depth.max(0))
 
 
-def test_eos_context_and_rows_are_independent():
-    m = small("depth_only")
+def test_eos_ends_only_its_row():
+    """A row that samples the EOS token stops there ("eos"); the other rows are unaffected."""
+    m = small_model("depth_only")
     _, st = build(m)
     prompts = _prompts(m.vocab_size)
     greedy = sampling.SamplingConfig(temperature=0.0)
@@ -151,12 +147,25 @@ def test_eos_context_and_rows_are_independent():
     for a, b in zip(gens, ref):  # other rows unaffected (unless they hit the same token)
         if eos not in b.ids:
             assert a.ids == b.ids and (a.depth == b.depth).all()
-    gens, _ = decode.generate(m, st, prompts, max_new_tokens=20, context=9, sampling_cfg=greedy)
+
+
+def test_rows_end_at_the_context():
+    """A row ends ("context") when its next token would not fit; a prompt longer than the context is refused."""
+    m = small_model("depth_only")
+    _, st = build(m)
+    greedy = sampling.SamplingConfig(temperature=0.0)
+    gens, _ = decode.generate(m, st, _prompts(m.vocab_size), max_new_tokens=20, context=9, sampling_cfg=greedy)
     for gen in gens:  # a row ends when its next token would not fit: prompt + generated <= context + 1
         assert len(gen.prompt_ids) + len(gen.ids) == 10 and gen.finish_reason == "context"
     with pytest.raises(ConfigError, match="context"):
         decode.generate(m, st, [[1] * 10], max_new_tokens=2, context=9)
-    # sampling: a prompt's sample does not depend on its batch companions
+
+
+def test_a_sample_does_not_depend_on_its_batch_companions():
+    """Sampling (temperature 1, top-p): a prompt's sample is the same alone and in a batch; seeds reproduce."""
+    m = small_model("depth_only")
+    _, st = build(m)
+    prompts = _prompts(m.vocab_size)
     s = sampling.SamplingConfig(temperature=1.0, top_p=0.9)
     both, _ = decode.generate(m, st, prompts[:2], max_new_tokens=5, context=32, sampling_cfg=s, seed=7)
     alone, _ = decode.generate(m, st, prompts[:1], max_new_tokens=5, context=32, sampling_cfg=s, seed=7)
@@ -168,13 +177,12 @@ def test_eos_context_and_rows_are_independent():
 def test_sharded_decode_matches_one_device():
     """A (2,2,2) mesh: cache rows over data x fsdp, heads and FFN hidden units over tensor; same tokens,
     depths and log-probs as one device."""
-    m = small("versatile")
+    m = small_model("versatile")
     from vffn_jax.parallel import sharding as shd
 
-    devices = jax.devices()
-    mesh = shd.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), devices[:8])
-    _, params, _ = placement.init_params(m, mesh, seed=1)
-    _, params1, _ = placement.init_params(m, shd.make_mesh(MeshConfig(data=1), devices[:1]), seed=1)
+    mesh = shd.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
+    _, params1 = build(m, seed=1)  # one set of weights, placed twice (no compiled init per mesh)
+    params = jax.device_put(params1, shd.state_shardings(placement.abstract_model(m)[1], mesh))
     prompts = _prompts(m.vocab_size)
     kw = dict(max_new_tokens=5, context=32, sampling_cfg=sampling.SamplingConfig(temperature=0.0))
     sharded, _ = decode.generate(m, params, prompts, mesh=mesh, **kw)
@@ -185,7 +193,7 @@ def test_sharded_decode_matches_one_device():
 
 
 def test_greedy_is_the_same_alone_and_in_a_batch_of_other_lengths():
-    m = small("versatile")
+    m = small_model("versatile")
     _, st = build(m)
     rng = np.random.default_rng(3)
     prompts = [list(rng.integers(0, m.vocab_size, n)) for n in (4, 9, 1, 6)]  # shorter and longer companions
@@ -238,32 +246,22 @@ def test_sampling_filters():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A params-only run of a tiny versatile model (byte tokenizer, context 48), no training needed."""
-    from vffn_jax.checkpoint.export import write_params_run
-    from vffn_jax.parallel import sharding as shd
-
-    cfg = config_lib.load_config("tiny", "versatile", {
-        "model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2, "model.d_ff": 64, "model.init_std": 0.2,
-        "train.seq_len": 48, "train.batch_size": 8, "run.async_checkpointing": False})
-    workdir = tmp_path_factory.mktemp("gen") / "run"
-    _, params, _ = placement.init_params(cfg.model, shd.make_mesh(cfg.mesh), cfg.train.seed)
-    write_params_run(workdir, cfg, 3, params)
-    return workdir
+def run_dir(params_only_run):
+    """The session's params-only run of a tiny versatile model (byte tokenizer, context 48). Read-only."""
+    return params_only_run
 
 
-def _main(capsys, *args):
+def _main(*args):
     import generate
 
-    rc = generate.main(list(map(str, args)))
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+    r = cli.call(generate.main, *args)
+    return r.returncode, r.stdout, r.stderr
 
 
-def test_cli_json_and_text(run_dir, capsys, tmp_path):
+def test_cli_json_and_text(run_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "And God said"}\n\n"Let there be"\n')
-    rc, out, err = _main(capsys, "--workdir", run_dir, "--prompts", prompts, "--prompt", "", "--max-new-tokens",
+    rc, out, err = _main("--workdir", run_dir, "--prompts", prompts, "--prompt", "", "--max-new-tokens",
                          6, "--seed", 3, "--json")
     assert rc == 0, err
     r = json.loads(out)
@@ -276,13 +274,13 @@ def test_cli_json_and_text(run_dir, capsys, tmp_path):
             assert len(t["depth"]) == 2 and all(1 <= d <= 4 for d in t["depth"])
             assert all(1 <= lo <= 4 for lo in t["loops"])  # executed loops per row of the step (compact: fractional)
             assert t["logprob"] <= 0 and 0 <= t["id"] < 257
-    rc, out2, _ = _main(capsys, "--workdir", run_dir, "--prompts-file", prompts, "--prompt", "", "--max-new-tokens", 6,
+    rc, out2, _ = _main("--workdir", run_dir, "--prompts-file", prompts, "--prompt", "", "--max-new-tokens", 6,
                         "--seed", 3, "--json")
     assert json.loads(out2)["generations"] == r["generations"]  # reproducible
-    rc, text, _ = _main(capsys, "--workdir", run_dir, "--prompt", "Amen", "--max-new-tokens", 4, "--temperature", 0,
+    rc, text, _ = _main("--workdir", run_dir, "--prompt", "Amen", "--max-new-tokens", 4, "--temperature", 0,
                         "--depth-marks", "brackets")
     assert rc == 0 and "Amen" in text and text.count("[") >= 1 and "]" in text
-    rc, text, _ = _main(capsys, "--workdir", run_dir, "--prompt", "Amen", "--max-new-tokens", 4, "--temperature", 0,
+    rc, text, _ = _main("--workdir", run_dir, "--prompt", "Amen", "--max-new-tokens", 4, "--temperature", 0,
                         "--depth-marks", "color")
     assert rc == 0 and "\x1b[30;48;5;" in text
 
@@ -301,18 +299,18 @@ def test_cli_json_and_text(run_dir, capsys, tmp_path):
     (["--prompt", "a", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["--prompt", "", "--no-eos-prefix"], "empty"),
 ])
-def test_cli_bad_input_exits_2(run_dir, capsys, tmp_path, args, match):
+def test_cli_bad_input_exits_2(run_dir, tmp_path, args, match):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "no prompt field"}\n')
     files = {"EMPTY": str(empty), "MISSING": str(tmp_path / "nope.txt"), "BAD.jsonl": str(bad)}
     args = [files.get(a, a) for a in args]
-    rc, out, err = _main(capsys, "--workdir", run_dir, *args)
+    rc, out, err = _main("--workdir", run_dir, *args)
     assert rc == 2 and err.startswith("error: ") and match in err, err
     assert out == ""
 
 
-def test_cli_missing_run(capsys, tmp_path):
-    rc, _, err = _main(capsys, "--workdir", tmp_path / "none", "--prompt", "a")
+def test_cli_missing_run(tmp_path):
+    rc, _, err = _main("--workdir", tmp_path / "none", "--prompt", "a")
     assert rc == 2 and "does not exist" in err

@@ -326,3 +326,111 @@ def test_moe_gradients_reach_router_and_every_expert():
     for name in ("expert_w_gate", "expert_w_up", "expert_w_down"):  # each expert got tokens, so each learns
         per_expert = np.abs(np.asarray(grads[name])).reshape(E, -1).sum(-1)
         assert np.all(per_expert > 0), (name, per_expert)
+
+
+# ---------------------------------------------------------------- width_shared: the paper's width ablation
+# (moved from tests/unit/study/test_fair_ablations.py)
+
+
+def width_shared_params(seed=0, n_experts=E, router_scale=1.0):
+    """The FFN's weights and the expert router (width_shared has no depth router)."""
+    ks = jax.random.split(jax.random.key(seed), 5)
+    return {"norm_scale": 1.0 + 0.1 * jax.random.normal(ks[0], (D,)),
+            "w_gate": 0.3 * jax.random.normal(ks[1], (D, F)), "w_up": 0.3 * jax.random.normal(ks[2], (D, F)),
+            "w_down": 0.3 * jax.random.normal(ks[3], (F, D)),
+            "expert_router": router_scale * jax.random.normal(ks[4], (D, n_experts))}
+
+
+def np_width_shared(p, x, n_experts, top_k):
+    """Per token, from the sliced weights: the shared expert (the full FFN, its residual) plus the top-k routed
+    virtual experts' contributions `w_j (FFN_j(x) - x)`, softmax over the selected logits; one residual."""
+    p = {k: np.asarray(v, np.float64) for k, v in p.items()}
+    out = []
+    for xt in np.asarray(x, np.float64).reshape(-1, x.shape[-1]):
+        logits = xt @ p["expert_router"]
+        idx = np.argsort(-logits)[:top_k]
+        w = np.exp(logits[idx] - logits[idx].max())
+        y = np_loop(p, xt)  # x + act(x) W_down
+        for w_j, i in zip(w / w.sum(), idx):
+            y = y + w_j * (np_expert(p, xt, i, n_experts) - xt)
+        out.append(y)
+    return np.stack(out).reshape(x.shape)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("n_experts,top_k", [(8, 2), (4, 1), (4, 4)])
+def test_width_shared_equals_per_expert_reference(n_experts, top_k, train):
+    p = width_shared_params(n_experts=n_experts)
+    x = inputs()
+    kw = dict(train=True, tau=1.0, rng=jax.random.key(7)) if train else {}
+    y, aux = ffn.apply_ffn("width_shared", p, x, n_experts=n_experts, top_k=top_k, max_depth=L, **kw)
+    np.testing.assert_allclose(y, np_width_shared(p, x, n_experts, top_k), rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(np.sum(aux["expert_load"]), 1.0, rtol=1e-6)
+    assert {"balance_loss", "z_loss", "router_entropy", "router_prob"} <= set(aux) and "depth" not in aux
+    # the shared expert is the dense FFN, the routed part the width_only path's increment
+    dense, width = ffn.dense_ffn(p, x)[0], ffn.width_ffn(p, x, n_experts=n_experts, top_k=top_k)[0]
+    np.testing.assert_allclose(y, dense + width - x, rtol=1e-5, atol=1e-5)
+    shapes = ffn.param_shapes("width_shared", D, F, n_experts, L)
+    assert {k: v[0] for k, v in shapes.items()} == {k: tuple(v.shape) for k, v in p.items()}
+    assert shapes["expert_router"][1] == ("embed", None) and shapes["w_down"][1] == ("mlp", "embed")
+
+
+def test_width_shared_gradients_reach_router_and_all_weights():
+    p = width_shared_params(router_scale=0.1)
+    x = inputs(shape=(4, 16, D))
+
+    def loss(params):
+        y, aux = ffn.width_shared_ffn(params, x, n_experts=E, top_k=K)
+        return jnp.sum(y ** 2) + aux["balance_loss"]
+
+    grads = jax.jit(jax.grad(loss))(p)
+    for name, g in grads.items():
+        assert np.all(np.isfinite(g)) and float(jnp.abs(g).max()) > 0, name
+    # the router's gradient through the output alone (not only through the balance loss)
+    g_out = jax.jit(jax.grad(lambda prm: jnp.sum(ffn.width_shared_ffn(prm, x, n_experts=E, top_k=K)[0] ** 2)))(p)
+    assert float(jnp.abs(g_out["expert_router"]).max()) > 0
+
+
+def test_width_shared_in_the_model_counts_and_configs():
+    """width_shared as a model: its preset, config checks, parameter and FLOP counts, router sharding."""
+    from vffn_jax.config import FFN_KINDS, ConfigError, load_config, validate
+    from vffn_jax.model import placement
+    from vffn_jax.perf import flops
+
+    assert "width_shared" in FFN_KINDS
+    cfg = load_config("tiny", "width_shared")
+    assert cfg.model.ffn == "width_shared" and cfg.variant == "width_shared"
+    with pytest.raises(ConfigError, match=r"model\.n_experts"):
+        load_config("tiny", "width_shared", {"model.d_ff": 500})  # f % E != 0
+    with pytest.raises(ConfigError, match="tensor-parallel"):  # E % tensor: each virtual expert on one device
+        validate(load_config("tiny", "width_shared", {"model.n_experts": 4, "model.d_ff": 768, "mesh.tensor": 3,
+                                                     "model.n_heads": 3, "model.d_model": 96, "model.vocab_size": 384,
+                                                     "mesh.data": 1}), n_devices=3)
+    info = placement.describe(placement.setup(load_config("354m", "width_shared")))
+    assert info["params_total"] == info["params_analytic"] == 354_712_576 + 15 * 1024 * 8
+    assert info["shardings"]["layers/ffn/expert_router"]["shape"] == [15, 1024, 8]
+    dense = load_config("354m", "dense").model
+    m = load_config("354m", "width_shared").model
+    # one dense FFN (the routed experts reuse its hidden units: one down-projection) + the router
+    assert flops.ffn_forward_flops(m, train=True) == flops.ffn_forward_flops(dense, train=True) + 2 * 1024 * 8
+    assert info["paper_ffn_vs_dense"] == pytest.approx(1 + 2 / 8)
+
+
+def test_width_shared_trains_one_step_on_a_mesh():
+    """One train step of width_shared at the shared tiny shape on a (data 2, tensor 2) mesh of 4 devices."""
+    from vffn_jax.model import placement
+    from vffn_jax.testing.shapes import tiny_config
+    from vffn_jax.train import optimizer
+    from vffn_jax.train import step as step_lib
+
+    cfg = tiny_config("width_shared", {"mesh.data": 2, "mesh.fsdp": 1, "mesh.tensor": 2})
+    s = placement.setup(cfg, jax.devices()[:4])
+    tx = optimizer.make_optimizer(cfg.train)
+    _, opt_sh = optimizer.opt_state_shardings(tx, s)
+    params, opt_state = optimizer.init_train_state(s, tx, opt_sh)
+    step = step_lib.make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_sh)
+    batch = np.asarray(jax.random.randint(jax.random.key(0), (cfg.train.batch_size, cfg.train.seq_len + 1), 0, 256),
+                       np.int32)
+    _, _, metrics = step(params, opt_state, step_lib.global_batch(batch, s.mesh), 0)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["balance_loss"]) > 0
+    assert np.asarray(metrics["expert_load"]).shape == (cfg.model.n_layers, cfg.model.n_experts)

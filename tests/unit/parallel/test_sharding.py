@@ -13,6 +13,7 @@ from vffn_jax.model import placement
 from vffn_jax.train import optimizer
 from vffn_jax.train import step as step_lib
 from vffn_jax.config import ConfigError, MeshConfig, load_config, resolve_mesh_shapes
+from vffn_jax.testing.shapes import tiny_config
 
 MESH_AXES = shd.MESH_AXES
 
@@ -109,24 +110,30 @@ def test_dry_run_reports_every_parameter_sharding():
 
 
 def test_checkpoint_restores_onto_other_meshes_and_device_counts(tmp_path):
-    overrides = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "model.n_heads": 4}
-    cfg = load_config("tiny", "versatile", overrides)
+    """A checkpoint saved on the 8-device data mesh after one train step (the shared tiny shape: the same
+    programs as every tiny run's) restores onto (data 2, fsdp 2, tensor 2) and onto 1 device: the same params
+    and optimizer state, laid out on the new mesh, and the same forward (the eval step's loss) as on the
+    source mesh."""
+    cfg = tiny_config("versatile")
     src = placement.setup(cfg)
+    assert dict(src.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
     tx = optimizer.make_optimizer(cfg.train)
     _, opt_sh = optimizer.opt_state_shardings(tx, src)
     params, opt_state = optimizer.init_train_state(src, tx, opt_sh)
-    batch = np.random.default_rng(0).integers(0, 256, (cfg.train.batch_size, 33), dtype=np.int32)
+    batch = np.random.default_rng(0).integers(0, 256, (cfg.train.batch_size, cfg.train.seq_len + 1), dtype=np.int32)
     step = step_lib.make_train_step(src.graphdef, tx, cfg, src.mesh, src.param_shardings, opt_sh)
     params, opt_state, _ = step(params, opt_state, step_lib.global_batch(batch, src.mesh), jnp.asarray(0))
     manager = ckpt.make_manager(tmp_path, cfg.run)
     ckpt.save(manager, 1, params, opt_state, force=True)
     manager.wait_until_finished()
     want_params, want_opt = jax.device_get((params, opt_state))
-    _, _, want = step(params, opt_state, step_lib.global_batch(batch, src.mesh), jnp.asarray(1))
+    want = step_lib.make_eval_step(src.graphdef, cfg, src.mesh, src.param_shardings)(
+        params, step_lib.global_batch(batch, src.mesh))
 
-    for mesh_overrides, devices in (({"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}, jax.devices()[:1]),
-                                    ({"mesh.data": 8, "mesh.fsdp": 1, "mesh.tensor": 1}, jax.devices())):
-        cfg2 = load_config("tiny", "versatile", {**overrides, **mesh_overrides})
+    # the tiny shape's 2 heads split over tensor 2
+    for mesh_overrides, devices in (({"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}, jax.devices()),
+                                    ({"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}, jax.devices()[:1])):
+        cfg2 = tiny_config("versatile", mesh_overrides)
         dst = placement.setup(cfg2, devices)
         _, opt_sh2 = optimizer.opt_state_shardings(tx, dst)
         abstract_opt = jax.eval_shape(tx.init, dst.abstract_params)
@@ -134,10 +141,10 @@ def test_checkpoint_restores_onto_other_meshes_and_device_counts(tmp_path):
             ckpt.make_manager(tmp_path, read_only=True), 1,
             ckpt.abstract_with_shardings(dst.abstract_params, dst.param_shardings),
             ckpt.abstract_with_shardings(abstract_opt, opt_sh2))
-        leaf = jax.tree.leaves(got_params)[0]
-        assert leaf.sharding.mesh.devices.size == len(devices)
+        for leaf in jax.tree.leaves((got_params, got_opt)):
+            assert leaf.sharding.mesh == dst.mesh and leaf.sharding.mesh.devices.size == len(devices)
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(got_params), want_params)
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(got_opt), want_opt)
-        step2 = step_lib.make_train_step(dst.graphdef, tx, cfg2, dst.mesh, dst.param_shardings, opt_sh2)
-        _, _, got = step2(got_params, got_opt, step_lib.global_batch(batch, dst.mesh), jnp.asarray(1))
-        np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=2e-5)
+        got = step_lib.make_eval_step(dst.graphdef, cfg2, dst.mesh, dst.param_shardings)(
+            got_params, step_lib.global_batch(batch, dst.mesh))
+        np.testing.assert_allclose(float(got["ce_sum"]), float(want["ce_sum"]), rtol=2e-5)

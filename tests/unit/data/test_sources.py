@@ -1,5 +1,6 @@
-"""Data pipeline on gs:// paths (a real fake-gcs-server on 127.0.0.1): the same tokens and batches as the
-same files on a local path, globs, tokenizer JSON, TFDS directories, change detection and clear errors."""
+"""Sources (vffn_jax/data/sources.py, read through token_cache.token_split) on gs:// paths, a real
+fake-gcs-server on 127.0.0.1: the same tokens and batches as the same files on a local path, globs, tokenizer
+JSON, TFDS directories, change detection and clear errors."""
 import json
 
 import numpy as np
@@ -147,10 +148,11 @@ def test_gcs_tokenizer_json(tmp_path, gcs_bucket):
 
 
 def test_gcs_tfds_directory(tmp_path, gcs_bucket):
-    local = prepare_default_corpus(str(tmp_path / "corpus"))
+    """The default corpus's TFDS directory copied to a bucket gives the tokens of the local one."""
+    local = prepare_default_corpus()  # the session's shared data cache, as is the local side's token cache
     for f in local.iterdir():
         put(gcs_bucket, f"tfds/kjv/{f.name}", f.read_bytes())
-    cfg_l = DataConfig(path=str(local), cache_dir=str(tmp_path / "cache-local"))
+    cfg_l = DataConfig(path=str(local))
     cfg_g = DataConfig(path=f"{gcs_bucket}/tfds/kjv", cache_dir=str(tmp_path / "cache-gcs"))
     val = token_split(cfg_g, "validation")
     assert np.array_equal(val, token_split(cfg_l, "validation")) and (val == BYTE.eos_id).sum() == 23
