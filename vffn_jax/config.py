@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from vffn_jax.errors import ConfigError  # noqa: F401  (raised by every section; re-exported)
+
 
 def _configs_dir() -> Path:
     """Where the presets are: `vffn_jax/presets/` in an installed package (pyproject.toml ships the
@@ -34,10 +36,6 @@ REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_KINDS = ("auto", "xla", "splash", "cudnn")  # vffn_jax/model/attention.py
 
 
-class ConfigError(ValueError):
-    """An invalid or inconsistent configuration; the message names the field and the fix."""
-
-    exit_status = 2  # bad input (cli_errors)
 
 
 @dataclasses.dataclass(frozen=True)

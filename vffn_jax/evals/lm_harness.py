@@ -1,7 +1,7 @@
 """lm-evaluation-harness on a vffn_jax run: an lm-eval model backend (`vffn_jax`) and a command line.
 
-    python -m vffn_jax.evals.lm_harness --workdir runs/tiny --tasks vffn_downstream [--limit 100] [--output r.json]
-    python -m vffn_jax.evals.lm_harness --workdir runs/tiny --tasks hellaswag,lambada_openai --batch-size 16
+    vffn-lm-eval --workdir runs/tiny --tasks vffn_downstream [--limit 100] [--output r.json]
+    vffn-lm-eval --workdir runs/tiny --tasks hellaswag,lambada_openai --batch-size 16
 
 `VffnLM` is a `lm_eval.api.model.TemplateLM` over a restored run (`checkpoint.restore.restore_params`:
 parameters only, sharded over the mesh of the devices present), tokenised with the run's own tokenizer.
@@ -25,15 +25,12 @@ No torch: lm-eval imports it only for its own hf/vllm backends.
 Multi-process runs: every process runs the same requests (lm-eval sees one rank) and feeds its own rows of
 each batch; only process 0 writes --output.
 
-Exit status: 0 done, 2 bad input (missing run or step, unknown task, bad flag; `cli_errors.report`).
+Exit status: 0 done, 2 bad input (missing run or step, unknown task, bad flag; `vffn_jax.errors`).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
-import sys
 from typing import Any, Sequence
 from unittest import mock
 
@@ -106,7 +103,7 @@ class GenSettings:
 @register_model(MODEL_NAME)
 class VffnLM(TemplateLM):
     """lm-eval's model for a vffn_jax run directory (`--model vffn_jax --model_args workdir=RUN[,step=N]` once
-    this module is imported; `python -m vffn_jax.evals.lm_harness` does that)."""
+    this module is imported; `vffn-lm-eval` does that)."""
 
     def __init__(self, workdir=None, step=None, batch_size=None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
                  seed: int = 0, overrides: dict[str, Any] | None = None, devices=None, run=None, **ignored):
@@ -375,67 +372,3 @@ def evaluate(workdir, tasks: str | Sequence[str], *, step: int | None = None, in
                           "seq_len": lm.max_length, "devices": f"{len(devices)} x {devices[0].device_kind}",
                           "notes": [n for n in lm.run.notes if not n.startswith("eval batch")]}
     return result
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vffn_jax.evals.lm_harness", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, metavar="RUN", help="training run or params-only export (local or gs://)")
-    p.add_argument("--step", type=int, default=None, metavar="N", help="checkpoint step (default: the latest)")
-    p.add_argument("--tasks", required=True, metavar="T[,T]",
-                   help="lm-eval task or group names: vffn_downstream (the eight of eval.py --tasks), vffn_piqa, ..., "
-                        "or lm-eval's own")
-    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
-                   help="more lm-eval task YAMLs (repeatable); the vffn_* tasks are always included")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N documents of each task")
-    p.add_argument("--batch-size", default=None, metavar="ROWS",
-                   help="rows per scoring batch (default: as many as eval.py --tasks puts in one batch)")
-    p.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="few-shot examples (default: the task's)")
-    p.add_argument("--max-gen-toks", type=int, default=DEFAULT_MAX_GEN_TOKS, metavar="N",
-                   help=f"generation budget when a task does not set one (default {DEFAULT_MAX_GEN_TOKS})")
-    p.add_argument("--seed", type=int, default=0, help="few-shot sampling and generation seed")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="how the restored run executes: model.depth_exec, model.depth_block, model.attention, model.dtype")
-    p.add_argument("--log-samples", action="store_true", help="keep every request and response in --output")
-    p.add_argument("--output", default=None, metavar="FILE|gs://...", help="also write lm-eval's results as JSON")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task notices about custom datasets, chat templates
-    from vffn_jax import cli_errors, storage
-    from vffn_jax.config import parse_set_args
-
-    try:
-        result = evaluate(args.workdir, args.tasks, step=args.step, include_paths=args.include_path, limit=args.limit,
-                          batch_size=args.batch_size, num_fewshot=args.num_fewshot, max_gen_toks=args.max_gen_toks,
-                          seed=args.seed, overrides=parse_set_args(args.overrides), log_samples=args.log_samples)
-        import jax
-
-        if args.output and jax.process_index() == 0:
-            from lm_eval.utils import handle_non_serializable
-
-            out = storage.as_path(args.output)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            storage.write_text_atomic(out, json.dumps(result, indent=2, default=handle_non_serializable) + "\n")
-    except Exception as e:  # bad input: `error: ...` and exit 2 (cli_errors); anything else is a bug
-        return cli_errors.report(e)
-    from lm_eval.utils import make_table
-
-    info = result["vffn_jax"]
-    print(f"lm-eval on {info['workdir']} step {info['step']} (tokenizer {info['tokenizer']}, context {info['seq_len']}, "
-          f"{info['devices']})")
-    for note in info["notes"]:
-        print(f"note: {note}")
-    print(make_table(result))
-    if result.get("groups"):
-        print(make_table(result, "groups"))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,12 +27,13 @@ from vffn_jax.train import goodput
 from vffn_jax import storage
 from vffn_jax.rundir import RunDir
 from vffn_jax.train import watchdog
+from vffn_jax.errors import EXIT_MISMATCH
 
 
 class TrainingDivergedError(RuntimeError):
     """Loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
 
-    exit_status = 3  # the run diverged
+    exit_status = EXIT_MISMATCH  # the run diverged
 
 
 @dataclasses.dataclass

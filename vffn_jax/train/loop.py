@@ -19,6 +19,7 @@ from vffn_jax.train import watchdog
 from vffn_jax.train.task_eval import TaskEval, suite_from_config
 from vffn_jax.rundir import RunDir
 from vffn_jax.config import Config, ConfigError
+from vffn_jax.errors import EXIT_PREEMPTED  # re-exported: the status a preempted run ends with
 from vffn_jax.train.actions import (Checkpointer, DivergenceGuard, LoopState, MetricsLog, PeriodicEval, PreemptionWatch, Profiler, TrainingDivergedError, parse_profile_steps)
 from vffn_jax.train.metrics_log import MetricLogger, Progress
 from vffn_jax.model.placement import describe, setup
@@ -28,7 +29,6 @@ from vffn_jax.train.optimizer import init_train_state, make_optimizer, opt_state
 
 __all__ = ["train", "TrainingDivergedError", "EXIT_PREEMPTED"]
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a preemption notice after saving; re-run the same command
 
 
 def _say(is_main: bool, text: str) -> None:

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from vffn_jax.cli_errors import EXIT_HUNG, EXIT_INTERRUPTED
+from vffn_jax.errors import EXIT_HUNG, EXIT_INTERRUPTED
 
 # --------------------------------------------------------------------------- Ctrl-C
 
