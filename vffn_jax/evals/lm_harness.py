@@ -68,29 +68,6 @@ def fit_request(context: Sequence[int], continuation: Sequence[int], seq_len: in
     return [*context, *continuation][-(seq_len + 1):]
 
 
-def make_score_fn(graphdef, mesh, param_shardings):
-    """Jitted (params, tokens [B, T+1], spans [B, 2]) -> (sums [B] of the spans' target log-probs, greedy [B]:
-    every target in the span is the argmax of its logits)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from vffn_jax.parallel import sharding as shd
-
-    def score(params, tokens, spans):
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        logits, _ = nnx.merge(graphdef, params)(inputs, train=False)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        pos = jnp.arange(targets.shape[1])[None, :]
-        mask = (pos >= spans[:, :1]) & (pos < spans[:, 1:])
-        greedy = jnp.all(jnp.where(mask, jnp.argmax(logits, axis=-1) == targets, True), axis=-1)
-        return jnp.sum(jnp.where(mask, target_logp, 0.0), axis=-1), greedy
-
-    batch, out = shd.batch_sharding(mesh), shd.replicated(mesh)
-    return shd.on_mesh(jax.jit(score, in_shardings=(param_shardings, batch, batch), out_shardings=(out, out)), mesh)
-
-
 @dataclasses.dataclass(frozen=True)
 class GenSettings:
     max_gen_toks: int
@@ -110,7 +87,7 @@ class VffnLM(TemplateLM):
         super().__init__()
         from vffn_jax.checkpoint import restore
         from vffn_jax.data.tokenizer import load_tokenizer
-        from vffn_jax.train.task_eval import SHARD_TOKENS
+        from vffn_jax.evals.scoring import SHARD_TOKENS, make_score_fn
 
         self._batch_rows = self._parse_batch_size(batch_size)  # bad flags fail before anything is restored
         if run is None:
@@ -176,10 +153,7 @@ class VffnLM(TemplateLM):
 
     def score_tokens(self, sequences: Sequence[Sequence[int]], cont_lens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(sums, greedy) for token sequences whose last cont_lens[i] tokens are scored, in input order."""
-        import jax
-
-        from vffn_jax.train import step as step_lib
-        from vffn_jax.train.task_eval import batch_rows_for, local_rows
+        from vffn_jax.evals.scoring import batch_rows_for, score_sequences
 
         n = len(sequences)
         sums, greedy = np.zeros(n, np.float64), np.zeros(n, bool)
@@ -190,21 +164,9 @@ class VffnLM(TemplateLM):
         for width in sorted(by_width, reverse=True):
             rows = sorted(by_width[width], key=lambda i: -len(sequences[i]))
             b = batch_rows_for(len(rows), width, self.dp, self.token_budget, self._batch_rows)
-            local = local_rows(mesh, (b, width + 1))
             self.compiled_shapes.add((b, width))
-            for lo in range(0, len(rows), b):
-                chunk = rows[lo:lo + b]
-                tokens = np.zeros((b, width + 1), np.int32)
-                spans = np.zeros((b, 2), np.int32)
-                for j, i in enumerate(chunk):
-                    s = sequences[i]
-                    tokens[j, :len(s)] = s
-                    spans[j] = (len(s) - 1 - cont_lens[i], len(s) - 1)
-                out_sums, out_greedy = self._score_fn(self.run.params, step_lib.global_batch(tokens[local], mesh),
-                                                      step_lib.global_batch(spans[local], mesh))
-                out_sums, out_greedy = jax.device_get((out_sums, out_greedy))
-                sums[chunk] = np.asarray(out_sums, np.float64)[:len(chunk)]
-                greedy[chunk] = np.asarray(out_greedy)[:len(chunk)]
+            score_sequences(self._score_fn, self.run.params, mesh, sequences, cont_lens, rows, b, width,
+                            out=(sums, greedy))
         return sums, greedy
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:

@@ -53,7 +53,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any
-from vffn_jax.train import compile_cache
+from vffn_jax import compile_cache
 from vffn_jax import storage
 from vffn_jax.study.budget import _data_text, run_budget_study
 from vffn_jax.study.corpus import build_stdlib_corpus

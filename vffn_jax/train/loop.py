@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from vffn_jax.checkpoint import manager as ckpt
-from vffn_jax.train import compile_cache, goodput, wandb_log
+from vffn_jax import compile_cache
+from vffn_jax.train import goodput, wandb_log
 from vffn_jax.train import watchdog
 from vffn_jax.train.task_eval import TaskEval, suite_from_config
 from vffn_jax.rundir import RunDir
@@ -23,7 +24,9 @@ from vffn_jax.errors import EXIT_PREEMPTED  # re-exported: the status a preempte
 from vffn_jax.train.actions import (Checkpointer, DivergenceGuard, LoopState, MetricsLog, PeriodicEval, PreemptionWatch, Profiler, TrainingDivergedError, parse_profile_steps)
 from vffn_jax.train.metrics_log import MetricLogger, Progress
 from vffn_jax.model.placement import describe, setup
-from vffn_jax.train.step import evaluate, global_batch, make_eval_step, make_train_step, window_summary
+from vffn_jax.evals.step import evaluate, make_eval_step, window_summary
+from vffn_jax.parallel.sharding import global_batch
+from vffn_jax.train.step import make_train_step
 from vffn_jax.train.init_from import init_from_checkpoint
 from vffn_jax.train.optimizer import init_train_state, make_optimizer, opt_state_shardings
 
