@@ -190,7 +190,7 @@ def run(args) -> tuple[dict, object]:
     from vffn_jax.checkpoint import restore
     from vffn_jax.infer import sampling
     from vffn_jax.config import ConfigError, DEPTH_KINDS
-    from vffn_jax.data.tokenizer import load_tokenizer
+    from vffn_jax.data.tokenizer import check_model_fits, load_tokenizer
 
     s_cfg = sampling.validate(sampling.SamplingConfig(args.temperature, args.top_k, args.top_p))
     if args.max_new_tokens < 1:
@@ -203,8 +203,7 @@ def run(args) -> tuple[dict, object]:
     restored = restore.restore_params(args.workdir, args.step, overrides=parse_set_args(args.overrides))
     cfg, m = restored.cfg, restored.cfg.model
     tok = load_tokenizer(cfg.data.tokenizer)
-    if tok.vocab_size > m.vocab_size:
-        raise ConfigError(f"the run's tokenizer has {tok.vocab_size} tokens but the model only {m.vocab_size} rows")
+    check_model_fits(tok, m, source=str(restored.workdir))
     context = cfg.train.seq_len
     prefix = [] if args.no_eos_prefix else [tok.eos_id]
     encoded = [prefix + tok.encode(p) for p in prompts]

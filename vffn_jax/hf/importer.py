@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vffn_jax.config import ConfigError
+from vffn_jax.data.tokenizer import check_model_fits
 
 DTYPES = ("float32", "bfloat16", "float16")
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}
@@ -294,9 +295,7 @@ def import_hf(hf_dir, out, *, variant: str | None = None, overrides: dict[str, A
                            eos_id=None if "model.eos_id" in overrides else tok.eos_id,
                            param_dtype=dtype or source_dtype)
         m = cfg.model
-        if tok.vocab_size > m.vocab_size:
-            raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model only {m.vocab_size} embedding "
-                              "rows (config.json vocab_size); they do not belong together")
+        check_model_fits(tok, m, source=f"{hf_dir} (config.json vocab_size, tokenizer.json)")
         ignored = _unused_tensors(_dense(m), files)
         arrays = params_from_hf(_dense(m), reader, set(files))
     eos_ids = hf_config.eos_token_ids(hf)

