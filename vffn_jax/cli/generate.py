@@ -184,9 +184,9 @@ def read_prompts(args) -> list[str]:
 
 
 def run(args) -> tuple[dict, object]:
-    import numpy as np
-
-    from vffn_jax.infer import decode
+    from vffn_jax.infer import text as text_lib
+    from vffn_jax.model import kv_cache
+    from vffn_jax.model.config import loops_per_layer
     from vffn_jax.checkpoint import restore
     from vffn_jax.infer import sampling
     from vffn_jax.config import ConfigError, DEPTH_KINDS
@@ -205,43 +205,19 @@ def run(args) -> tuple[dict, object]:
     tok = load_tokenizer(cfg.data.tokenizer)
     check_model_fits(tok, m, source=str(restored.workdir))
     context = cfg.train.seq_len
-    prefix = [] if args.no_eos_prefix else [tok.eos_id]
-    encoded = [prefix + tok.encode(p) for p in prompts]
-    for i, ids in enumerate(encoded):
-        if not ids:
-            raise ConfigError(f"prompt {i + 1} is empty; with --no-eos-prefix a prompt needs text")
-        if len(ids) > context:
-            raise ConfigError(f"prompt {i + 1} is {len(ids)} tokens long{' with the EOS prefix' if prefix else ''}, "
-                              f"longer than the model's context of {context} tokens (train.seq_len); shorten it")
-    params = decode.pure_params(restored.params)
-    gens, prefill_s, decode_s, decode_tokens = [], 0.0, 0.0, 0
-    for start in range(0, len(encoded), args.batch_size):
-        chunk = encoded[start:start + args.batch_size]
-        g, st = decode.generate(m, params, chunk, max_new_tokens=args.max_new_tokens, context=context,
-                                sampling_cfg=s_cfg, seed=args.seed + start, eos_id=None if args.ignore_eos else tok.eos_id,
-                                valid_vocab=tok.vocab_size, mesh=restored.setup.mesh)
-        gens += g
-        prefill_s += st.prefill_s
-        decode_s += st.decode_s
-        decode_tokens += st.decode_tokens
-    out = []
-    for text, g in zip(prompts, gens):
-        depth = np.asarray(g.depth, np.float64)
-        toks = [{"id": int(t), "text": tok.decode([t]), "logprob": float(lp), "depth": [int(x) for x in d],
-                 "mean_depth": float(np.mean(d)), "loops": [round(float(x), 4) for x in lo]}
-                for t, lp, d, lo in zip(g.ids, g.logprobs, g.depth, g.loops)]
-        out.append({"prompt": text, "prompt_tokens": len(g.prompt_ids), "text": tok.decode(g.ids),
-                    "finish_reason": g.finish_reason, "n_tokens": len(g.ids),
-                    "mean_depth": float(depth.mean()) if depth.size else 0.0,
-                    "mean_loops": float(np.mean(g.loops)) if len(g.loops) else 0.0,
-                    "mean_logprob": float(np.mean(g.logprobs)) if g.logprobs else 0.0,
-                    "tokens": toks})
+    encoded = text_lib.encode_prompts(tok, prompts, context=context, eos_prefix=not args.no_eos_prefix)
+    gens, timings = text_lib.generate_in_batches(
+        m, kv_cache.pure_params(restored.params), encoded, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, context=context, sampling_cfg=s_cfg, seed=args.seed,
+        eos_id=None if args.ignore_eos else tok.eos_id, valid_vocab=tok.vocab_size, mesh=restored.setup.mesh)
+    out = [text_lib.record(tok, text, g) for text, g in zip(prompts, gens)]
+    prefill_s, decode_s, decode_tokens = timings["prefill_s"], timings["decode_s"], timings["decode_tokens"]
     notes = list(restored.notes)
     if m.ffn not in DEPTH_KINDS:
-        notes.append(f"ffn={m.ffn} has no depth router: every token runs {decode.loops_per_layer(m)} loop(s) per layer")
+        notes.append(f"ffn={m.ffn} has no depth router: every token runs {loops_per_layer(m)} loop(s) per layer")
     result = {"workdir": str(restored.workdir), "step": restored.step, "scale": cfg.scale, "variant": cfg.variant,
               "ffn": m.ffn, "n_layers": m.n_layers,
-              "max_depth": m.max_depth if m.ffn in DEPTH_KINDS else decode.loops_per_layer(m),
+              "max_depth": m.max_depth if m.ffn in DEPTH_KINDS else loops_per_layer(m),
               "context": context, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
               "sampling": {"temperature": s_cfg.temperature, "top_k": s_cfg.top_k, "top_p": s_cfg.top_p},
               "eos_prefix": not args.no_eos_prefix, "stop_at_eos": not args.ignore_eos,

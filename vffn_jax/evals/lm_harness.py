@@ -225,7 +225,8 @@ class VffnLM(TemplateLM):
         return GenSettings(max_gen, tuple(u for u in until if u), temperature, top_k, top_p)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from vffn_jax.infer import decode, sampling
+        from vffn_jax.infer import sampling
+        from vffn_jax.infer import text as text_lib
 
         out: list[str | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
@@ -241,25 +242,24 @@ class VffnLM(TemplateLM):
             keep = self.max_length - max_gen
             prompts = [(self.tok_encode(requests[i].args[0]) or [self.eot_token_id])[-keep:] for i in idx]
             s_cfg = sampling.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-            for lo in range(0, len(idx), rows):
-                gens, _ = decode.generate(self.cfg.model, params, prompts[lo:lo + rows], max_new_tokens=max_gen,
-                                          context=self.max_length, sampling_cfg=s_cfg, seed=self._seed,
-                                          eos_id=self.eot_token_id, valid_vocab=self.vffn_tokenizer.vocab_size,
-                                          mesh=self.setup.mesh)
-                for i, g in zip(idx[lo:lo + rows], gens):
-                    ids = [t for t in g.ids if t != self.eot_token_id]
-                    text = self.tok_decode(ids)
-                    for stop in settings[i].until:
-                        text = text.split(stop)[0]
-                    out[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+            gens, _ = text_lib.generate_in_batches(
+                self.cfg.model, params, prompts, batch_size=rows, max_new_tokens=max_gen, context=self.max_length,
+                sampling_cfg=s_cfg, seed=self._seed, eos_id=self.eot_token_id,
+                valid_vocab=self.vffn_tokenizer.vocab_size, mesh=self.setup.mesh, seed_per_batch=False)
+            for i, g in zip(idx, gens):
+                ids = [t for t in g.ids if t != self.eot_token_id]
+                text = self.tok_decode(ids)
+                for stop in settings[i].until:
+                    text = text.split(stop)[0]
+                out[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out  # type: ignore[return-value]
 
     def _params_dict(self):
         if self._pure_params is None:
-            from vffn_jax.infer import decode
+            from vffn_jax.model import kv_cache
 
-            self._pure_params = decode.pure_params(self.run.params)
+            self._pure_params = kv_cache.pure_params(self.run.params)
         return self._pure_params
 
 

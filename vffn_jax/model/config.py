@@ -114,3 +114,10 @@ class ModelConfig:
         if m.attention == "cudnn" and m.dtype == "float32":
             raise ConfigError("model.attention=cudnn needs model.dtype=bfloat16 or float16 (cuDNN flash attention has no "
                               "float32); use model.attention=auto or xla for float32")
+
+
+def loops_per_layer(m: ModelConfig) -> int | None:
+    """Fixed FFN loops of a variant without a depth router (None for depth-routed variants)."""
+    if m.ffn in DEPTH_KINDS:
+        return None
+    return m.n_loops if m.ffn == "kloop" else 1
