@@ -13,7 +13,7 @@ measures the client side: request overhead and CPU). Then, for each location, ti
     after --warmup batches; tokens/s per process = rows * seq_len * batches / seconds.
 
 The chip's consumption: `flops.flops_per_token(load_config("354m", "versatile").model, 4096, train=True)`
-and 50% MFU of the peak in `flops.PEAK_FLOPS`; the target is loader >= 20x one chip.
+and 50% MFU of the peak in `perf/chips.py`; the target is loader >= 20x one chip.
 Local shards are read right after being written (page cache): a cold disk adds its own read time.
 
   python bench/data_loader.py                 # ~300 MB corpus
@@ -132,11 +132,12 @@ def measure(path: str, args) -> dict:
 
 def chips(seq_len: int) -> dict:
     from vffn_jax.config import load_config
-    from vffn_jax.perf.flops import PEAK_FLOPS, flops_per_token
+    from vffn_jax.perf.chips import chip_for
+    from vffn_jax.perf.flops import flops_per_token
 
     fpt = flops_per_token(load_config("354m", "versatile").model, seq_len, train=True)
     return {"flops_per_token": fpt,
-            **{c: {"peak": PEAK_FLOPS[c], "tokens_per_s_at_50pct_mfu": MFU * PEAK_FLOPS[c] / fpt} for c in CHIPS}}
+            **{c: {"peak": chip_for(c).peak_flops, "tokens_per_s_at_50pct_mfu": MFU * chip_for(c).peak_flops / fpt} for c in CHIPS}}
 
 
 def main(argv=None) -> int:

@@ -62,6 +62,7 @@ def main(argv=None) -> int:
 
     from vffn_jax import config as config_lib
     from vffn_jax.infer import decode
+    from vffn_jax.model import kv_cache
     from vffn_jax.perf import flops
     from vffn_jax.infer import sampling
     from vffn_jax.model import placement
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     for name, variant, extra in VARIANTS:
         cfg = config_lib.load_config(args.config, variant, {**overrides, **extra})
         _, params, _ = placement.init_params(cfg.model, mesh, cfg.train.seed)
-        models.append((name, cfg, decode.pure_params(params)))
+        models.append((name, cfg, kv_cache.pure_params(params)))
     if args.versatile_run:
         from vffn_jax.checkpoint import restore
 
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
         for mode in ("masked", "compact"):
             cfg = dataclasses.replace(run.cfg, model=dataclasses.replace(run.cfg.model, depth_exec=mode))
             models.append((f"versatile {mode} ({args.versatile_run}, step {run.step})", cfg,
-                           decode.pure_params(run.params)))
+                           kv_cache.pure_params(run.params)))
     rng = np.random.default_rng(0)
     s_cfg = sampling.SamplingConfig(temperature=1.0)
 

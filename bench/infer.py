@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Inference (eval-step) time of versatile with depth-compacted vs masked depth loops, beside dense and kloop-4.
 
-One jitted inference forward (held-out loss and statistics, `train.step.make_eval_step`) per configuration,
+One jitted inference forward (held-out loss and statistics, `evals.step.make_eval_step`) per configuration,
 on the same random batch, timed in interleaved rounds (median) after a warm-up, so machine noise hits all
 alike. The depth distribution decides what compaction can save, so the versatile rows use the learned
 routers of a trained run when --run names one (default runs/tiny if it exists; its own shape), else a fresh
@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     from vffn_jax import config as config_lib
     from vffn_jax.model import placement
     from vffn_jax.perf import flops
-    from vffn_jax.train import step as step_lib
+    from vffn_jax.evals import step as step_lib
+    from vffn_jax.parallel.sharding import global_batch
 
     device = jax.devices()[:1]
     overrides = {**config_lib.parse_set_args(args.overrides), "mesh.data": 1}
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
         rows.append((f"versatile {mode}", *model("versatile", {"model.depth_exec": mode}, vparams)))
     cfg0 = rows[0][1]
     batch = np.random.default_rng(0).integers(0, 256, (cfg0.train.batch_size, cfg0.train.seq_len + 1)).astype(np.int32)
-    batch = step_lib.global_batch(batch, placement.setup(cfg0, device).mesh)
+    batch = global_batch(batch, placement.setup(cfg0, device).mesh)
     out = {name: jax.device_get(step(params, batch)) for name, _, step, params in rows}  # compile + warm up
     times = {name: [] for name, *_ in rows}
     for _ in range(args.rounds):

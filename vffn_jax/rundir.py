@@ -87,7 +87,7 @@ class RunDir:
             raise ConfigError(f"{self.config_path} is not valid JSON ({e}); restore it from the run or re-train") from None
 
     def read_config(self) -> Config:
-        return config_from_dict(self.read_config_dict())
+        return config_from_dict(self.read_config_dict(), str(self.config_path))
 
     def prepare(self, cfg: Config, is_main: bool) -> "RunDir":
         """Checks the run directory can be written (a missing bucket fails here, before anything is compiled),

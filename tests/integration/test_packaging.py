@@ -1,5 +1,7 @@
-"""`pip install .` gives a package that finds its presets from any directory (a real wheel build and a fresh
-interpreter). pyproject.toml's pins and package list: tests/unit/project/test_pyproject.py."""
+"""`pip install .` gives a package that finds its presets from any directory and installs console scripts that
+work outside the checkout (a real wheel build, real installs, fresh interpreters). pyproject.toml's pins and
+package list: tests/unit/project/test_pyproject.py."""
+import json
 import os
 import shutil
 import subprocess
@@ -57,3 +59,56 @@ def test_a_checkout_reads_the_presets_in_configs():
     from vffn_jax import config
     assert config.CONFIGS_DIR == ROOT / "configs"
     assert "tiny" in config.available("scales") and "versatile" in config.available("variants")
+
+
+SCRIPTS = ("vffn-train", "vffn-eval", "vffn-generate", "vffn-tokenize", "vffn-hf", "vffn-export", "vffn-lm-eval",
+           "vffn-study", "vffn-gcs-emulator")
+
+
+@pytest.mark.slow
+def test_installed_console_scripts_run_a_tiny_cycle_from_outside_the_checkout(tmp_path):
+    """`pip install` of the wheel puts every console script on PATH; from a folder outside the checkout (the
+    checkout not importable) they train, evaluate, generate and export, giving what the root scripts give."""
+    from vffn_jax.testing.processes import child_env
+    from vffn_jax.testing.shapes import tiny_args
+
+    wheel = _build_wheel(tmp_path)
+    prefix = tmp_path / "prefix"
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--prefix",
+                          str(prefix), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    (site,) = prefix.glob("lib/python*/site-packages")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**child_env(1), "PYTHONPATH": str(site)}  # the installed package, not the checkout
+
+    def script(name, *args, cwd=elsewhere):
+        return subprocess.run([str(prefix / "bin" / name), *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    for name in SCRIPTS:
+        res = script(name, "--help")
+        assert res.returncode == 0 and f"usage: {name}" in res.stdout, (name, res.stdout[-500:], res.stderr[-2000:])
+    probe = subprocess.run([sys.executable, "-c", "import vffn_jax; print(vffn_jax.__file__)"], cwd=elsewhere,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert Path(probe.stdout.strip()).is_relative_to(site), probe.stdout
+
+    res = script("vffn-train", *tiny_args({"train.steps": 2, "run.ckpt_every": 2}), "--workdir", "run", "--no-progress")
+    assert res.returncode == 0 and "done: step 2" in res.stdout, res.stderr[-3000:]
+    run = elsewhere / "run"
+    gen_args = ["--prompt", "In the beginning", "--temperature", "0", "--max-new-tokens", "6", "--json"]
+    installed = {"eval": script("vffn-eval", "--workdir", run, "--json", "--no-plot"),
+                 "generate": script("vffn-generate", "--workdir", run, *gen_args)}
+    in_checkout = {"eval": subprocess.run([sys.executable, "eval.py", "--workdir", run, "--json", "--no-plot"],
+                                          cwd=ROOT, env=child_env(1), capture_output=True, text=True, timeout=600),
+                   "generate": subprocess.run([sys.executable, "generate.py", "--workdir", run, *gen_args], cwd=ROOT,
+                                              env=child_env(1), capture_output=True, text=True, timeout=600)}
+    for name in installed:
+        for res in (installed[name], in_checkout[name]):
+            assert res.returncode == 0, res.stderr[-3000:]
+    a, b = (json.loads(r.stdout[r.stdout.find("{"):]) for r in (installed["eval"], in_checkout["eval"]))
+    assert a["loss"] == b["loss"] and a["step"] == b["step"] == 2
+    a, b = (json.loads(r.stdout[r.stdout.find("{"):]) for r in (installed["generate"], in_checkout["generate"]))
+    assert [t["id"] for t in a["generations"][0]["tokens"]] == [t["id"] for t in b["generations"][0]["tokens"]]
+    res = script("vffn-hf", "export", "--workdir", run, "--out", "hf")
+    assert res.returncode == 0 and (elsewhere / "hf" / "config.json").is_file(), res.stderr[-3000:]

@@ -1,6 +1,6 @@
 """Export a run's parameters for inference: a params-only checkpoint plus `config.json`.
 
-    python -m vffn_jax.checkpoint.export --workdir runs/tiny --out runs/tiny-export [--step N] [--dtype bfloat16]
+    vffn-export --workdir runs/tiny --out runs/tiny-export [--step N] [--dtype bfloat16]
 
 The output is a run directory without optimizer state or data-iterator state (about a third of a
 training checkpoint in f32, a sixth in bf16), checksummed like every checkpoint, that `eval.py` and
@@ -11,7 +11,6 @@ Exit status: 0 done, 2 missing run/step, invalid dtype or output, or a damaged c
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -54,29 +53,3 @@ def export(workdir, out, *, step: int | None = None, dtype: str | None = None, d
     n_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     return {"workdir": str(run.workdir), "step": run.step, "out": str(out), "param_dtype": cfg.model.param_dtype,
             "param_bytes": int(n_bytes)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vffn_jax.checkpoint.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="the training run (local or gs://)")
-    p.add_argument("--out", required=True, help="an empty folder for the export (local or gs://)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--dtype", default=None, choices=DTYPES, help="cast the stored parameters (default: keep)")
-    args = p.parse_args(argv)
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    from vffn_jax import cli_errors
-
-    try:
-        info = export(args.workdir, args.out, step=args.step, dtype=args.dtype)
-    except Exception as e:  # bad input: `error: ...` and exit 2 or 3 (cli_errors); anything else is a bug
-        return cli_errors.report(e)
-    print(f"exported {info['workdir']} step {info['step']} -> {info['out']} ({info['param_dtype']}, "
-          f"{info['param_bytes'] / 2**20:,.1f} MiB of parameters)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -48,6 +48,7 @@ import numpy as np
 from etils import epath
 
 from vffn_jax import storage
+from vffn_jax.errors import EXIT_BAD_INPUT
 
 PREFIX = "vffn_checksums."
 ALGORITHM = "crc32c"
@@ -64,7 +65,7 @@ class CheckpointDamagedError(RuntimeError):
     `problem` (what is wrong) and `problems` (every problem found, as readable lines).
     """
 
-    exit_status = 2  # bad input (cli_errors): the message names the file and lists intact steps
+    exit_status = EXIT_BAD_INPUT  # the message names the file and lists intact steps
 
     def __init__(self, message: str, *, step: int | None = None, item: str | None = None,
                  file: str | None = None, problem: str | None = None, problems: Sequence[str] = ()):

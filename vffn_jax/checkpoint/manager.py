@@ -37,6 +37,7 @@ from vffn_jax.checkpoint.integrity import CheckpointDamagedError, CheckpointUnre
 from vffn_jax.config import RunConfig
 from vffn_jax.storage import as_path
 from vffn_jax.rundir import RunDir
+from vffn_jax.errors import EXIT_MISMATCH
 
 __all__ = ["CheckpointDamagedError", "CheckpointMismatchError", "CheckpointUnreadableError", "abstract_with_shardings", "all_steps",
            "check_compatible", "checkpoint_dir", "latest_step", "make_manager", "restore", "resume_state",
@@ -46,7 +47,7 @@ __all__ = ["CheckpointDamagedError", "CheckpointMismatchError", "CheckpointUnrea
 class CheckpointMismatchError(ValueError):
     """A checkpoint's parameter shapes or names don't match the configured model."""
 
-    exit_status = 3  # the run and its checkpoint disagree
+    exit_status = EXIT_MISMATCH  # the run and its checkpoint disagree
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
@@ -103,7 +104,7 @@ def save(manager: ocp.CheckpointManager, step: int, params, opt_state, data_iter
     writer = _writer(manager)
     writer.wait()
     items = {"params": ocp.args.StandardSave(params)}
-    if opt_state is not None:  # None: a params-only checkpoint (python -m vffn_jax.checkpoint.export)
+    if opt_state is not None:  # None: a params-only checkpoint (vffn-export)
         items["opt_state"] = ocp.args.StandardSave(opt_state)
     if data_iter is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_iter)

@@ -91,14 +91,6 @@ class RestoredRun:
 INFERENCE_OVERRIDES = ("model.depth_exec", "model.depth_block", "model.attention", "model.dtype")
 
 
-def add_inference_overrides_argument(parser) -> None:
-    """`--set KEY=VALUE` (repeatable, into `args.overrides`) of the commands that restore a run (eval.py, generate.py)."""
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="how the restored run executes (repeatable): model.depth_exec=compact|masked|auto, "
-                             "model.depth_block=ROWS, model.attention=auto|xla|splash|cudnn, model.dtype=float32|"
-                             "bfloat16; other keys are an error (the run's shapes are its own)")
-
-
 def with_inference_overrides(cfg: Config, overrides: dict[str, Any] | None) -> Config:
     """`cfg` with `--set` overrides of INFERENCE_OVERRIDES applied; ConfigError naming any other key."""
     if not overrides:

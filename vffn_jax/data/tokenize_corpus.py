@@ -1,6 +1,6 @@
 """Tokenise a raw text corpus once, in parallel, into flat token shards plus `manifest.json`.
 
-    python -m vffn_jax.data tokenize --input GLOB|DIR|FILE|tfds:NAME[:DATA_DIR] --output DIR|gs://... \\
+    vffn-tokenize --input GLOB|DIR|FILE|tfds:NAME[:DATA_DIR] --output DIR|gs://... \\
         --tokenizer olmo|byte|PATH [--shard-tokens N] [--workers P] [--validation-fraction F] [--text-field text]
 
 Inputs (local or gs://, read by vffn_jax/data/sources.py, as training reads data.path): `.txt` (one document
@@ -34,7 +34,6 @@ Errors in the input or the flags print `error: ...` naming the file (and line / 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import hashlib
@@ -43,6 +42,7 @@ import multiprocessing
 import os
 import sys
 import time
+import types
 from collections.abc import Iterator
 
 import numpy as np
@@ -59,8 +59,7 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_DOCS_PER_UNIT = 100_000  # TFDS documents per unit of work
 BATCH_DOCS = 512  # documents per encode_batch call
 BATCH_CHARS = 4 << 20  # ... or fewer when they hold this many characters
-HELP = __doc__.split("\n\n", 2)[2]
-__all__ = ["InputError", "PROGRESS", "SHARD_RE", "SUFFIXES", "find_units", "in_validation", "main", "tokenize_unit"]
+__all__ = ["InputError", "PROGRESS", "SHARD_RE", "SUFFIXES", "find_units", "in_validation", "tokenize", "tokenize_unit"]
 
 # --------------------------------------------------------------------------- inputs -> units
 
@@ -236,20 +235,6 @@ def _worker(args: tuple[Job, Unit]) -> dict:
 # --------------------------------------------------------------------------- CLI
 
 
-def _positive_int(text: str) -> int:
-    v = int(text.replace("_", ""))
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    v = float(text)
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {v}")
-    return v
-
-
 def default_workers() -> int:
     try:
         cores = len(os.sched_getaffinity(0))
@@ -258,38 +243,14 @@ def default_workers() -> int:
     return max(1, min(cores, 8))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vffn_jax.data tokenize", description=HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True,
-                   help="a glob (quote it; ** allowed), a directory (searched recursively), a file, "
-                        "tfds:NAME[:DATA_DIR], or a TFDS dataset directory; local or gs://")
-    p.add_argument("--output", required=True, help="folder for the shards and manifest.json, local or gs://")
-    p.add_argument("--tokenizer", required=True, help="olmo, byte, or a path to a HF tokenizers JSON file")
-    p.add_argument("--shard-tokens", type=_positive_int, default=DEFAULT_SHARD_TOKENS,
-                   help=f"most tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")
-    p.add_argument("--workers", type=_positive_int, default=default_workers(),
-                   help="worker processes (default min(cores, 8) = %(default)s; 1 = in this process)")
-    p.add_argument("--validation-fraction", type=_fraction, default=0.0,
-                   help="share of documents held out as split 'validation', by a hash of (file, document "
-                        "index); 0 = none (default). A TFDS input's own validation split is kept instead")
-    p.add_argument("--text-field", default="text", help="field/column holding the text (default: text)")
-    p.add_argument("--docs-per-unit", type=_positive_int, default=DEFAULT_DOCS_PER_UNIT,
-                   help=f"TFDS documents per unit of work (default {DEFAULT_DOCS_PER_UNIT:,})")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return _run(args)
-    except (InputError, ConfigError, FileNotFoundError, ModuleNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
+def tokenize(input: str, output: str, tokenizer: str, *, shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int = 1,
+             validation_fraction: float = 0.0, text_field: str = "text", docs_per_unit: int = DEFAULT_DOCS_PER_UNIT,
+             quiet: bool = False) -> str:
+    """Tokenises `input` into `output` (shards, then manifest.json last; re-runs reuse finished units); returns
+    the one-line report. InputError / ConfigError name the file or flag."""
+    args = types.SimpleNamespace(input=input, output=output, tokenizer=tokenizer, shard_tokens=shard_tokens,
+                              workers=workers, validation_fraction=validation_fraction, text_field=text_field,
+                              docs_per_unit=docs_per_unit, quiet=quiet)
     t0 = time.perf_counter()
     try:
         tok = _tokenizer(args.tokenizer)
@@ -341,10 +302,9 @@ def _run(args: argparse.Namespace) -> int:
     secs = time.perf_counter() - t0
     per_split = "; ".join(f"{s} {d['tokens']:,} tokens / {d['documents']:,} documents / {d['shards']} shards"
                           for s, d in man.splits().items())
-    print(f"tokenized {len(units)} units ({len(pending)} new, {len(units) - len(pending)} reused; "
-          f"{new_tokens:,} new tokens in {secs:.1f}s, {new_tokens / max(secs, 1e-9):,.0f} tokens/s): {per_split} "
-          f"-> {man_path}")
-    return 0
+    return (f"tokenized {len(units)} units ({len(pending)} new, {len(units) - len(pending)} reused; "
+            f"{new_tokens:,} new tokens in {secs:.1f}s, {new_tokens / max(secs, 1e-9):,.0f} tokens/s): {per_split} "
+            f"-> {man_path}")
 
 
 def _tokenize(job: Job, pending: list[Unit], workers: int, done: dict[int, dict], quiet: bool) -> int:
@@ -378,6 +338,3 @@ def _tokenize(job: Job, pending: list[Unit], workers: int, done: dict[int, dict]
         bar.close()
     return total
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

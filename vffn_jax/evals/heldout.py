@@ -2,7 +2,7 @@
 
 `evaluate_run(workdir)` reads the run's `config.json`, rebuilds the model abstractly for the devices
 that exist *now*, restores the parameters only (never the optimizer state or the data iterator) from
-`checkpoints/<step>/params`, runs the inference-mode forward (`train.step.make_eval_step`: no Gumbel
+`checkpoints/<step>/params`, runs the inference-mode forward (`evals.step.make_eval_step`: no Gumbel
 noise, each token runs its own argmax depth) over the first `n_batches` unshuffled batches of the
 validation split, and returns a flat dict of plain Python numbers and lists.
 
@@ -17,7 +17,7 @@ Device adaptation (the run may have been trained on another device count):
     (a prefix of the same split). `result["notes"]` says when either adaptation happened.
 
 Routing statistics are means over the evaluated tokens. Expert-load max/mean and CV are computed
-per layer from the load aggregated over all evaluated tokens (`train.step.load_balance`, as training's
+per layer from the load aggregated over all evaluated tokens (`model.stats.load_balance`, as training's
 `eval/` rows do), then averaged over layers.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ def evaluate_run(workdir: str | Path, *, step: int | None = None, n_batches: int
 
     from vffn_jax.data import pipeline as data_lib
     from vffn_jax.perf import flops as flops_lib
-    from vffn_jax.train import step as step_lib
+    from vffn_jax.evals import step as step_lib
 
     if n_batches is not None and n_batches < 1:
         raise ConfigError(f"number of eval batches must be >= 1, got {n_batches}")

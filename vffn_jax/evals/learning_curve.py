@@ -74,9 +74,9 @@ def evaluate_all_steps(workdir, *, n_batches: int | None = None, tasks: str | Se
 
     from vffn_jax.checkpoint import manager as ckpt
     from vffn_jax.checkpoint import restore
-    from vffn_jax.data import mc_tasks
+    from vffn_jax.evals import tasks as mc_tasks
     from vffn_jax.evals import downstream, heldout
-    from vffn_jax.train import compile_cache
+    from vffn_jax import compile_cache
 
     if n_batches is not None and n_batches < 1:
         raise ConfigError(f"number of eval batches must be >= 1, got {n_batches}")

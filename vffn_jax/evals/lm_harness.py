@@ -1,7 +1,7 @@
 """lm-evaluation-harness on a vffn_jax run: an lm-eval model backend (`vffn_jax`) and a command line.
 
-    python -m vffn_jax.evals.lm_harness --workdir runs/tiny --tasks vffn_downstream [--limit 100] [--output r.json]
-    python -m vffn_jax.evals.lm_harness --workdir runs/tiny --tasks hellaswag,lambada_openai --batch-size 16
+    vffn-lm-eval --workdir runs/tiny --tasks vffn_downstream [--limit 100] [--output r.json]
+    vffn-lm-eval --workdir runs/tiny --tasks hellaswag,lambada_openai --batch-size 16
 
 `VffnLM` is a `lm_eval.api.model.TemplateLM` over a restored run (`checkpoint.restore.restore_params`:
 parameters only, sharded over the mesh of the devices present), tokenised with the run's own tokenizer.
@@ -25,15 +25,12 @@ No torch: lm-eval imports it only for its own hf/vllm backends.
 Multi-process runs: every process runs the same requests (lm-eval sees one rank) and feeds its own rows of
 each batch; only process 0 writes --output.
 
-Exit status: 0 done, 2 bad input (missing run or step, unknown task, bad flag; `cli_errors.report`).
+Exit status: 0 done, 2 bad input (missing run or step, unknown task, bad flag; `vffn_jax.errors`).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
-import sys
 from typing import Any, Sequence
 from unittest import mock
 
@@ -71,29 +68,6 @@ def fit_request(context: Sequence[int], continuation: Sequence[int], seq_len: in
     return [*context, *continuation][-(seq_len + 1):]
 
 
-def make_score_fn(graphdef, mesh, param_shardings):
-    """Jitted (params, tokens [B, T+1], spans [B, 2]) -> (sums [B] of the spans' target log-probs, greedy [B]:
-    every target in the span is the argmax of its logits)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from vffn_jax.parallel import sharding as shd
-
-    def score(params, tokens, spans):
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        logits, _ = nnx.merge(graphdef, params)(inputs, train=False)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        pos = jnp.arange(targets.shape[1])[None, :]
-        mask = (pos >= spans[:, :1]) & (pos < spans[:, 1:])
-        greedy = jnp.all(jnp.where(mask, jnp.argmax(logits, axis=-1) == targets, True), axis=-1)
-        return jnp.sum(jnp.where(mask, target_logp, 0.0), axis=-1), greedy
-
-    batch, out = shd.batch_sharding(mesh), shd.replicated(mesh)
-    return shd.on_mesh(jax.jit(score, in_shardings=(param_shardings, batch, batch), out_shardings=(out, out)), mesh)
-
-
 @dataclasses.dataclass(frozen=True)
 class GenSettings:
     max_gen_toks: int
@@ -106,14 +80,14 @@ class GenSettings:
 @register_model(MODEL_NAME)
 class VffnLM(TemplateLM):
     """lm-eval's model for a vffn_jax run directory (`--model vffn_jax --model_args workdir=RUN[,step=N]` once
-    this module is imported; `python -m vffn_jax.evals.lm_harness` does that)."""
+    this module is imported; `vffn-lm-eval` does that)."""
 
     def __init__(self, workdir=None, step=None, batch_size=None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
                  seed: int = 0, overrides: dict[str, Any] | None = None, devices=None, run=None, **ignored):
         super().__init__()
         from vffn_jax.checkpoint import restore
         from vffn_jax.data.tokenizer import load_tokenizer
-        from vffn_jax.train.task_eval import SHARD_TOKENS
+        from vffn_jax.evals.scoring import SHARD_TOKENS, make_score_fn
 
         self._batch_rows = self._parse_batch_size(batch_size)  # bad flags fail before anything is restored
         if run is None:
@@ -179,10 +153,7 @@ class VffnLM(TemplateLM):
 
     def score_tokens(self, sequences: Sequence[Sequence[int]], cont_lens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(sums, greedy) for token sequences whose last cont_lens[i] tokens are scored, in input order."""
-        import jax
-
-        from vffn_jax.train import step as step_lib
-        from vffn_jax.train.task_eval import batch_rows_for, local_rows
+        from vffn_jax.evals.scoring import batch_rows_for, score_sequences
 
         n = len(sequences)
         sums, greedy = np.zeros(n, np.float64), np.zeros(n, bool)
@@ -193,21 +164,9 @@ class VffnLM(TemplateLM):
         for width in sorted(by_width, reverse=True):
             rows = sorted(by_width[width], key=lambda i: -len(sequences[i]))
             b = batch_rows_for(len(rows), width, self.dp, self.token_budget, self._batch_rows)
-            local = local_rows(mesh, (b, width + 1))
             self.compiled_shapes.add((b, width))
-            for lo in range(0, len(rows), b):
-                chunk = rows[lo:lo + b]
-                tokens = np.zeros((b, width + 1), np.int32)
-                spans = np.zeros((b, 2), np.int32)
-                for j, i in enumerate(chunk):
-                    s = sequences[i]
-                    tokens[j, :len(s)] = s
-                    spans[j] = (len(s) - 1 - cont_lens[i], len(s) - 1)
-                out_sums, out_greedy = self._score_fn(self.run.params, step_lib.global_batch(tokens[local], mesh),
-                                                      step_lib.global_batch(spans[local], mesh))
-                out_sums, out_greedy = jax.device_get((out_sums, out_greedy))
-                sums[chunk] = np.asarray(out_sums, np.float64)[:len(chunk)]
-                greedy[chunk] = np.asarray(out_greedy)[:len(chunk)]
+            score_sequences(self._score_fn, self.run.params, mesh, sequences, cont_lens, rows, b, width,
+                            out=(sums, greedy))
         return sums, greedy
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -266,7 +225,8 @@ class VffnLM(TemplateLM):
         return GenSettings(max_gen, tuple(u for u in until if u), temperature, top_k, top_p)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from vffn_jax.infer import decode, sampling
+        from vffn_jax.infer import sampling
+        from vffn_jax.infer import text as text_lib
 
         out: list[str | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
@@ -282,25 +242,24 @@ class VffnLM(TemplateLM):
             keep = self.max_length - max_gen
             prompts = [(self.tok_encode(requests[i].args[0]) or [self.eot_token_id])[-keep:] for i in idx]
             s_cfg = sampling.SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-            for lo in range(0, len(idx), rows):
-                gens, _ = decode.generate(self.cfg.model, params, prompts[lo:lo + rows], max_new_tokens=max_gen,
-                                          context=self.max_length, sampling_cfg=s_cfg, seed=self._seed,
-                                          eos_id=self.eot_token_id, valid_vocab=self.vffn_tokenizer.vocab_size,
-                                          mesh=self.setup.mesh)
-                for i, g in zip(idx[lo:lo + rows], gens):
-                    ids = [t for t in g.ids if t != self.eot_token_id]
-                    text = self.tok_decode(ids)
-                    for stop in settings[i].until:
-                        text = text.split(stop)[0]
-                    out[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+            gens, _ = text_lib.generate_in_batches(
+                self.cfg.model, params, prompts, batch_size=rows, max_new_tokens=max_gen, context=self.max_length,
+                sampling_cfg=s_cfg, seed=self._seed, eos_id=self.eot_token_id,
+                valid_vocab=self.vffn_tokenizer.vocab_size, mesh=self.setup.mesh, seed_per_batch=False)
+            for i, g in zip(idx, gens):
+                ids = [t for t in g.ids if t != self.eot_token_id]
+                text = self.tok_decode(ids)
+                for stop in settings[i].until:
+                    text = text.split(stop)[0]
+                out[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out  # type: ignore[return-value]
 
     def _params_dict(self):
         if self._pure_params is None:
-            from vffn_jax.infer import decode
+            from vffn_jax.model import kv_cache
 
-            self._pure_params = decode.pure_params(self.run.params)
+            self._pure_params = kv_cache.pure_params(self.run.params)
         return self._pure_params
 
 
@@ -375,67 +334,3 @@ def evaluate(workdir, tasks: str | Sequence[str], *, step: int | None = None, in
                           "seq_len": lm.max_length, "devices": f"{len(devices)} x {devices[0].device_kind}",
                           "notes": [n for n in lm.run.notes if not n.startswith("eval batch")]}
     return result
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vffn_jax.evals.lm_harness", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, metavar="RUN", help="training run or params-only export (local or gs://)")
-    p.add_argument("--step", type=int, default=None, metavar="N", help="checkpoint step (default: the latest)")
-    p.add_argument("--tasks", required=True, metavar="T[,T]",
-                   help="lm-eval task or group names: vffn_downstream (the eight of eval.py --tasks), vffn_piqa, ..., "
-                        "or lm-eval's own")
-    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
-                   help="more lm-eval task YAMLs (repeatable); the vffn_* tasks are always included")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N documents of each task")
-    p.add_argument("--batch-size", default=None, metavar="ROWS",
-                   help="rows per scoring batch (default: as many as eval.py --tasks puts in one batch)")
-    p.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="few-shot examples (default: the task's)")
-    p.add_argument("--max-gen-toks", type=int, default=DEFAULT_MAX_GEN_TOKS, metavar="N",
-                   help=f"generation budget when a task does not set one (default {DEFAULT_MAX_GEN_TOKS})")
-    p.add_argument("--seed", type=int, default=0, help="few-shot sampling and generation seed")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="how the restored run executes: model.depth_exec, model.depth_block, model.attention, model.dtype")
-    p.add_argument("--log-samples", action="store_true", help="keep every request and response in --output")
-    p.add_argument("--output", default=None, metavar="FILE|gs://...", help="also write lm-eval's results as JSON")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task notices about custom datasets, chat templates
-    from vffn_jax import cli_errors, storage
-    from vffn_jax.config import parse_set_args
-
-    try:
-        result = evaluate(args.workdir, args.tasks, step=args.step, include_paths=args.include_path, limit=args.limit,
-                          batch_size=args.batch_size, num_fewshot=args.num_fewshot, max_gen_toks=args.max_gen_toks,
-                          seed=args.seed, overrides=parse_set_args(args.overrides), log_samples=args.log_samples)
-        import jax
-
-        if args.output and jax.process_index() == 0:
-            from lm_eval.utils import handle_non_serializable
-
-            out = storage.as_path(args.output)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            storage.write_text_atomic(out, json.dumps(result, indent=2, default=handle_non_serializable) + "\n")
-    except Exception as e:  # bad input: `error: ...` and exit 2 (cli_errors); anything else is a bug
-        return cli_errors.report(e)
-    from lm_eval.utils import make_table
-
-    info = result["vffn_jax"]
-    print(f"lm-eval on {info['workdir']} step {info['step']} (tokenizer {info['tokenizer']}, context {info['seq_len']}, "
-          f"{info['devices']})")
-    for note in info["notes"]:
-        print(f"note: {note}")
-    print(make_table(result))
-    if result.get("groups"):
-        print(make_table(result, "groups"))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,7 +18,7 @@ import numpy as np
 from vffn_jax.config import ModelConfig
 from vffn_jax.depth_plot import plot_depth  # noqa: F401 - the figure, for eval.py and the study (it lives below train)
 from vffn_jax.perf import flops as flops_lib
-from vffn_jax.train import step as step_lib
+from vffn_jax.model.stats import load_balance
 
 
 def from_metrics_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -45,7 +45,7 @@ def routing_summary(m: ModelConfig, seq_len: int, raw: dict[str, Any]) -> dict[s
         })
     if "expert_load" in raw:
         load = np.asarray(raw["expert_load"], np.float64)  # [layers, E]: fraction of token-slots per expert
-        balance = step_lib.load_balance(load)
+        balance = load_balance(load)
         max_over_mean, cv = balance["max_over_mean"], balance["cv"]
         out.update({
             "n_experts": m.n_experts, "top_k": m.top_k,

@@ -1,6 +1,6 @@
 """Export a vffn_jax run to a Hugging Face model folder (safetensors, config, tokenizer, generation config).
 
-    python -m vffn_jax.hf export --workdir runs/tiny --out hf/tiny [--step N] [--dtype bfloat16] [--max-shard-size 2GB]
+    vffn-hf export --workdir runs/tiny --out hf/tiny [--step N] [--dtype bfloat16] [--max-shard-size 2GB]
 
 * `model.ffn=dense`: a stock Llama checkpoint (`LlamaForCausalLM`, no custom code): the decoder is
   Llama's (pre-norm RMSNorm, RoPE in the rotate-half layout, SwiGLU, no biases).
@@ -21,7 +21,6 @@ Exit status: 0 done, 2 bad input (missing run or step, non-empty --out, bad --dt
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -223,43 +222,3 @@ def export(workdir, out, *, step: int | None = None, dtype: str | None = None,
             "architecture": config.architectures[0], "trust_remote_code": m.ffn != "dense", "dtype": dtype,
             "files": weights["files"], "param_bytes": weights["total_size"], "n_params": weights["n_params"],
             "tokenizer": cfg.data.tokenizer, "notes": notes}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vffn_jax.hf export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, metavar="RUN",
-                   help="the training run or params-only export to convert (local or gs://)")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="the Hugging Face folder to create (local; must not exist or be empty)")
-    p.add_argument("--step", type=int, default=None, metavar="N", help="checkpoint step (default: the latest)")
-    p.add_argument("--dtype", default=None, choices=DTYPES,
-                   help="dtype of the stored weights and of config.json's dtype (default: the run's model.param_dtype)")
-    p.add_argument("--max-shard-size", default=DEFAULT_SHARD, metavar="SIZE",
-                   help=f"largest safetensors file, e.g. 2GB, 500MB, 1GiB (default {DEFAULT_SHARD}); above it the "
-                        "weights are split into shards with a model.safetensors.index.json")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    from vffn_jax import cli_errors
-
-    try:
-        info = export(args.workdir, args.out, step=args.step, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
-    except Exception as e:  # bad input: `error: ...` and exit 2 (cli_errors); anything else is a bug
-        return cli_errors.report(e)
-    remote = ", trust_remote_code=True" if info["trust_remote_code"] else ""
-    print(f"exported {info['workdir']} step {info['step']} ({info['ffn']}) -> {info['out']}: {info['architecture']}, "
-          f"{info['dtype']}, {info['n_params']:,} parameters in {len(info['files'])} file(s)")
-    print(f"load with AutoModelForCausalLM.from_pretrained({info['out']!r}{remote})")
-    for note in info["notes"]:
-        print(f"note: {note}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Import a Hugging Face Llama-family checkpoint as a vffn_jax run directory.
 
-    python -m vffn_jax.hf import --hf DIR --out RUN [--variant versatile] [--set key=value ...] [--dtype bfloat16]
+    vffn-hf import --hf DIR --out RUN [--variant versatile] [--set key=value ...] [--dtype bfloat16]
 
 DIR is a local Hugging Face model folder: config.json, the weights as `*.safetensors` (one file, or shards
 with `model.safetensors.index.json`) and normally `tokenizer.json`. Model types llama and mistral (without a
@@ -8,7 +8,7 @@ sliding window) import, and any other whose config.json fields are all a plain L
 would compute differently (biases, QK-norm, sliding windows, other RoPE scalings or activations) is refused
 naming the field (vffn_jax/hf/hf_config.py).
 
-RUN is a params-only run directory like `python -m vffn_jax.checkpoint.export` writes (config.json +
+RUN is a params-only run directory like `vffn-export` writes (config.json +
 checkpoints/0/params): eval.py and generate.py restore it, `train.py --init-from RUN` continues pretraining
 from it. Its config: the checkpoint's shapes, RoPE, norm eps and tied embeddings, train.seq_len =
 min(max_position_embeddings, 4096), the --variant preset's FFN fields, then --set. With a --variant other than
@@ -25,7 +25,6 @@ already holds checkpoints or other files).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vffn_jax.config import ConfigError
+from vffn_jax.data.tokenizer import check_model_fits
 
 DTYPES = ("float32", "bfloat16", "float16")
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}
@@ -295,9 +295,7 @@ def import_hf(hf_dir, out, *, variant: str | None = None, overrides: dict[str, A
                            eos_id=None if "model.eos_id" in overrides else tok.eos_id,
                            param_dtype=dtype or source_dtype)
         m = cfg.model
-        if tok.vocab_size > m.vocab_size:
-            raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model only {m.vocab_size} embedding "
-                              "rows (config.json vocab_size); they do not belong together")
+        check_model_fits(tok, m, source=f"{hf_dir} (config.json vocab_size, tokenizer.json)")
         ignored = _unused_tensors(_dense(m), files)
         arrays = params_from_hf(_dense(m), reader, set(files))
     eos_ids = hf_config.eos_token_ids(hf)
@@ -350,50 +348,3 @@ def import_hf(hf_dir, out, *, variant: str | None = None, overrides: dict[str, A
 def _dense(m):
     """The checkpoint's own model: the same shapes with the dense FFN (what a Llama's tensors fill)."""
     return dataclasses.replace(m, ffn="dense")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vffn_jax.hf import", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf", required=True, metavar="DIR",
-                   help="local Hugging Face model folder: config.json, *.safetensors (+ index when sharded), "
-                        "tokenizer.json")
-    p.add_argument("--out", required=True, metavar="RUN",
-                   help="the vffn_jax run directory to create (local; must not exist or be an empty folder)")
-    p.add_argument("--variant", default=None, metavar="V",
-                   help="FFN variant preset (configs/variants/V.json or a .json path), e.g. versatile: its new "
-                        "parameters (routers, moe experts) are freshly initialised with train.seed, every Llama "
-                        "weight copied (default: dense, the checkpoint as it is)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override applied last, e.g. train.seq_len=8192, model.dtype=bfloat16, "
-                        "train.seed=1, data.tokenizer=PATH (repeatable)")
-    p.add_argument("--dtype", default=None, choices=DTYPES,
-                   help="stored parameter dtype, recorded as model.param_dtype (default: the checkpoint's own, "
-                        "float32 when its tensors mix dtypes); the compute dtype model.dtype stays float32 "
-                        "unless --set model.dtype=...")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    from vffn_jax import cli_errors
-    from vffn_jax.config import parse_set_args
-
-    try:
-        info = import_hf(args.hf, args.out, variant=args.variant, overrides=parse_set_args(args.set), dtype=args.dtype)
-    except Exception as e:  # bad input: `error: ...` and exit 2 (cli_errors); anything else is a bug
-        return cli_errors.report(e)
-    print(f"imported {info['hf_dir']} ({info['model_type']}, {info['source_dtype']}) -> {info['out']}: "
-          f"ffn={info['ffn']}, {info['n_params']:,} parameters ({info['param_dtype']}), {len(info['copied'])} copied, "
-          f"fresh: {', '.join(info['fresh']) or 'none'}")
-    print(f"tokenizer {info['tokenizer']} (EOS id {info['eos_id']}), train.seq_len={info['seq_len']}")
-    for note in info["notes"]:
-        print(f"note: {note}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

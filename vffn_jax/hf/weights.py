@@ -75,7 +75,7 @@ def expected_names(m: ModelConfig) -> list[str]:
 def hf_tensors(m: ModelConfig, params) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, host array in HF layout) for every parameter of `params` (vffn_jax's nested dict, or an
     `nnx.State`), one tensor at a time so a caller can write them out without holding two copies."""
-    from vffn_jax.infer.decode import pure_params
+    from vffn_jax.model.kv_cache import pure_params
 
     params = pure_params(params)
     for name, (key, to_hf, _, _) in _top_tensors(m).items():

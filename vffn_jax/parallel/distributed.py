@@ -17,9 +17,9 @@ import os
 import sys
 import threading
 
-from vffn_jax.config import ConfigError
+from vffn_jax.errors import EXIT_PEERS_MISSING, ConfigError
 
-EXIT_PEER_TIMEOUT = 4
+EXIT_PEER_TIMEOUT = EXIT_PEERS_MISSING
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -31,35 +31,23 @@ class DistributedArgs:
     timeout_s: int = 300  # how long start-up waits for every peer
 
 
-def add_arguments(parser) -> None:
-    """The multi-process flags shared by train.py and eval.py."""
-    g = parser.add_argument_group(
-        "multi-process launch",
-        "With none of these flags the cluster is auto-detected (TPU pod slices, SLURM, Open MPI, GKE, or "
-        "JAX_COORDINATOR_ADDRESS); otherwise the run is a single process.")
-    g.add_argument("--coordinator", metavar="HOST:PORT",
-                   help="address of process 0, which hosts the coordination service (same value on every process)")
-    g.add_argument("--num-processes", type=int, metavar="N", help="total number of processes")
-    g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
-    g.add_argument("--init-timeout", type=int, default=300, metavar="SECONDS",
-                   help="give up start-up with an error if not every process has joined within this time "
-                        "(default 300)")
-
-
-def from_args(args) -> DistributedArgs:
-    given = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
+def from_flags(coordinator: str | None, num_processes: int | None, process_id: int | None,
+               init_timeout: int = 300) -> DistributedArgs:
+    """The explicit launch of `--coordinator --num-processes --process-id --init-timeout`, checked: all three or
+    none (auto-detect), a process id in range, HOST:PORT. ConfigError naming the flag otherwise."""
+    given = [coordinator is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
         raise ConfigError("--coordinator, --num-processes and --process-id go together: pass all three "
-                         "(or none, to auto-detect the cluster)")
-    if args.init_timeout < 1:
-        raise ConfigError(f"--init-timeout={args.init_timeout} must be >= 1 second")
+                          "(or none, to auto-detect the cluster)")
+    if init_timeout < 1:
+        raise ConfigError(f"--init-timeout={init_timeout} must be >= 1 second")
     if all(given):
-        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
-            raise ConfigError(f"--process-id={args.process_id} must be in 0..--num-processes-1 "
-                             f"(--num-processes={args.num_processes})")
-        if ":" not in args.coordinator:
-            raise ConfigError(f"--coordinator={args.coordinator!r} must be HOST:PORT, e.g. 10.0.0.2:1234")
-    return DistributedArgs(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ConfigError(f"--process-id={process_id} must be in 0..--num-processes-1 "
+                              f"(--num-processes={num_processes})")
+        if ":" not in coordinator:
+            raise ConfigError(f"--coordinator={coordinator!r} must be HOST:PORT, e.g. 10.0.0.2:1234")
+    return DistributedArgs(coordinator, num_processes, process_id, init_timeout)
 
 
 def cluster_detected() -> bool:

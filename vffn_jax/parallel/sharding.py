@@ -173,3 +173,8 @@ def sharding_report(abstract_params, shardings) -> dict:
                         "bytes_per_device": nbytes // shards}
     return {"params": params, "total_bytes": total, "bytes_per_device": int(per_device),
             "replicated_fraction": replicated / max(total, 1), "redundant_fraction": redundant / max(total, 1)}
+
+
+def global_batch(local_batch, mesh) -> jax.Array:
+    """Assembles the global batch (sharded over the batch axes) from each process's rows."""
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)

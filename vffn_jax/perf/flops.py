@@ -36,29 +36,14 @@ import math
 import jax
 
 from vffn_jax.config import ModelConfig
-
-# Peak dense bf16 FLOP/s per device, keyed by a substring of `jax.Device.device_kind` (lower case).
-PEAK_FLOPS = {
-    "h200": 989e12,
-    "h100": 989e12,
-    "a100": 312e12,
-    "tpu v4": 275e12,
-    "tpu v5 lite": 197e12,
-    "tpu v5e": 197e12,
-    "tpu v5p": 459e12,
-    "tpu v5": 459e12,
-    "tpu v6": 918e12,
-}
-
+from vffn_jax.perf.chips import chip_for
 
 def peak_flops_per_device(device=None, override: float = 0.0) -> float | None:
+    """`override` when > 0, else the chip table's peak for the device (None on CPUs: MFU is not reported)."""
     if override > 0:
         return override
-    kind = (device or jax.devices()[0]).device_kind.lower()
-    for key, value in PEAK_FLOPS.items():
-        if key in kind:
-            return value
-    return None  # CPUs: no meaningful peak, MFU is not reported
+    chip = chip_for((device or jax.devices()[0]).device_kind)
+    return chip.peak_flops if chip else None
 
 
 def count_params(abstract_state) -> dict[str, int]:

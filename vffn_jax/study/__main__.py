@@ -1,5 +1,5 @@
-"""`python -m vffn_jax.study ...`: see `vffn_jax.study.runner`."""
-from vffn_jax.study.runner import main
+"""`python -m vffn_jax.study ...` = `vffn-study ...` (vffn_jax/cli/study.py)."""
+from vffn_jax.cli import runner, study
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    runner.console(study.main)

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from vffn_jax.train import compile_cache
+from vffn_jax import compile_cache
 from vffn_jax import storage
 from vffn_jax import config as config_lib
 from vffn_jax.config import Config, ConfigError

@@ -7,14 +7,12 @@ tensorstore (Orbax's checkpoint I/O) reads `TENSORSTORE_GCS_HTTP_URL`, gcsfs (`e
 `gs://` paths) reads `STORAGE_EMULATOR_HOST`, and `GOOGLE_AUTH_TOKEN_FOR_TESTING` keeps tensorstore
 from looking for credentials.
 
-    python -m vffn_jax.testing.gcs_emulator --bucket my-bucket      # prints the exports, serves until Ctrl-C
+    vffn-gcs-emulator --bucket my-bucket      # prints the exports, serves until Ctrl-C
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import signal
 import socket
 import stat
 import subprocess
@@ -91,26 +89,3 @@ class GcsEmulator:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vffn_jax.testing.gcs_emulator", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--port", type=int, default=4443, help="port on 127.0.0.1 (default 4443)")
-    p.add_argument("--bucket", action="append", default=[], help="create this bucket (repeatable)")
-    args = p.parse_args(argv)
-    with GcsEmulator(args.port) as emu:
-        for name in args.bucket:
-            print(f"# created {emu.create_bucket(name)}")
-        for key, value in emu.env.items():
-            print(f"export {key}={value}")
-        print("# serving until Ctrl-C (the in-memory buckets are lost when it stops)", flush=True)
-        try:
-            signal.pause()
-        except KeyboardInterrupt:
-            pass
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,10 @@
 """The periodic actions of the training loop: logging, checkpointing, evaluation, preemption, profiling.
 
-The loop (`trainer.train`) only runs steps. After each step it asks every action whether it is due
-(`due(state)`) and then runs those that are. Every decision that stops the loop or saves a checkpoint
+The loop (`train/loop.py`) only runs steps. Every action has the same small lifecycle (`Action`): after each
+step the loop calls `observe(state)` on all of them, asks each whether it is `due(state)` and calls those that
+are; `close()` runs when the loop ends (in reverse order, so the checkpoint commits before the rest shuts down)
+and `on_error(exc)` when it raises. Adding a periodic feature is one class here and one line in
+`train/build.py`. Every decision that stops the loop or saves a checkpoint
 is the same on every process: step counts are, and the two time- or signal-driven decisions are
 agreed on explicitly (`PreemptionWatch` through JAX's preemption sync point, `Checkpointer`'s time
 backstop through a broadcast from process 0).
@@ -27,12 +30,13 @@ from vffn_jax.train import goodput
 from vffn_jax import storage
 from vffn_jax.rundir import RunDir
 from vffn_jax.train import watchdog
+from vffn_jax.errors import EXIT_MISMATCH
 
 
 class TrainingDivergedError(RuntimeError):
     """Loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
 
-    exit_status = 3  # the run diverged
+    exit_status = EXIT_MISMATCH  # the run diverged
 
 
 @dataclasses.dataclass
@@ -50,6 +54,44 @@ class LoopState:
     @property
     def at_end(self) -> bool:
         return self.step == self.end or self.stop_reason is not None
+
+
+# --------------------------------------------------------------------------- the lifecycle
+
+
+class Action:
+    """A piece of the training loop. Every hook is optional; the defaults do nothing.
+
+    - `observe(state)`: after every step, before `due` (collect metrics, poll for a preemption notice).
+    - `due(state) -> bool`: whether to run now; must give the same answer on every process.
+    - `__call__(state)`: run (the loop charges the time to the goodput bucket `bucket`).
+    - `close()`: the loop ended, normally or not: flush, commit, release (called once, in reverse order).
+    - `on_error(exc)`: the loop is ending with `exc` (before `close`), e.g. to record why.
+    """
+
+    bucket = "other"
+
+    def observe(self, state: "LoopState") -> None:
+        pass
+
+    def due(self, state: "LoopState") -> bool:
+        return False
+
+    def __call__(self, state: "LoopState") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def on_error(self, exc: BaseException) -> None:
+        pass
+
+
+class Heartbeat(Action):
+    """Tells the hang watchdog (train/watchdog.py, run.hang_minutes) that a step finished; it never runs."""
+
+    def observe(self, state: "LoopState") -> None:
+        watchdog.beat(state.step)
 
 
 # --------------------------------------------------------------------------- divergence
@@ -82,7 +124,7 @@ class DivergenceGuard:
 # --------------------------------------------------------------------------- preemption
 
 
-class PreemptionWatch:
+class PreemptionWatch(Action):
     """Turns a preemption notice into `state.stop_reason = "preempted"` at the same step on every process.
 
     Multi-process: JAX's distributed runtime catches SIGTERM itself and propagates the notice;
@@ -106,7 +148,7 @@ class PreemptionWatch:
     def _on_sigterm(self, signum, frame) -> None:
         self._notice.set()
 
-    def poll(self, state: LoopState) -> None:
+    def observe(self, state: LoopState) -> None:
         from jax.experimental import multihost_utils
 
         if self._notice.is_set() or (self._ctrl_c.pressed.is_set() and jax.process_count() == 1) or (
@@ -123,7 +165,7 @@ class PreemptionWatch:
 # --------------------------------------------------------------------------- actions
 
 
-class MetricsLog:
+class MetricsLog(Action):
     """Averages metrics over each window of `log_every` steps; writes a row and updates the progress bar.
     With a `clock` (train.goodput.Goodput) the row has the `perf/` fields: step split, goodput, badput."""
 
@@ -131,6 +173,7 @@ class MetricsLog:
 
     def __init__(self, logger, bar, *, every: int, tokens_per_step: int, flops_per_token: float, n_devices: int,
                  summarize: Callable[[list[dict]], dict], clock=None, peak_flops: float = 0.0):
+        """`logger` (MetricLogger) and `bar` (Progress) are this action's: `close` closes both."""
         self.logger, self.bar, self.every = logger, bar, every
         self.tokens_per_step, self.flops_per_token, self.n_devices = tokens_per_step, flops_per_token, n_devices
         self.summarize = summarize
@@ -142,7 +185,7 @@ class MetricsLog:
     def restart_clock(self) -> None:  # after an evaluation, so tokens/s counts training (and saving) only
         self.t_window = time.perf_counter()
 
-    def collect(self, state: LoopState) -> None:
+    def observe(self, state: LoopState) -> None:
         self.window.append(state.metrics)
 
     def due(self, state: LoopState) -> bool:
@@ -161,8 +204,12 @@ class MetricsLog:
         self.window = []
         self.restart_clock()
 
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()
 
-class Checkpointer:
+
+class Checkpointer(Action):
     """Saves every `every` steps, at the end of the invocation, on preemption, and at least every
     `minutes` of wall time (0 = off) as a backstop when steps are slow. Saves are asynchronous."""
 
@@ -195,8 +242,11 @@ class Checkpointer:
         state.last_saved = state.step
         self.last_time = time.monotonic()
 
+    def close(self) -> None:
+        ckpt.wait_until_finished(self.manager)  # a preemption save commits (with its checksums) before we return
 
-class PeriodicEval:
+
+class PeriodicEval(Action):
     """Held-out evaluation every `every` steps (0 = only the final one, which the trainer runs)."""
 
     bucket = "eval"
@@ -215,7 +265,7 @@ class PeriodicEval:
         self.on_done()
 
 
-class Profiler:
+class Profiler(Action):
     """A `jax.profiler` trace of training steps `first`..`last` (1-based, as logged) written under
     `<workdir>/tb/plugins/profile/<time>/` on every process: TensorBoard's profile tab shows it, and the
     `.trace.json.gz` opens in Perfetto. The trace goes to a local folder first (the profiler writes
@@ -245,7 +295,7 @@ class Profiler:
         jax.block_until_ready(state.metrics)  # the traced steps' device work belongs in the trace
         self.close()
 
-    def close(self) -> None:
+    def close(self) -> None:  # a run that ends inside the window still writes its trace
         if not self.active:
             return
         jax.profiler.stop_trace()

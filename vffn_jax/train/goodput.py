@@ -122,7 +122,7 @@ def measure_peak_flops(seconds: float = 0.5, n: int = 1024) -> float:
 
 def resolve_peak_flops(setting: float) -> float | None:
     """`run.peak_flops`: > 0 as given, -1 measured (`measure_peak_flops`), 0 the device's entry in
-    perf/flops.py's PEAK_FLOPS (None on CPUs: no MFU)."""
+    perf/chips.py's table (None on CPUs: no MFU)."""
     from vffn_jax.perf import flops as flops_lib
 
     return measure_peak_flops() if setting == -1 else flops_lib.peak_flops_per_device(override=setting)

@@ -214,7 +214,9 @@ def compile_eval_step(cfg: Config, devices) -> dict[str, Any]:
     """AOT-compiles the inference-mode eval step (held-out loss; for depth-routed variants the depth loops run as
     `model.depth_exec` says, compact: data-dependent loop bounds per device) and returns its memory per device."""
     s = placement.setup(cfg, devices)
-    step = step_lib.make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)
+    from vffn_jax.evals import step as eval_step_lib
+
+    step = eval_step_lib.make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)
     params = ckpt.abstract_with_shardings(s.abstract_params, s.param_shardings)
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
                                  sharding=shd.batch_sharding(s.mesh))

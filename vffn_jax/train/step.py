@@ -1,22 +1,20 @@
-"""The loss, the jitted train and eval steps, and gradient accumulation.
+"""The loss, the jitted train step and gradient accumulation (the eval step: vffn_jax/evals/step.py).
 
 The step is a pure `jax.jit` function of (params, opt_state, batch, step) with explicit shardings; the
 Gumbel temperature and the noise key are pure functions of the step, so resume is exact.
 """
 from __future__ import annotations
 
-import collections
-import math
-from typing import Any
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from vffn_jax.config import EXPERT_KINDS, Config, TrainConfig, tau_at
+from vffn_jax.model.stats import finish_stats, microbatch_stats
 from vffn_jax.parallel import sharding as shd
+from vffn_jax.parallel.microbatch import scan_microbatches
+from vffn_jax.parallel.program_cache import memoised, tree_key
 from vffn_jax.train.optimizer import lr_schedule
 
 
@@ -43,24 +41,6 @@ def forward_loss(graphdef, params, batch, cfg: Config, *, train: bool, tau=1.0, 
         total = total + cfg.train.balance_coef * balance.mean()
         total = total + cfg.train.z_loss_coef * aux["z_loss"].mean()
     return total, (ce, aux)
-
-
-def summarize_aux(aux: dict[str, jax.Array], max_depth: int) -> dict[str, jax.Array]:
-    """Scalars (and small per-layer arrays) for logging from the stacked per-layer aux."""
-    out = {}
-    if "depth" in aux:
-        depth = aux["depth"]  # [layers, B, T]
-        out["mean_depth"] = depth.mean()
-        out["mean_alpha"] = aux["alpha"].mean()
-        out["depth_hist"] = jax.nn.one_hot(depth - 1, max_depth).mean(axis=(1, 2))  # [layers, L]
-        out["depth_entropy"] = aux["depth_entropy"].mean()
-    if "expert_load" in aux:
-        load = aux["expert_load"]  # [layers, E]
-        out["expert_load"] = load
-        out["router_entropy"] = aux["router_entropy"].mean()
-        out["balance_loss"] = aux["balance_loss"].mean()
-        out["z_loss"] = aux["z_loss"].mean()
-    return out
 
 
 # --------------------------------------------------------------------------- gradient accumulation
@@ -98,53 +78,6 @@ def summarize_aux(aux: dict[str, jax.Array], max_depth: int) -> dict[str, jax.Ar
 #     forward pass per step (~+1/3 of the step's compute without remat, ~+1/4 with remat=full).
 
 
-def split_microbatches(batch, n: int):
-    """`[B, ...] -> [n, B/n, ...]`, microbatch j = rows j, j+n, j+2n, ... (each device keeps its rows)."""
-    b = batch.shape[0]
-    micro = batch.reshape(b // n, n, *batch.shape[1:]).swapaxes(0, 1)
-    return shd.constrain(micro, None, "act_batch", *(None,) * (batch.ndim - 1))
-
-
-def microbatch_row_ids(j, n: int, rows: int):
-    """Global row indices `[rows]` of microbatch j of `split_microbatches(batch, n)`."""
-    return jnp.arange(rows, dtype=jnp.int32) * n + j
-
-
-def _microbatch_stats(ce, aux, max_depth: int) -> dict[str, jax.Array]:
-    """Per-microbatch means (summed over microbatches, then divided) and P_i for the balance loss."""
-    stats = {"loss": ce, **summarize_aux(aux, max_depth)}
-    if "router_prob" in aux:
-        stats["router_prob"] = aux["router_prob"]  # [layers, E]
-    return stats
-
-
-def _finish_stats(stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """The balance loss of the whole batch, `E * sum_i f_i P_i` per layer (mean over layers), from the
-    batch means of f (`expert_load`) and P (`router_prob`); drops P (not logged)."""
-    stats = dict(stats)
-    if "router_prob" in stats:
-        load, prob = stats["expert_load"], stats.pop("router_prob")
-        stats["balance_loss"] = (load.shape[-1] * jnp.sum(load * prob, axis=-1)).mean()
-    return stats
-
-
-def _scan_microbatches(fn, batch, n: int, init=None):
-    """Runs `fn(microbatch, row_ids) -> (carry_increment, stats)` over n microbatches; returns the summed
-    increments (`init` + sum) and the microbatch-mean of `stats`. n = 1 calls `fn` once, without a scan."""
-    if n == 1:
-        inc, stats = fn(batch, None)
-        return inc if init is None else jax.tree.map(jnp.add, init, inc), stats
-    rows = batch.shape[0] // n
-
-    def body(acc, xs):
-        micro, j = xs
-        inc, stats = fn(micro, microbatch_row_ids(j, n, rows))
-        return jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc, inc), stats
-
-    acc, stats = jax.lax.scan(body, init, (split_microbatches(batch, n), jnp.arange(n, dtype=jnp.int32)))
-    return acc, jax.tree.map(lambda x: x.mean(0), stats)
-
-
 def accumulate_gradients(graphdef, params, batch, cfg: Config, *, tau, rng, param_shardings=None):
     """(mean gradient, statistics) of the global batch in `cfg.train.grad_accum` microbatches.
 
@@ -155,29 +88,29 @@ def accumulate_gradients(graphdef, params, batch, cfg: Config, *, tau, rng, para
 
     def one(micro, row_ids):
         (_, (ce, aux)), grads = grad_fn(graphdef, params, micro, cfg, train=True, tau=tau, rng=rng, row_ids=row_ids)
-        return grads, _microbatch_stats(ce, aux, cfg.model.max_depth)
+        return grads, microbatch_stats(ce, aux, cfg.model.max_depth)
 
     if n == 1:
         grads, stats = one(batch, None)
-        return grads, _finish_stats(stats)
+        return grads, finish_stats(stats)
     if cfg.train.grad_accum_exact_balance and cfg.model.ffn in EXPERT_KINDS:
         def load_of(micro, row_ids):  # forward only: the batch's expert load f of every layer first
             _, (_, aux) = forward_loss(graphdef, params, micro, cfg, train=True, tau=tau, rng=rng, row_ids=row_ids)
             return (), {"expert_load": aux["expert_load"]}
 
-        batch_load = _scan_microbatches(load_of, batch, n, init=())[1]["expert_load"]
+        batch_load = scan_microbatches(load_of, batch, n, init=())[1]["expert_load"]
 
         def one(micro, row_ids):  # noqa: F811
             (_, (ce, aux)), grads = grad_fn(graphdef, params, micro, cfg, train=True, tau=tau, rng=rng,
                                             row_ids=row_ids, expert_load=batch_load)
-            return grads, _microbatch_stats(ce, aux, cfg.model.max_depth)
+            return grads, microbatch_stats(ce, aux, cfg.model.max_depth)
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     if param_shardings is not None:
         zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
-    total, stats = _scan_microbatches(one, batch, n, init=zeros)
+    total, stats = scan_microbatches(one, batch, n, init=zeros)
     grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), total, params)
-    return grads, _finish_stats(stats)
+    return grads, finish_stats(stats)
 
 
 def logged_total_loss(ce, stats, train: TrainConfig):
@@ -188,44 +121,7 @@ def logged_total_loss(ce, stats, train: TrainConfig):
     return total
 
 
-def load_balance(load_le) -> dict[str, np.ndarray]:
-    """Per-layer max/mean and coefficient of variation of the expert load `[layers, E]` (host side,
-    from the load aggregated over a logging window or an evaluation, so train and eval agree)."""
-    load = np.asarray(load_le, np.float64)
-    mean = load.mean(-1)
-    return {"max_over_mean": load.max(-1) / mean, "cv": load.std(-1) / mean}
-
-
-def _with_load_balance(row: dict[str, Any]) -> dict[str, Any]:
-    if "expert_load" in row:
-        stats = load_balance(row["expert_load"])
-        row["expert_load_max_over_mean"] = float(stats["max_over_mean"].mean())
-        row["expert_load_cv"] = float(stats["cv"].mean())
-    return row
-
-
 # --------------------------------------------------------------------------- memoised step builders
-
-_STEPS: collections.OrderedDict = collections.OrderedDict()  # key -> jitted step, least recently used first
-_STEPS_KEPT = 8  # a process rarely alternates between more programs (eval.py --all-steps, a sweep, the tests)
-
-
-def _memoised(key, build):
-    """One jitted program per (builder, model, train, mesh, shardings): a second `train()` or `evaluate_run()`
-    with the same model and training sections in one process re-uses the traced and compiled step."""
-    if key in _STEPS:
-        _STEPS.move_to_end(key)
-        return _STEPS[key]
-    step = _STEPS[key] = build()
-    while len(_STEPS) > _STEPS_KEPT:
-        _STEPS.popitem(last=False)
-    return step
-
-
-def _tree_key(tree):
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple(leaves)
-
 
 def make_train_step(graphdef, tx, cfg: Config, mesh, param_shardings, opt_shardings):
     """The jitted step `(params, opt_state, batch [B, T+1], step) -> (params, opt_state, metrics)`: one
@@ -233,8 +129,8 @@ def make_train_step(graphdef, tx, cfg: Config, mesh, param_shardings, opt_shardi
 
     The step reads only `cfg.model` and `cfg.train` (and `tx`, which `optimizer.make_optimizer` memoises on
     `cfg.train`), so the program is memoised on those, the mesh and the shardings."""
-    key = ("train", graphdef, tx, cfg.model, cfg.train, mesh, _tree_key(param_shardings), _tree_key(opt_shardings))
-    return _memoised(key, lambda: _build_train_step(graphdef, tx, cfg, mesh, param_shardings, opt_shardings))
+    key = ("train", graphdef, tx, cfg.model, cfg.train, mesh, tree_key(param_shardings), tree_key(opt_shardings))
+    return memoised(key, lambda: _build_train_step(graphdef, tx, cfg, mesh, param_shardings, opt_shardings))
 
 
 def _build_train_step(graphdef, tx, cfg: Config, mesh, param_shardings, opt_shardings):
@@ -259,66 +155,3 @@ def _build_train_step(graphdef, tx, cfg: Config, mesh, param_shardings, opt_shar
                                donate_argnums=(0, 1)), mesh)
 
 
-def make_eval_step(graphdef, cfg: Config, mesh, param_shardings):
-    """Inference-mode forward: summed CE, token count and the depth/expert statistics of one batch
-    (in `train.grad_accum` microbatches, so evaluation fits wherever training does). Memoised as
-    `make_train_step` is."""
-    key = ("eval", graphdef, cfg.model, cfg.train, mesh, _tree_key(param_shardings))
-    return _memoised(key, lambda: _build_eval_step(graphdef, cfg, mesh, param_shardings))
-
-
-def _build_eval_step(graphdef, cfg: Config, mesh, param_shardings):
-
-    def eval_fn(params, batch):
-        def one(micro, _row_ids):
-            _, (ce, aux) = forward_loss(graphdef, params, micro, cfg, train=False)
-            stats = _microbatch_stats(ce, aux, cfg.model.max_depth)
-            if "executed_loops" in aux:  # FFN loops per token the inference program ran, per layer (model.depth_exec)
-                stats["executed_depth"] = aux["executed_loops"]  # [layers]
-            return (), stats
-
-        n = math.gcd(cfg.train.grad_accum, batch.shape[0])  # an eval batch resized by eval_lib may not split
-        _, stats = _scan_microbatches(one, batch, n, init=())
-        stats = _finish_stats(stats)
-        n_tokens = batch[:, 1:].size
-        return {"ce_sum": stats.pop("loss") * n_tokens, "tokens": jnp.asarray(n_tokens, jnp.float32), **stats}
-
-    return shd.on_mesh(jax.jit(eval_fn, in_shardings=(param_shardings, shd.batch_sharding(mesh)),
-                               out_shardings=shd.replicated(mesh)), mesh)
-
-
-def global_batch(local_batch: np.ndarray, mesh) -> jax.Array:
-    """Assembles the global batch from each process's rows."""
-    return jax.make_array_from_process_local_data(shd.batch_sharding(mesh), local_batch)
-
-
-def evaluate(eval_step, params, batches, mesh) -> dict[str, Any]:
-    """Averages eval-step outputs over batches: loss, perplexity and the routing statistics."""
-    totals: dict[str, Any] = {}
-    n = 0
-    for local in batches:
-        out = jax.device_get(eval_step(params, global_batch(local, mesh)))
-        n += 1
-        for k, v in out.items():
-            totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
-    if n == 0:
-        raise ValueError("no evaluation batches: the held-out split is empty")
-    loss = float(totals.pop("ce_sum") / totals.pop("tokens"))
-    result = {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0)))}
-    for k, v in totals.items():
-        v = v / n
-        result[k] = v.tolist() if np.ndim(v) else float(v)
-    return _with_load_balance(result)
-
-
-# --------------------------------------------------------------------------- logging helpers
-
-
-def window_summary(window: list[dict]) -> dict[str, Any]:
-    """Mean over the logging window; per-layer arrays are kept as lists."""
-    row = {}
-    for key in window[0]:
-        values = np.mean([np.asarray(m[key], np.float64) for m in window], axis=0)
-        row[key] = values.tolist() if np.ndim(values) else float(values)
-    row["loss_last"] = float(window[-1]["loss"])
-    return _with_load_balance(row)

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from vffn_jax.cli_errors import EXIT_HUNG, EXIT_INTERRUPTED
+from vffn_jax.errors import EXIT_HUNG, EXIT_INTERRUPTED
 
 # --------------------------------------------------------------------------- Ctrl-C
 
@@ -212,13 +212,7 @@ def watch_for_hangs(train_fn):
     return train
 
 
-class Heartbeat:
-    """The loop action that tells the hang watchdog a step finished. Never runs (`due` is always False)."""
-
-    def due(self, state) -> bool:
-        if _active is not None:
-            _active.beat(state.step)
-        return False
-
-    def __call__(self, state) -> None:
-        pass
+def beat(step: int) -> None:
+    """A training step finished (the `Heartbeat` action of train/actions.py calls this after every step)."""
+    if _active is not None:
+        _active.beat(step)

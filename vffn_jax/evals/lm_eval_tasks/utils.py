@@ -4,7 +4,7 @@ lm-eval imports this file by its path (`custom_dataset: !function utils.load` in
 not as a package module, so it makes sure `vffn_jax` is importable: this file always sits inside the
 `vffn_jax` package, three folders below the folder that holds it.
 
-Every doc is one question as `vffn_jax.data.mc_tasks` builds it (its `TASKS[name].build`):
+Every doc is one question as `vffn_jax.evals.tasks` builds it (its `TASKS[name].build`):
   query    the context (the same for every choice)
   choices  the continuations without their leading space (lm-eval puts `target_delimiter: " "` back)
   gold     the label
@@ -20,10 +20,10 @@ from pathlib import Path
 
 def _mc_tasks():
     try:
-        from vffn_jax.data import mc_tasks
+        from vffn_jax.evals import tasks as mc_tasks
     except ModuleNotFoundError:  # lm-eval run from elsewhere, vffn_jax not installed: use this source tree
         sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-        from vffn_jax.data import mc_tasks
+        from vffn_jax.evals import tasks as mc_tasks
     return mc_tasks
 
 

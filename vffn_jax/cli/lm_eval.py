@@ -1,0 +1,76 @@
+"""`vffn-lm-eval` (also `python -m vffn_jax.cli.lm_eval`): lm-evaluation-harness on a vffn_jax run with the
+JAX model backend of vffn_jax/evals/lm_harness.py (no torch)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from vffn_jax.cli import runner
+from vffn_jax.evals import lm_harness
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = runner.parser("vffn-lm-eval", lm_harness.__doc__)
+    p.add_argument("--workdir", required=True, metavar="RUN", help="training run or params-only export (local or gs://)")
+    p.add_argument("--step", type=int, default=None, metavar="N", help="checkpoint step (default: the latest)")
+    p.add_argument("--tasks", required=True, metavar="T[,T]",
+                   help="lm-eval task or group names: vffn_downstream (the eight of eval.py --tasks), vffn_piqa, ..., "
+                        "or lm-eval's own")
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="more lm-eval task YAMLs (repeatable); the vffn_* tasks are always included")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N documents of each task")
+    p.add_argument("--batch-size", default=None, metavar="ROWS",
+                   help="rows per scoring batch (default: as many as eval.py --tasks puts in one batch)")
+    p.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="few-shot examples (default: the task's)")
+    p.add_argument("--max-gen-toks", type=int, default=lm_harness.DEFAULT_MAX_GEN_TOKS, metavar="N",
+                   help=f"generation budget when a task does not set one (default {lm_harness.DEFAULT_MAX_GEN_TOKS})")
+    p.add_argument("--seed", type=int, default=0, help="few-shot sampling and generation seed")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="how the restored run executes: model.depth_exec, model.depth_block, model.attention, model.dtype")
+    p.add_argument("--log-samples", action="store_true", help="keep every request and response in --output")
+    p.add_argument("--output", default=None, metavar="FILE|gs://...", help="also write lm-eval's results as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    runner.quiet_startup()
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task notices about custom datasets, chat templates
+    from vffn_jax import errors, storage
+    from vffn_jax.config import parse_set_args
+
+    try:
+        result = lm_harness.evaluate(args.workdir, args.tasks, step=args.step, include_paths=args.include_path, limit=args.limit,
+                          batch_size=args.batch_size, num_fewshot=args.num_fewshot, max_gen_toks=args.max_gen_toks,
+                          seed=args.seed, overrides=parse_set_args(args.overrides), log_samples=args.log_samples)
+        import jax
+
+        if args.output and jax.process_index() == 0:
+            from lm_eval.utils import handle_non_serializable
+
+            out = storage.as_path(args.output)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            storage.write_text_atomic(out, json.dumps(result, indent=2, default=handle_non_serializable) + "\n")
+    except Exception as e:  # bad input: `error: ...` and exit 2 (vffn_jax.errors); anything else is a bug
+        return errors.report(e)
+    from lm_eval.utils import make_table
+
+    info = result["vffn_jax"]
+    print(f"lm-eval on {info['workdir']} step {info['step']} (tokenizer {info['tokenizer']}, context {info['seq_len']}, "
+          f"{info['devices']})")
+    for note in info["notes"]:
+        print(f"note: {note}")
+    print(make_table(result))
+    if result.get("groups"):
+        print(make_table(result, "groups"))
+    return 0
+
+
+def console() -> None:
+    """The `vffn-lm-eval` console script."""
+    runner.console(main)
+
+
+if __name__ == "__main__":
+    console()
