@@ -24,46 +24,11 @@ from vffn_jax.model import placement
 from vffn_jax.train import optimizer
 from vffn_jax.train import step as step_lib
 from vffn_jax.config import Config, ConfigError
-
-GiB = 1024 ** 3
-# HBM per chip, keyed by a substring of `device_kind` (lower case); most specific first.
-HBM_BYTES = {
-    "tpu v5 lite": 16 * GiB,  # v5e
-    "tpu v5e": 16 * GiB,
-    "tpu v5p": 95 * GiB,
-    "tpu v5": 95 * GiB,  # v5p reports "TPU v5"
-    "tpu v6 lite": 32 * GiB,  # v6e (Trillium)
-    "tpu v6": 32 * GiB,
-    "tpu v4": 32 * GiB,
-    "h200": 141e9,
-    "h100": 80e9,
-    "a100": 80e9,
-}
-
-
-# HBM bandwidth per chip in bytes/s (vendor figures), same keys.
-HBM_BANDWIDTH = {
-    "tpu v5 lite": 819e9,
-    "tpu v5e": 819e9,
-    "tpu v5p": 2765e9,
-    "tpu v5": 2765e9,
-    "tpu v6 lite": 1640e9,
-    "tpu v6": 1640e9,
-    "tpu v4": 1228e9,
-    "h200": 4800e9,
-    "h100": 3350e9,
-    "a100": 2039e9,
-}
-
-
-def _lookup(table: dict[str, float], device_kind: str) -> float | None:
-    kind = device_kind.lower()
-    return next((v for k, v in table.items() if k in kind), None)
-
+from vffn_jax.perf.chips import GiB, chip_for
 
 def hbm_bytes(device_kind: str) -> int | None:
-    value = _lookup(HBM_BYTES, device_kind)
-    return None if value is None else int(value)
+    chip = chip_for(device_kind)
+    return None if chip is None else chip.hbm_bytes
 
 
 def topology_devices(name: str) -> list:
@@ -171,7 +136,8 @@ def predict_speed(cfg: Config, step, abstract_args, *, n_devices: int, device_ki
     notes: list[str] = []
     cost = (xla_cost[0] if isinstance(xla_cost, list) else xla_cost) or {}
     xla_bytes = float(cost.get("bytes accessed", 0.0))
-    peak, bandwidth = _lookup(flops_lib.PEAK_FLOPS, device_kind), _lookup(HBM_BANDWIDTH, device_kind)
+    chip = chip_for(device_kind)
+    peak, bandwidth = (chip.peak_flops, chip.hbm_bandwidth) if chip else (None, None)
     flops_dev, bytes_dev = traced["flops"] / n_devices, max(float(io_bytes), xla_bytes)
     if traced["pallas_calls"]:
         # splash declares no cost: count its score/value products as the analytic model does (4 T d per token and

@@ -26,8 +26,8 @@ def test_cli_imports_no_torch_and_writes_json(run_dir, ours, tmp_path):
     """A real process (torch may already be imported in this one): running the command line imports neither
     torch nor transformers, and on one CPU device it writes the scores of the 8-device run."""
     out = tmp_path / "res.json"
-    code = ("import sys; from vffn_jax.evals import lm_harness; "
-            f"rc = lm_harness.main(['--workdir', {str(run_dir)!r}, '--tasks', 'vffn_arc_easy', '--limit', '{LIMIT}', "
+    code = ("import sys; from vffn_jax.cli import lm_eval; "
+            f"rc = lm_eval.main(['--workdir', {str(run_dir)!r}, '--tasks', 'vffn_arc_easy', '--limit', '{LIMIT}', "
             f"'--output', {str(out)!r}]); "
             "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; "
             "assert not heavy, heavy; sys.exit(rc)")

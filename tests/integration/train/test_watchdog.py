@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.integration.train.long_run import STEPS, command, env, finish, logged_step, start, wait_for
 from vffn_jax.checkpoint import manager as ckpt
-from vffn_jax.cli_errors import EXIT_HUNG, EXIT_INTERRUPTED
+from vffn_jax.errors import EXIT_HUNG, EXIT_INTERRUPTED
 
 
 def sigint_taken(pid) -> bool:

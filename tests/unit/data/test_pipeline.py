@@ -8,9 +8,10 @@ import pytest
 
 from tests.unit.data.corpora import DOCS, stream, take
 from vffn_jax.data.corpus import cache_root
-from vffn_jax.data.pipeline import eval_batches, main, make_batch_iterator
+from vffn_jax.data.pipeline import eval_batches, make_batch_iterator
 from vffn_jax.data.token_cache import token_split
 from vffn_jax.testing.cli import call
+from vffn_jax.cli import tokenize as tokenize_cli
 
 
 def test_split_shorter_than_a_sequence(jsonl):
@@ -104,10 +105,10 @@ def test_eval_batches(jsonl):
 
 
 def test_cli():
-    """`python -m vffn_jax.data`: --help, and --prepare reports the default corpus's splits (its cache: the
+    """`vffn-tokenize --prepare-default` (`python -m vffn_jax.data --prepare`): --help, and it reports the default corpus's splits (its cache: the
     session's shared one, named by --cache-dir)."""
-    res = call(main, "--help")
-    assert res.returncode == 0 and "--prepare" in res.stdout
-    res = call(main, "--prepare", "--cache-dir", cache_root())
+    res = call(tokenize_cli.main, "--prepare-default", "--help")
+    assert res.returncode == 0 and "--cache-dir" in res.stdout
+    res = call(tokenize_cli.main, "--prepare-default", "--cache-dir", cache_root())
     assert res.returncode == 0, res.stderr
     assert "kjv_bible" in res.stdout and "1,166 documents" in res.stdout and "23 documents" in res.stdout

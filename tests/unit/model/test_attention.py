@@ -15,6 +15,7 @@ from vffn_jax.train import optimizer
 from vffn_jax.train import step as step_lib
 from vffn_jax.config import ConfigError, MeshConfig, ModelConfig, load_config, validate
 from vffn_jax.model.transformer import Attention, Transformer, attention, causal_attend
+from vffn_jax.parallel.sharding import global_batch
 
 EOS = 5
 SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, n_experts=4, top_k=2, max_depth=3)
@@ -210,7 +211,7 @@ def test_model_with_splash_equals_xla_on_a_mesh_values_and_param_grads():
         fn = jax.jit(jax.value_and_grad(
             lambda p, b: step_lib.forward_loss(s.graphdef, p, b, cfg, train=True, tau=1.0, rng=jax.random.key(0))[0]))
         with jax.set_mesh(s.mesh):
-            results.append(jax.device_get(fn(params, step_lib.global_batch(batch, s.mesh))))
+            results.append(jax.device_get(fn(params, global_batch(batch, s.mesh))))
     (lx, gx), (ls, gs) = results
     np.testing.assert_allclose(ls, lx, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(gx)):

@@ -12,7 +12,8 @@ from flax import nnx
 from vffn_jax.config import ModelConfig, load_config
 from vffn_jax.model import depth_compact, placement
 from vffn_jax.model.transformer import Transformer
-from vffn_jax.train import step as step_lib
+from vffn_jax.evals import step as eval_step_lib
+from vffn_jax.parallel.sharding import global_batch
 
 SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, n_experts=4, top_k=2, max_depth=4,
              init_std=0.2, attention="xla")
@@ -63,11 +64,11 @@ def test_compact_equals_masked_on_a_mesh():
         cfg = load_config("tiny", "versatile", {**over, "model.depth_exec": mode})
         s = placement.setup(cfg, jax.devices())
         _, params, _ = placement.init_params(cfg.model, s.mesh, 0)
-        step = step_lib.make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)
+        step = eval_step_lib.make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)
         if mode == "compact":  # compacted per device: a manual (shard_map) region over the batch axes
-            hlo = step.lower(params, step_lib.global_batch(batch, s.mesh)).as_text()
+            hlo = step.lower(params, global_batch(batch, s.mesh)).as_text()
             assert "sdy.manual_computation" in hlo or "shard_map" in hlo
-        outs[mode] = jax.device_get(step(params, step_lib.global_batch(batch, s.mesh)))
+        outs[mode] = jax.device_get(step(params, global_batch(batch, s.mesh)))
     m, c = outs["masked"], outs["compact"]
     np.testing.assert_allclose(c["ce_sum"] / c["tokens"], m["ce_sum"] / m["tokens"], rtol=1e-5)
     np.testing.assert_array_equal(c["depth_hist"], m["depth_hist"])

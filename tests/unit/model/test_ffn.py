@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from vffn_jax.model import ffn
+from vffn_jax.parallel.sharding import global_batch
 
 D, F, E, K, L = 16, 64, 8, 2, 4
 
@@ -431,6 +432,6 @@ def test_width_shared_trains_one_step_on_a_mesh():
     step = step_lib.make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_sh)
     batch = np.asarray(jax.random.randint(jax.random.key(0), (cfg.train.batch_size, cfg.train.seq_len + 1), 0, 256),
                        np.int32)
-    _, _, metrics = step(params, opt_state, step_lib.global_batch(batch, s.mesh), 0)
+    _, _, metrics = step(params, opt_state, global_batch(batch, s.mesh), 0)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["balance_loss"]) > 0
     assert np.asarray(metrics["expert_load"]).shape == (cfg.model.n_layers, cfg.model.n_experts)

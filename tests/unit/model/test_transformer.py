@@ -8,9 +8,10 @@ import pytest
 from flax import nnx
 
 from vffn_jax.model import placement
-from vffn_jax.train import step as step_lib
 from vffn_jax.config import ModelConfig, load_config
 from vffn_jax.model.transformer import Transformer
+from vffn_jax.evals import step as eval_step_lib
+from vffn_jax.parallel.sharding import global_batch
 
 SMALL = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=4, d_ff=64, n_experts=4, top_k=2, max_depth=3)
 
@@ -148,9 +149,9 @@ def test_sharded_forward_equals_single_device(variant, extra):
         c = cfg if mesh_over is None else dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **mesh_over))
         s = placement.setup(c, devices)
         _, params, _ = placement.init_params(c.model, s.mesh, 0)
-        step = step_lib.make_eval_step(s.graphdef, c, s.mesh, s.param_shardings)
+        step = eval_step_lib.make_eval_step(s.graphdef, c, s.mesh, s.param_shardings)
         batch = np.asarray(jax.random.randint(jax.random.key(0), (8, 17), 0, 257))
-        outs.append(jax.device_get(step(params, step_lib.global_batch(batch, s.mesh))))
+        outs.append(jax.device_get(step(params, global_batch(batch, s.mesh))))
         if mesh_over is None:
             assert len(params["embed" if c.model.tie_embeddings else "lm_head"][...].sharding.device_set) == 8
     np.testing.assert_allclose(outs[0]["ce_sum"], outs[1]["ce_sum"], rtol=1e-5)

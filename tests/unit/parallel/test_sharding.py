@@ -14,6 +14,8 @@ from vffn_jax.train import optimizer
 from vffn_jax.train import step as step_lib
 from vffn_jax.config import ConfigError, MeshConfig, load_config, resolve_mesh_shapes
 from vffn_jax.testing.shapes import tiny_config
+from vffn_jax.evals import step as eval_step_lib
+from vffn_jax.parallel.sharding import global_batch
 
 MESH_AXES = shd.MESH_AXES
 
@@ -122,13 +124,13 @@ def test_checkpoint_restores_onto_other_meshes_and_device_counts(tmp_path):
     params, opt_state = optimizer.init_train_state(src, tx, opt_sh)
     batch = np.random.default_rng(0).integers(0, 256, (cfg.train.batch_size, cfg.train.seq_len + 1), dtype=np.int32)
     step = step_lib.make_train_step(src.graphdef, tx, cfg, src.mesh, src.param_shardings, opt_sh)
-    params, opt_state, _ = step(params, opt_state, step_lib.global_batch(batch, src.mesh), jnp.asarray(0))
+    params, opt_state, _ = step(params, opt_state, global_batch(batch, src.mesh), jnp.asarray(0))
     manager = ckpt.make_manager(tmp_path, cfg.run)
     ckpt.save(manager, 1, params, opt_state, force=True)
     manager.wait_until_finished()
     want_params, want_opt = jax.device_get((params, opt_state))
-    want = step_lib.make_eval_step(src.graphdef, cfg, src.mesh, src.param_shardings)(
-        params, step_lib.global_batch(batch, src.mesh))
+    want = eval_step_lib.make_eval_step(src.graphdef, cfg, src.mesh, src.param_shardings)(
+        params, global_batch(batch, src.mesh))
 
     # the tiny shape's 2 heads split over tensor 2
     for mesh_overrides, devices in (({"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}, jax.devices()),
@@ -145,6 +147,6 @@ def test_checkpoint_restores_onto_other_meshes_and_device_counts(tmp_path):
             assert leaf.sharding.mesh == dst.mesh and leaf.sharding.mesh.devices.size == len(devices)
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(got_params), want_params)
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(got_opt), want_opt)
-        got = step_lib.make_eval_step(dst.graphdef, cfg2, dst.mesh, dst.param_shardings)(
-            got_params, step_lib.global_batch(batch, dst.mesh))
+        got = eval_step_lib.make_eval_step(dst.graphdef, cfg2, dst.mesh, dst.param_shardings)(
+            got_params, global_batch(batch, dst.mesh))
         np.testing.assert_allclose(float(got["ce_sum"]), float(want["ce_sum"]), rtol=2e-5)

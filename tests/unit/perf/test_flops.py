@@ -12,6 +12,8 @@ from vffn_jax.train import optimizer
 from vffn_jax.train import step as step_lib
 from vffn_jax.parallel import sharding as shd
 from vffn_jax.config import load_config
+from vffn_jax.evals import step as eval_step_lib
+from vffn_jax.parallel.sharding import global_batch
 
 SMALL = {"model.n_layers": 3, "model.d_model": 64, "model.n_heads": 2, "model.d_ff": 128, "train.batch_size": 8,
          "train.seq_len": 32, "mesh.data": 1, "model.attention": "xla"}
@@ -113,8 +115,8 @@ def test_eval_step_returns_the_loops_it_executed(depth_exec):
     _, params, _ = placement.init_params(dataclasses.replace(cfg.model, depth_exec="masked"), s.mesh, 0)
     params = jax.tree.map(lambda a: a * 20 if a.ndim == 3 and a.shape[-1] == cfg.model.max_depth else a, params)
     batch = np.asarray(jax.random.randint(jax.random.key(0), (4, 17), 0, 256), np.int32)
-    out = jax.device_get(step_lib.make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)(
-        params, step_lib.global_batch(batch, s.mesh)))
+    out = jax.device_get(eval_step_lib.make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)(
+        params, global_batch(batch, s.mesh)))
     # the reference, per layer of each microbatch (rows j, j+2, ...), averaged over microbatches: masked runs
     # every token to the microbatch's deepest one; compact runs loop l on the n_l tokens that need it, in
     # blocks of b rows (32 tokens per microbatch: b = 4), the last block's padding counted

@@ -18,7 +18,7 @@ from vffn_jax.testing.shapes import tiny_args, tiny_config
 from vffn_jax.train import init_from
 from vffn_jax.train import loop as trainer
 from vffn_jax.train import optimizer
-from vffn_jax.train import step as step_lib
+from vffn_jax.evals import step as eval_step_lib
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +45,10 @@ def test_one_loop_from_dense_has_the_dense_held_out_loss_at_step_0(dense_run):
     workdir, summary = dense_run
     cfg, s, params, _, info = initialised("kloop", workdir, **{"model.n_loops": 1})
     assert info["init_from_step"] == 4 and info["init_fresh"] == [] and info["init_dropped"] == []
-    eval_step = step_lib.make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)
+    eval_step = eval_step_lib.make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)
     batches = data_lib.eval_batches(cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
                                     n_batches=cfg.run.eval_batches)
-    result = step_lib.evaluate(eval_step, params, batches, s.mesh)
+    result = eval_step_lib.evaluate(eval_step, params, batches, s.mesh)
     assert result["loss"] == summary["eval"]["loss"]  # the dense run's final eval, on the params saved at step 4
 
 
@@ -89,6 +89,7 @@ def test_mismatched_source_names_the_field(dense_run, capsys):
         init_from.resolve_init_source(workdir, 3)
 
 
+@pytest.mark.slow  # two variants' train, eval and init programs: ~35 s cold
 @pytest.mark.parametrize("variant", ["moe", "versatile_avg"])
 def test_new_variants_train_from_dense_via_cli(dense_run, variant, capsys):
     """versatile_avg trains all 4 steps (its final eval is checked); moe stops at step 2 and is resumed."""

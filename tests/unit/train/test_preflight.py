@@ -21,6 +21,7 @@ def _dry_run(*args):
     return call(train_cli.main, "--config", "tiny", "--dry-run", *args)
 
 
+@pytest.mark.slow  # three TPU programs (train step x 2 remat policies, eval step): ~20 s; `-m tpu_extra` runs it
 @needs_libtpu
 def test_tiny_step_compiles_for_a_multi_host_tpu_topology_and_reports_memory(monkeypatch):
     compiled = []  # the train-step programs actually compiled (compile_train_step memoises the rest)

@@ -20,6 +20,9 @@ from vffn_jax.train import optimizer
 from vffn_jax.train import step as step_lib
 from vffn_jax.config import ConfigError, validate
 from vffn_jax.testing.shapes import tiny_config
+from vffn_jax.evals import step as eval_step_lib
+from vffn_jax.parallel.sharding import global_batch
+from vffn_jax.parallel import microbatch
 
 # The shared tiny shape (batch 8 x 32 tokens, 2 layers, d 64, f 128, train.steps 4): with grad_accum 1 the steps
 # below are the programs tests/unit/train/test_loop.py trains with on one device and on the (2, 2, 2) mesh.
@@ -57,7 +60,7 @@ def run(variant, n, mesh_items=tuple(ONE.items()), exact=True, eval_too=False):
     _, opt_sh = optimizer.opt_state_shardings(tx, s)
     params, opt_state = optimizer.init_train_state(s, tx, opt_sh)
     step = step_lib.make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_sh)
-    data = [step_lib.global_batch(b, s.mesh) for b in batches(cfg)]
+    data = [global_batch(b, s.mesh) for b in batches(cfg)]
     counters = [jax.device_put(jnp.asarray(i, jnp.int32), shd.replicated(s.mesh)) for i in range(STEPS)]
     compiled = step.lower(params, opt_state, data[0], counters[0]).compile()
     metrics = []
@@ -66,7 +69,7 @@ def run(variant, n, mesh_items=tuple(ONE.items()), exact=True, eval_too=False):
         metrics.append(jax.device_get(m))
     ev = None
     if eval_too:
-        eval_step = step_lib.make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)
+        eval_step = eval_step_lib.make_eval_step(s.graphdef, cfg, s.mesh, s.param_shardings)
         ev = jax.device_get(eval_step(params, data[0]))
     return metrics, jax.device_get(params), ev, compiled
 
@@ -97,12 +100,12 @@ def test_gumbel_noise_of_a_microbatch_is_the_whole_batch_noise_of_its_rows():
     whole = noise(key, (8, 32, 4), None)
     for n in (2, 8):
         for j in range(n):
-            rows = step_lib.microbatch_row_ids(j, n, 8 // n)
+            rows = microbatch.microbatch_row_ids(j, n, 8 // n)
             np.testing.assert_array_equal(noise(key, (8 // n, 32, 4), rows), whole[np.asarray(rows)])
     # and the straight-through sample built from it
     logits = jax.random.normal(jax.random.key(1), (8, 32, 4))
     g = ffn.straight_through_gumbel(logits, 0.7, key)
-    rows = step_lib.microbatch_row_ids(1, 2, 4)
+    rows = microbatch.microbatch_row_ids(1, 2, 4)
     np.testing.assert_array_equal(ffn.straight_through_gumbel(logits[np.asarray(rows)], 0.7, key, rows),
                                   g[np.asarray(rows)])
 
@@ -110,10 +113,10 @@ def test_gumbel_noise_of_a_microbatch_is_the_whole_batch_noise_of_its_rows():
 def test_split_keeps_rows_and_the_model_samples_the_same_depths():
     cfg = cfg_for("versatile", 1)
     batch = jnp.asarray(batches(cfg)[0])
-    micro = step_lib.split_microbatches(batch, 4)
+    micro = microbatch.split_microbatches(batch, 4)
     assert micro.shape == (4, 2, cfg.train.seq_len + 1)
     for j in range(4):
-        np.testing.assert_array_equal(micro[j], batch[np.asarray(step_lib.microbatch_row_ids(j, 4, 2))])
+        np.testing.assert_array_equal(micro[j], batch[np.asarray(microbatch.microbatch_row_ids(j, 4, 2))])
     # through the layer stack: a microbatch's sampled depths (every layer) are the whole batch's
     graphdef, params = placement.abstract_model(cfg.model)[0], placement.init_params(cfg.model, placement.setup(
         cfg, jax.devices()[:1]).mesh)[1]
@@ -125,7 +128,7 @@ def test_split_keeps_rows_and_the_model_samples_the_same_depths():
                                       row_ids=row_ids)[1][1]["depth"]
 
     whole = depths(batch, None)
-    rows = step_lib.microbatch_row_ids(3, 4, 2)
+    rows = microbatch.microbatch_row_ids(3, 4, 2)
     part = depths(micro[3], rows)
     assert len(np.unique(whole)) > 1
     np.testing.assert_array_equal(part, whole[:, np.asarray(rows)])
@@ -149,6 +152,7 @@ def leaf_rel_diffs(a, b):
             for (p, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b))}
 
 
+@pytest.mark.slow  # three gradient programs of their own: ~30 s cold (the default tier checks the steps below)
 def test_accumulated_gradient_equals_one_batch_gradient():
     (g1, s1), (g4, s4) = first_gradient(1), first_gradient(4)
     worst = leaf_rel_diffs(g1, g4)
@@ -179,6 +183,7 @@ def test_versatile_accumulated_equals_one_batch():
     assert_metrics_equal(base_eval, acc_eval, skip=("executed_depth",))
 
 
+@pytest.mark.slow  # four more step programs: ~45 s cold (versatile, which has both routers, is in the default tier)
 @pytest.mark.parametrize("variant", ["dense", "moe"])
 def test_baselines_accumulated_equal_one_batch(variant):
     base, base_params, _, _ = run(variant, 1)

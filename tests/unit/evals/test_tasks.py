@@ -1,9 +1,9 @@
-"""Downstream multiple-choice scoring conventions (vffn_jax/data/mc_tasks.py): the len_norm divisor."""
+"""Downstream multiple-choice scoring conventions (vffn_jax/evals/tasks.py): the len_norm divisor."""
 import numpy as np
 import pytest
 
 from vffn_jax.config import ConfigError
-from vffn_jax.data import mc_tasks as mc
+from vffn_jax.evals import tasks as mc
 from vffn_jax.data.tokenizer import ByteTokenizer
 
 
