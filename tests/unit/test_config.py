@@ -1,11 +1,15 @@
 """Configs compose scale + variant + overrides; bad input fails at start-up naming the field and the fix."""
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
 import train as train_cli
+from vffn_jax import config as config_lib
 from vffn_jax.config import ConfigError, load_config, tau_at, validate
 from vffn_jax.testing.cli import call
+from vffn_jax.testing.shapes import TINY_TRAIN
 
 
 def test_scale_and_variant_compose():
@@ -129,3 +133,49 @@ def test_tau_decay_scales_with_run_length():
         with pytest.raises(ConfigError, match="tau_decay"):
             load_config("tiny", "versatile", bad)
     assert tau_decay_per_step(load_config("tiny", "versatile", {"train.tau_decay": 0.99}).train) == 0.99
+
+
+# --------------------------------------------------------------------------- config.json's format version
+
+FORMAT_1 = Path(__file__).resolve().parents[1] / "fixtures" / "config_format1.json"  # written by vffn_jax before format versions
+
+
+def test_saved_config_carries_its_format_version_and_older_or_newer_ones_are_handled():
+    cfg = load_config("tiny", "versatile")
+    saved = json.loads(cfg.to_json())
+    assert saved["format_version"] == config_lib.FORMAT_VERSION
+    assert config_lib.config_from_dict(saved) == cfg
+    old = json.loads(FORMAT_1.read_text())
+    assert "format_version" not in old
+    assert config_lib.config_from_dict(old).model == load_config("tiny", "versatile", TINY_TRAIN).model
+    with pytest.raises(ConfigError, match="written by a newer vffn_jax"):
+        config_lib.config_from_dict({**saved, "format_version": config_lib.FORMAT_VERSION + 1}, "x/config.json")
+    renamed = {"format_version": 1, "model": {"d_model": 64}}
+    config_lib.MIGRATIONS[1] = lambda d: {**d, "model": {**d["model"], "d_model": 2 * d["model"]["d_model"]}}
+    try:  # a migration step is applied to what an older format wrote, and only to that
+        assert config_lib.config_from_dict(renamed).model.d_model == 128
+        assert config_lib.config_from_dict({**renamed, "format_version": 2}).model.d_model == 64
+    finally:
+        config_lib.MIGRATIONS[1] = config_lib._v1_to_v2
+
+
+def test_a_run_directory_of_config_format_1_trains_on_evaluates_and_generates(tmp_path):
+    """A run directory whose config.json has no format_version (tests/fixtures/config_format1.json, as vffn_jax
+    wrote it before) and checkpoints: re-running the same command resumes it, eval.py and generate.py read it."""
+    import eval as eval_cli
+    import generate as generate_cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(FORMAT_1, run / "config.json")
+    args = ["--config", FORMAT_1, "--workdir", run, "--no-progress"]
+    assert call(train_cli.main, *args, "--stop-at", "2").returncode == 0
+    shutil.copy(FORMAT_1, run / "config.json")  # the run as the older version left it: format 1 beside checkpoint 2
+    res = call(train_cli.main, *args)
+    assert res.returncode == 0 and "steps 2->4" in res.stdout, res.stderr
+    assert json.loads((run / "config.json").read_text())["format_version"] == config_lib.FORMAT_VERSION
+    shutil.copy(FORMAT_1, run / "config.json")
+    res = call(eval_cli.main, "--workdir", run, "--json", "--no-plot")
+    assert res.returncode == 0 and json.loads(res.stdout)["step"] == 4, res.stderr
+    res = call(generate_cli.main, "--workdir", run, "--prompt", "And", "--max-new-tokens", 3, "--temperature", 0, "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["generations"][0]["n_tokens"] == 3, res.stderr
