@@ -338,6 +338,9 @@ def verify(step_dir: epath.Path, step: int, items: Sequence[str]) -> Verdict:
 # --------------------------------------------------------------------------- writing after commit
 
 
+FINALIZE_WAIT_S = 120.0  # how long a process waits for another process to finalize a step it saved
+
+
 class DigestWriter:
     """Writes each saved step's checksums in a background thread once Orbax has committed it.
 
@@ -370,8 +373,15 @@ class DigestWriter:
                 self._manager.wait_until_finished()
             except Exception:  # the save failed; Orbax reports it to the training loop itself
                 return
-            if not step_dir.exists() or not ocp.path.step.is_path_finalized(step_dir):
-                return
+            # With several processes the primary one finalizes (renames) the step folder after a barrier, in its
+            # own thread: the others' wait can return before the rename lands. Wait for it, briefly.
+            deadline = time.monotonic() + FINALIZE_WAIT_S
+            while not (step_dir.exists() and ocp.path.step.is_path_finalized(step_dir)):
+                if time.monotonic() > deadline:
+                    self._warn(f"vffn_jax: checkpoint step {step} was not finalized within {FINALIZE_WAIT_S:.0f} s of "
+                               "its save; its checksums are not written and it will restore unverified")
+                    return
+                time.sleep(0.05)
             self.last = write_digests(step_dir, step, jax.process_index(), jax.process_count())
         except Exception as e:
             self._warn(f"vffn_jax: could not write the checksums of checkpoint step {step} "

@@ -52,8 +52,7 @@ def test_resumed_run_equals_uninterrupted(tiny_run, tmp_path):
     assert resumed["eval"]["loss"] == final_eval_loss(tiny_run)
 
 
-@pytest.mark.slow  # two more meshes' train, eval and init programs and sharded saves: ~40 s cold. In the default
-# tier tests/unit/train/test_step.py checks (2, 2, 2) == one device step by step
+# Its one-device and (2, 2, 2) train steps are the ones tests/unit/train/test_step.py compares microbatching with
 def test_eight_devices_match_one_device(tiny_run, tmp_path):
     """One device, (data 2, fsdp 2, tensor 2), and tiny_run's 8-way data parallelism train alike."""
     one = tiny_config(overrides={"mesh.data": 1})
