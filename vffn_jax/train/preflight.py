@@ -26,6 +26,7 @@ from vffn_jax.train import step as step_lib
 from vffn_jax.config import Config, ConfigError
 from vffn_jax.perf.chips import GiB, chip_for
 
+
 def hbm_bytes(device_kind: str) -> int | None:
     chip = chip_for(device_kind)
     return None if chip is None else chip.hbm_bytes

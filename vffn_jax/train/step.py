@@ -50,7 +50,7 @@ def forward_loss(graphdef, params, batch, cfg: Config, *, train: bool, tau=1.0, 
 # j, j+N, j+2N, ... (a strided split: `[B] -> [B/N, N]`, transposed). The batch is sharded over
 # (data, fsdp) in contiguous blocks of B/D rows; B % (N*D) == 0 makes each device's block a whole
 # number of [B/N, N] tiles, so every microbatch takes B/(N*D) rows from each device's own block and the
-# split moves no data (checked in tests/test_grad_accum.py: no collective on the batch).
+# split moves no data (checked in tests/unit/train/test_step.py: no collective on the batch).
 #
 # What equals the one-batch step: every per-token mean is a mean of equal-sized microbatch means
 # (cross-entropy, z-loss, router/depth entropies, mean depth/alpha, depth histogram, expert load f_i,
@@ -66,7 +66,7 @@ def forward_loss(graphdef, params, batch, cfg: Config, *, train: bool, tau=1.0, 
 #   * `train.grad_accum_exact_balance=false` (default): each microbatch uses its own f_i(j). The gradient
 #     then differs from the one-batch gradient by `balance_coef * E/N * sum_j sum_i (f_i - f_i(j)) dP_i(j)`
 #     (the sampling spread of the microbatch loads, times balance_coef). Measured on the test shapes
-#     (tests/test_grad_accum.py: 8 x 32 tokens, N=4, first step): the whole gradient's relative error is
+#     (tests/unit/train/test_step.py: 8 x 32 tokens, N=4, first step): the whole gradient's relative error is
 #     2.6e-7 at balance_coef 1e-5 (f32 rounding alone: 2.3e-7) and 5.4e-4 at 1e-1; the expert router's own
 #     gradient is off by 1.8e-3 of its largest entry at 1e-5 and by 2.4x at 1e-1 (there the balance loss
 #     dominates that gradient). AdamW's first steps normalise each component, so after 3 steps (lr 3e-3) the
