@@ -20,6 +20,18 @@ vffn-hf import --help / export --help explain every flag."""
 
 
 
+def _require(command: str, *modules: str) -> None:
+    """ConfigError (exit 2) naming the extra to install when the Hugging Face libraries `command` uses are missing."""
+    import importlib.util
+
+    from vffn_jax.errors import ConfigError
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"vffn-hf {command} needs {', '.join(missing)}: pip install -r requirements-hf.txt "
+                          "(or pip install \"vffn_jax[hf]\")")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -62,6 +74,7 @@ def import_main(argv: list[str] | None = None) -> int:
     from vffn_jax.config import parse_set_args
 
     try:
+        _require("import", "safetensors")
         info = importer.import_hf(args.hf, args.out, variant=args.variant, overrides=parse_set_args(args.set), dtype=args.dtype)
     except Exception as e:  # bad input: `error: ...` and exit 2 (vffn_jax.errors); anything else is a bug
         return errors.report(e)
@@ -95,6 +108,7 @@ def export_main(argv: list[str] | None = None) -> int:
     from vffn_jax import errors
 
     try:
+        _require("export", "transformers", "safetensors", "torch")
         info = hf_export.export(args.workdir, args.out, step=args.step, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
     except Exception as e:  # bad input: `error: ...` and exit 2 (vffn_jax.errors); anything else is a bug
         return errors.report(e)

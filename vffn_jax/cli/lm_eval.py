@@ -1,5 +1,12 @@
 """`vffn-lm-eval` (also `python -m vffn_jax.cli.lm_eval`): lm-evaluation-harness on a vffn_jax run with the
-JAX model backend of vffn_jax/evals/lm_harness.py (no torch)."""
+JAX model backend of vffn_jax/evals/lm_harness.py (no torch; how requests are scored and generated: that module).
+
+    vffn-lm-eval --workdir runs/tiny --tasks vffn_downstream [--limit 100] [--output r.json]
+    vffn-lm-eval --workdir runs/tiny --tasks hellaswag,lambada_openai --batch-size 16
+
+Needs lm-evaluation-harness (pip install -r requirements-hf.txt). Exit status: 0 done, 2 bad input (missing run
+or step, unknown task, bad flag, lm-eval not installed).
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,11 +14,10 @@ import json
 import logging
 
 from vffn_jax.cli import runner
-from vffn_jax.evals import lm_harness
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = runner.parser("vffn-lm-eval", lm_harness.__doc__)
+    p = runner.parser("vffn-lm-eval", __doc__)
     p.add_argument("--workdir", required=True, metavar="RUN", help="training run or params-only export (local or gs://)")
     p.add_argument("--step", type=int, default=None, metavar="N", help="checkpoint step (default: the latest)")
     p.add_argument("--tasks", required=True, metavar="T[,T]",
@@ -23,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", default=None, metavar="ROWS",
                    help="rows per scoring batch (default: as many as eval.py --tasks puts in one batch)")
     p.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="few-shot examples (default: the task's)")
-    p.add_argument("--max-gen-toks", type=int, default=lm_harness.DEFAULT_MAX_GEN_TOKS, metavar="N",
-                   help=f"generation budget when a task does not set one (default {lm_harness.DEFAULT_MAX_GEN_TOKS})")
+    p.add_argument("--max-gen-toks", type=int, default=None, metavar="N",
+                   help="generation budget when a task does not set one (default 256)")
     p.add_argument("--seed", type=int, default=0, help="few-shot sampling and generation seed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="how the restored run executes: model.depth_exec, model.depth_block, model.attention, model.dtype")
@@ -41,9 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     from vffn_jax.config import parse_set_args
 
     try:
-        result = lm_harness.evaluate(args.workdir, args.tasks, step=args.step, include_paths=args.include_path, limit=args.limit,
-                          batch_size=args.batch_size, num_fewshot=args.num_fewshot, max_gen_toks=args.max_gen_toks,
-                          seed=args.seed, overrides=parse_set_args(args.overrides), log_samples=args.log_samples)
+        from vffn_jax.evals import lm_harness  # imports lm-eval: after the flags, so --help works without it
+
+        budget = {} if args.max_gen_toks is None else {"max_gen_toks": args.max_gen_toks}
+        result = lm_harness.evaluate(args.workdir, args.tasks, step=args.step, include_paths=args.include_path,
+                                     limit=args.limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+                                     seed=args.seed, overrides=parse_set_args(args.overrides),
+                                     log_samples=args.log_samples, **budget)
         import jax
 
         if args.output and jax.process_index() == 0:

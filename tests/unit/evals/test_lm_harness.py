@@ -221,3 +221,8 @@ def test_loglikelihoods_equal_the_export_under_transformers(lm, hf_dir):
     with torch.no_grad():
         ids = model.generate(torch.tensor([tok.encode(prompt)]), max_new_tokens=10, do_sample=False)
     assert text_ours == tok.decode(ids[0, len(tok.encode(prompt)):], skip_special_tokens=True)
+
+
+def test_help_names_the_backends_generation_budget():
+    """`vffn-lm-eval --help` works without importing lm-eval; its stated default is the backend's."""
+    assert f"(default {lm_harness.DEFAULT_MAX_GEN_TOKS})" in lm_eval_cli.build_parser().format_help()

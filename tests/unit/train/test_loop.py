@@ -30,14 +30,11 @@ def final_eval_loss(workdir):
     return [r["eval/loss"] for r in rows if "eval/loss" in r][-1]
 
 
-def restore_all(workdir, steps):
-    """Restores every step in `steps` (the tiny shape's params); returns the params of the last one."""
+def restore_params(workdir, step):
+    """The params of checkpoint `step` of a run at the shared tiny shape."""
     s = placement.setup(tiny_config())
-    params = None
-    for step in steps:
-        params, _ = ckpt.restore(ckpt.make_manager(workdir, read_only=True), step,
-                                 ckpt.abstract_with_shardings(s.abstract_params, s.param_shardings))
-    return params
+    return ckpt.restore(ckpt.make_manager(workdir, read_only=True), step,
+                        ckpt.abstract_with_shardings(s.abstract_params, s.param_shardings))[0]
 
 
 def test_resumed_run_equals_uninterrupted(tiny_run, tmp_path):
@@ -107,7 +104,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert "training stopped" in res.stderr and "last good checkpoint" in res.stderr
     last = ckpt.latest_step(workdir)
     assert last is not None and last < 20
-    params = restore_all(workdir, [last])
+    params = restore_params(workdir, last)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
 
 
