@@ -87,8 +87,8 @@ def upload(folder: Path, url: str) -> None:
 
 
 def measure(path: str, args) -> dict:
-    from vffn_jax.data import pipeline as data_lib
-    from vffn_jax.data import shards as shards_lib
+    from vffn_jax.data import batches as data_lib
+    from vffn_jax.data import shard_reader as shards_lib
     from vffn_jax.config import DataConfig
     from vffn_jax.data.manifest import read_manifest
 

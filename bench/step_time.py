@@ -2,8 +2,8 @@
 """Time the jitted training step of versatile, dense and kloop (K=4) at the same shape, in one run,
 optionally at several gradient-accumulation settings (`--grad-accum 1,4`).
 
-Measures `step_lib.make_train_step` only: random token batches already on the devices, no data
-pipeline, no checkpointing, no logging. Every variant is compiled and warmed up first; then the
+Measures `step_lib.make_train_step` only: batches of the synthetic source (`data.path=synthetic`: random
+tokens, no files, so no corpus is built or read) already on the devices, no checkpointing, no logging. Every variant is compiled and warmed up first; then the
 variants are timed in interleaved rounds (round r runs --steps steps of each variant in turn), so
 machine noise (other processes on a shared CPU) hits all of them alike. Each step is timed to
 completion (`block_until_ready`); the table reports the median over all rounds.
@@ -74,9 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prepare(cfg, n_batches: int = 2):
     """(jitted step, params, opt_state, device batches, setup, compile seconds) for one variant."""
-    import jax
-    import numpy as np
+    import dataclasses
 
+    import jax
+
+    from vffn_jax.data import batches as data_lib
     from vffn_jax.parallel import sharding as shd
     from vffn_jax.model import placement
     from vffn_jax.train import optimizer
@@ -87,9 +89,10 @@ def prepare(cfg, n_batches: int = 2):
     _, opt_shardings = optimizer.opt_state_shardings(tx, s)
     params, opt_state = optimizer.init_train_state(s, tx, opt_shardings)
     step = step_lib.make_train_step(s.graphdef, tx, cfg, s.mesh, s.param_shardings, opt_shardings)
-    rng = np.random.default_rng(cfg.train.seed)
-    batches = [jax.device_put(rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1),
-                                           dtype=np.int32), shd.batch_sharding(s.mesh)) for _ in range(n_batches)]
+    data = data_lib.make_batch_iterator(dataclasses.replace(cfg.data, path="synthetic"), "train",
+                                        seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
+                                        seed=cfg.train.seed)
+    batches = [jax.device_put(next(data), shd.batch_sharding(s.mesh)) for _ in range(n_batches)]
     t0 = time.perf_counter()
     compiled = step.lower(params, opt_state, batches[0], jax.numpy.asarray(0, jax.numpy.int32)).compile()
     return compiled, params, opt_state, batches, s, time.perf_counter() - t0

@@ -3,16 +3,30 @@
 `run.compile_cache`: "auto" (default) uses `<workdir>/compile_cache` (a `gs://` workdir too: JAX reads
 and writes the cache through etils.epath) unless a cache folder is already configured for this
 process (JAX_COMPILATION_CACHE_DIR or `jax.config`), which then wins; "off" disables it; anything
-else is the cache folder itself.
+else is the cache folder itself, which training checks it can write at start-up (`check`: exit 2 naming
+run.compile_cache; JAX itself would only warn and compile every program again).
 """
 from __future__ import annotations
 
 import jax
 
 from vffn_jax import storage
+from vffn_jax.errors import ConfigError
 from vffn_jax.rundir import RunDir
 
 MIN_COMPILE_SECONDS = 1.0  # programs that compile faster are not worth a round trip to a bucket
+
+
+def check(setting: str) -> None:
+    """ConfigError naming run.compile_cache and the fix when the folder it names cannot be created and written
+    (a path under a file, a read-only folder, a missing bucket). "auto" (the workdir's own folder, checked with
+    the workdir) and "off" need no check."""
+    if setting in ("auto", "off"):
+        return
+    try:
+        storage.check_writable(setting, "run.compile_cache")
+    except ConfigError as e:
+        raise ConfigError(f"{e}; or set run.compile_cache=auto (<workdir>/compile_cache) or off") from None
 
 
 def enable(setting: str, workdir) -> str | None:

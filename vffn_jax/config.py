@@ -6,10 +6,8 @@ repository's `configs/` folder (`configs/scales/*.json`, `configs/variants/*.jso
 the same files as `vffn_jax/presets/`); `--config` also accepts a path to a full or partial JSON file, e.g. a
 saved `config.json`. Each section lives beside the code it configures and validates itself: `model.*`
 (vffn_jax/model/config.py), `train.*` and `run.*` (vffn_jax/train/config.py), `data.*` (vffn_jax/data/config.py),
-`mesh.*` (vffn_jax/parallel/mesh.py). The keys users type are `section.field` as before.
-
-`config.json` carries `format_version`; `migrate` turns what an older version wrote into today's keys, so run
-directories keep loading after a key moves or is renamed (add the rename to `MIGRATIONS`).
+`mesh.*` (vffn_jax/parallel/mesh.py). `config.json` carries `format_version`; `migrate` turns what an older
+version wrote into today's keys, so run directories keep loading after a key moves (add it to `MIGRATIONS`).
 """
 from __future__ import annotations
 
@@ -205,11 +203,14 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
 # --------------------------------------------------------------------------- validation
 
 
-def validate(cfg: Config, n_devices: int | None = None, n_slices: int | None = None) -> None:
-    """Raises ConfigError naming the field and the fix for any inconsistent setting: each section's own checks,
-    then the ones that span sections, then (with `n_devices`) the mesh against the devices and the shapes."""
+def validate(cfg: Config, n_devices: int | None = None, n_slices: int | None = None,
+             platform: str | None = None) -> None:
+    """ConfigError naming the field and the fix: each section's checks, the cross-section ones, then (given
+    `n_devices` / `platform`: cpu, gpu, tpu) the mesh and shapes against the devices, the kernels against them."""
     for section in (cfg.model, cfg.train, cfg.data, cfg.mesh, cfg.run):
         section.validate()
+    if platform is not None:
+        cfg.model.validate_platform(platform)
     m, t = cfg.model, cfg.train
     if m.attention == "splash" and cfg.train.seq_len % 128:
         raise ConfigError(f"model.attention=splash needs train.seq_len a multiple of 128 (the kernel's smallest tile), "

@@ -34,6 +34,11 @@ class ConfigError(ValueError):
     exit_status = EXIT_BAD_INPUT
 
 
+class InputError(ConfigError):
+    """Bad input data: a file, document, corpus, bucket or tokenizer that cannot be used as given. The message
+    names the file (and line / record / byte) and the fix."""
+
+
 def exit_status(e: BaseException) -> int | None:
     """The error class's own `exit_status` (ConfigError, CheckpointDamagedError: 2; CheckpointMismatchError,
     TrainingDivergedError: 3), 2 for a missing file or module, None for anything else (a bug)."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import socket
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -21,8 +23,11 @@ from vffn_jax.config import ConfigError
 GCS_PREFIX = "gs://"
 
 # gcsfs warns "could not determine bucket type" for every bucket the emulator (and some real
-# buckets without hierarchical-namespace metadata) serve: noise, not a problem.
-logging.getLogger("gcsfs").setLevel(logging.ERROR)
+# buckets without hierarchical-namespace metadata) serve: noise, not a problem. Its "out of retries"
+# tracebacks are logged at ERROR before the same error reaches our code, which reports it in one line.
+logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+GCS_PROBE_TIMEOUT_S = 5.0  # a TCP connection to the Cloud Storage endpoint takes milliseconds when it works
+_REACHED: set[tuple[str, int]] = set()  # endpoints this process has connected to
 
 
 def _configure_gcsfs() -> None:
@@ -51,8 +56,33 @@ def as_path(path: str | os.PathLike) -> epath.Path:
     if is_gcs(text):
         if len(text) <= len(GCS_PREFIX) or text[len(GCS_PREFIX)] == "/":
             raise ConfigError(f"{text!r}: a GCS path is gs://BUCKET[/PREFIX]")
+        check_gcs_reachable(text)
         return epath.Path(text.rstrip("/"))
     return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def gcs_endpoint() -> tuple[str, int]:
+    """(host, port) that gcsfs talks to: $STORAGE_EMULATOR_HOST, else storage.googleapis.com:443."""
+    url = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
+    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def check_gcs_reachable(path: str) -> None:
+    """ConfigError within seconds when the Cloud Storage endpoint cannot be reached at all (no network, a
+    DNS failure, an emulator that is not running): gcsfs would retry every request with backoff for about
+    a minute and a half first. Checked once per process and endpoint."""
+    host, port = gcs_endpoint()
+    if (host, port) in _REACHED:
+        return
+    try:
+        socket.create_connection((host, port), timeout=GCS_PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        via = " (from $STORAGE_EMULATOR_HOST)" if os.environ.get("STORAGE_EMULATOR_HOST") else ""
+        raise ConfigError(f"{path}: cannot reach Cloud Storage at {host}:{port}{via} ({type(e).__name__}: "
+                          f"{_first_line(e)}); check this machine's network and DNS, or start the emulator / "
+                          "unset STORAGE_EMULATOR_HOST") from None
+    _REACHED.add((host, port))
 
 
 def gcs_fs():

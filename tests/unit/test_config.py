@@ -74,11 +74,36 @@ def test_cli_errors_are_clear_and_help_explains_flags(tmp_path):
     # a private corpus: its (tiny) token cache stays in tmp_path instead of the session's shared data cache
     short = call(train_cli.main, "--workdir", tmp_path / "run", "--set", f"data.path={corpus}",
                  "--set", f"data.cache_dir={tmp_path / 'cache'}", "--steps", 1)
-    assert short.returncode == 2 and "too few to hold out" in short.stderr and "Traceback" not in short.stderr
+    assert short.returncode == 2 and "holds one sequence of seq_len + 1" in short.stderr and "Traceback" not in short.stderr
+    negative = call(train_cli.main, "--config", "tiny", "--set", "run.tasks_every=-5", "--dry-run")
+    assert negative.returncode == 2 and "run.tasks_every=-5" in negative.stderr and "Traceback" not in negative.stderr
+    latin1 = tmp_path / "latin1"
+    latin1.mkdir()
+    (latin1 / "a.txt").write_bytes("caf\u00e9 au lait, na".encode() + "\u00efve".encode("latin-1"))
+    bad_text = call(train_cli.main, "--workdir", tmp_path / "run2", "--set", f"data.path={latin1}",
+                    "--set", f"data.cache_dir={tmp_path / 'cache'}", "--steps", 1)
+    assert bad_text.returncode == 2 and f"{latin1 / 'a.txt'}: not valid UTF-8 at byte 17" in bad_text.stderr
+    assert "Traceback" not in bad_text.stderr and not (tmp_path / "run2" / "checkpoints").exists()
     helptext = call(train_cli.main, "--help")
     assert helptext.returncode == 0
     for flag in ("--config", "--variant", "--workdir", "--steps", "--set", "--dry-run", "--json"):
         assert flag in helptext.stdout
+
+
+def test_cudnn_attention_without_a_gpu_is_refused_at_start_up(tmp_path):
+    """model.attention=cudnn (bfloat16, which the section itself accepts) on CPU devices: exit 2 naming the field
+    and the fix, from a dry run and from training before the workdir is written, not a JAX error at the first step."""
+    import jax
+
+    if jax.devices()[0].platform in ("gpu", "cuda"):
+        pytest.skip("needs a host without a GPU")
+    cudnn = ("--config", "tiny", "--set", "model.attention=cudnn", "--set", "model.dtype=bfloat16")
+    for res in (call(train_cli.main, *cudnn, "--dry-run"),
+                call(train_cli.main, *cudnn, "--workdir", tmp_path / "run", "--steps", 1, "--no-progress")):
+        assert res.returncode == 2, res.stderr
+        assert "error: model.attention=cudnn runs on NVIDIA GPUs only" in res.stderr and "devices here are cpu" in res.stderr
+        assert "use model.attention=auto" in res.stderr and "Traceback" not in res.stdout + res.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_dry_run_json_reports_counts_and_shardings():

@@ -87,8 +87,11 @@ class RestoredRun:
 
 
 # What `--set` may change when a run is restored for inference (eval.py, generate.py): how the same
-# parameters are executed, never their shapes or the method
-INFERENCE_OVERRIDES = ("model.depth_exec", "model.depth_block", "model.attention", "model.dtype")
+# parameters are executed, and which held-out data they are evaluated on; never their shapes, the method or
+# the tokenizer (the model's vocabulary)
+INFERENCE_OVERRIDES = ("model.depth_exec", "model.depth_block", "model.attention", "model.dtype",
+                       "data.path", "data.mixture", "data.holdout_fraction", "data.text_field", "data.cache_dir",
+                       "data.verify_shards")
 
 
 def with_inference_overrides(cfg: Config, overrides: dict[str, Any] | None) -> Config:
@@ -97,15 +100,17 @@ def with_inference_overrides(cfg: Config, overrides: dict[str, Any] | None) -> C
         return cfg
     for key in overrides:
         if key not in INFERENCE_OVERRIDES:
-            raise ConfigError(f"--set {key}=...: a restored run can only change how it runs at inference "
-                              f"({', '.join(INFERENCE_OVERRIDES)}); its shapes and training settings are the run's own")
+            raise ConfigError(f"--set {key}=...: a restored run can only change how it runs at inference and what it "
+                              f"is evaluated on ({', '.join(INFERENCE_OVERRIDES)}); its shapes and training settings "
+                              "are the run's own")
     return config_lib.config_from_dict(config_lib.apply_overrides(cfg, overrides).to_dict())
 
 
 def restore_params(workdir, step: int | None = None, devices: Sequence[Any] | None = None,
-                   overrides: dict[str, Any] | None = None) -> RestoredRun:
+                   overrides: dict[str, Any] | None = None, *, runs_model: bool = True) -> RestoredRun:
     """Params only (never the optimizer state or the data iterator), verified, resharded to `devices`.
-    `overrides`: `--set` values of INFERENCE_OVERRIDES (e.g. `{"model.depth_exec": "masked"}`)."""
+    `overrides`: `--set` values of INFERENCE_OVERRIDES (e.g. `{"model.depth_exec": "masked"}`). `runs_model`
+    (eval, generate; not an export): the config's kernels are checked against the devices' platform first."""
     import jax
 
     from vffn_jax.model import placement
@@ -115,6 +120,8 @@ def restore_params(workdir, step: int | None = None, devices: Sequence[Any] | No
     step = resolve_step(workdir, step)
     devices = list(devices) if devices is not None else jax.devices()
     cfg, eval_batch, notes = fit_to_devices(saved_cfg, len(devices))
+    if runs_model:  # e.g. model.attention=cudnn on a CPU host: refused here, not as a JAX error at the first step
+        config_lib.validate(cfg, platform=devices[0].platform)
     s = placement.setup(cfg, devices)
     manager = ckpt.make_manager(workdir, cfg.run, read_only=True)
     try:

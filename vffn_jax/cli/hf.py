@@ -11,7 +11,7 @@ from vffn_jax.hf import importer
 
 USAGE = """usage: vffn-hf {import,export} [options]   (also: python -m vffn_jax.hf ...)
 
-  import   a local Hugging Face Llama-family directory (config.json + *.safetensors) -> a vffn_jax run directory
+  import   a Hugging Face Llama-family directory (config.json + *.safetensors) -> a vffn_jax run directory
            that eval.py, generate.py and train.py --init-from use (--variant adds the VersatileFFN routers)
   export   a vffn_jax run -> a directory AutoModelForCausalLM.from_pretrained loads (dense: LlamaForCausalLM;
            other variants: custom code, trust_remote_code=True)
@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 def import_parser() -> argparse.ArgumentParser:
     p = runner.parser("vffn-hf import", importer.__doc__)
     p.add_argument("--hf", required=True, metavar="DIR",
-                   help="local Hugging Face model folder: config.json, *.safetensors (+ index when sharded), "
-                        "tokenizer.json")
+                   help="Hugging Face model folder, local or gs:// (copied to a local temporary folder first): "
+                        "config.json, *.safetensors (+ index when sharded), tokenizer.json")
     p.add_argument("--out", required=True, metavar="RUN",
-                   help="the vffn_jax run directory to create (local; must not exist or be an empty folder)")
+                   help="the vffn_jax run directory to create, local or gs:// (must not exist or be an empty folder)")
     p.add_argument("--variant", default=None, metavar="V",
                    help="FFN variant preset (configs/variants/V.json or a .json path), e.g. versatile: its new "
                         "parameters (routers, moe experts) are freshly initialised with train.seed, every Llama "
@@ -92,7 +92,10 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, metavar="RUN",
                    help="the training run or params-only export to convert (local or gs://)")
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="the Hugging Face folder to create (local; must not exist or be empty)")
+                   help="the Hugging Face folder to create (local; must not exist or be empty, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out: its old files are deleted once the new folder is complete "
+                        "(without it, a non-empty --out is refused)")
     p.add_argument("--step", type=int, default=None, metavar="N", help="checkpoint step (default: the latest)")
     p.add_argument("--dtype", default=None, choices=hf_export.DTYPES,
                    help="dtype of the stored weights and of config.json's dtype (default: the run's model.param_dtype)")
@@ -109,7 +112,8 @@ def export_main(argv: list[str] | None = None) -> int:
 
     try:
         _require("export", "transformers", "safetensors", "torch")
-        info = hf_export.export(args.workdir, args.out, step=args.step, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
+        info = hf_export.export(args.workdir, args.out, step=args.step, dtype=args.dtype,
+                                max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
     except Exception as e:  # bad input: `error: ...` and exit 2 (vffn_jax.errors); anything else is a bug
         return errors.report(e)
     remote = ", trust_remote_code=True" if info["trust_remote_code"] else ""

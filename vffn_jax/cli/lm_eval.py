@@ -23,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", required=True, metavar="T[,T]",
                    help="lm-eval task or group names: vffn_downstream (the eight of eval.py --tasks), vffn_piqa, ..., "
                         "or lm-eval's own")
-    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
-                   help="more lm-eval task YAMLs (repeatable); the vffn_* tasks are always included")
+    p.add_argument("--include-path", "--include_path", dest="include_path", action="append", default=[], metavar="DIR",
+                   help="a local folder of more lm-eval task YAMLs (repeatable; a missing folder is an error); the "
+                        "vffn_* tasks are always included")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N documents of each task")
     p.add_argument("--batch-size", default=None, metavar="ROWS",
                    help="rows per scoring batch (default: as many as eval.py --tasks puts in one batch)")
@@ -39,6 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_include_paths(paths: list[str]) -> None:
+    """FileNotFoundError / ConfigError naming --include-path when a folder is missing (lm-eval would skip it)."""
+    import os
+
+    from vffn_jax import storage
+    from vffn_jax.errors import ConfigError
+
+    for path in paths:
+        if storage.is_gcs(path):
+            raise ConfigError(f"--include-path={path}: lm-eval reads task YAMLs from a local folder; copy them here "
+                              "(e.g. `gcloud storage cp -r`) and pass that folder")
+        if not os.path.isdir(os.path.expanduser(path)):
+            what = "is a file" if os.path.exists(os.path.expanduser(path)) else "does not exist"
+            raise FileNotFoundError(f"--include-path={path} {what}: give a folder of lm-eval task YAML files")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     runner.quiet_startup()
@@ -47,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from vffn_jax.config import parse_set_args
 
     try:
+        check_include_paths(args.include_path)  # before lm-eval is imported (or found missing)
         from vffn_jax.evals import lm_harness  # imports lm-eval: after the flags, so --help works without it
 
         budget = {} if args.max_gen_toks is None else {"max_gen_toks": args.max_gen_toks}

@@ -33,7 +33,7 @@ def _fraction(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     from vffn_jax.data import tokenize_corpus as tc
 
-    p = runner.parser("vffn-tokenize", __doc__ + "\n" + tc.__doc__.split("\n\n", 2)[2])
+    p = runner.parser("vffn-tokenize", __doc__ + "\n" + tc.__doc__[tc.__doc__.index("Inputs (local"):])
     p.add_argument("--input", required=True,
                    help="a glob (quote it; ** allowed), a directory (searched recursively), a file, "
                         "tfds:NAME[:DATA_DIR], or a TFDS dataset directory; local or gs://")
@@ -45,10 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes (default min(cores, 8) = %(default)s; 1 = in this process)")
     p.add_argument("--validation-fraction", type=_fraction, default=0.0,
                    help="share of documents held out as split 'validation', by a hash of (file, document "
-                        "index); 0 = none (default). A TFDS input's own validation split is kept instead")
+                        "index); 0 = none (default). An input with its own validation split (a TFDS "
+                        "'validation' split, or a top-level validation/ folder) keeps it instead. Training on "
+                        "raw files holds out data.holdout_fraction (default 0.02) by the same hash")
     p.add_argument("--text-field", default="text", help="field/column holding the text (default: text)")
     p.add_argument("--docs-per-unit", type=_positive_int, default=tc.DEFAULT_DOCS_PER_UNIT,
                    help=f"TFDS documents per unit of work (default {tc.DEFAULT_DOCS_PER_UNIT:,})")
+    p.add_argument("--unit-bytes", type=_positive_int, default=tc.DEFAULT_UNIT_BYTES,
+                   help=f"input bytes per unit of work: consecutive files are grouped up to this size, a larger "
+                        f"file is a unit alone (default {tc.DEFAULT_UNIT_BYTES:,}; training's token cache uses the "
+                        "default, so keep it to get the same shards as data.path=<input>)")
+    p.add_argument("--cache-dir", default="",
+                   help="where a gs:// TFDS input is copied (default: $VFFN_JAX_CACHE_DIR or ~/.cache/vffn_jax)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(tokenize_corpus.tokenize(args.input, args.output, args.tokenizer, shard_tokens=args.shard_tokens,
                                        workers=args.workers, validation_fraction=args.validation_fraction,
                                        text_field=args.text_field, docs_per_unit=args.docs_per_unit,
-                                       quiet=args.quiet))
+                                       unit_bytes=args.unit_bytes, cache_dir=args.cache_dir, quiet=args.quiet))
         return 0
 
     return runner.run(body)
@@ -80,7 +88,7 @@ def _prepare_default(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        from vffn_jax.data import pipeline
+        from vffn_jax.data import batches as pipeline
 
         for line in pipeline.describe_default_corpus(args.cache_dir, args.tokenizer):
             print(line)

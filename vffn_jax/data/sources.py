@@ -9,7 +9,9 @@ Two jobs, one set of rules and errors:
     newlines), .jsonl (one record per non-blank line), .json (a list of records, one record, or JSON lines),
     .jsonl.gz / .json.gz (gzipped JSON lines), .parquet (a text column, a row group batch at a time).
 
-Errors: a bad document raises `SourceError` (a ConfigError) naming the file and the line / record / row and
+Also the documents of a TFDS split (`tfds_docs`).
+
+Errors: a bad document raises `InputError` (a ConfigError) naming the file and the line / record / row and
 the fix; a path that does not exist or matches nothing raises FileNotFoundError naming the spec (and the
 bucket, when it is the bucket that is missing). Splits are named `SPLITS` everywhere.
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import gzip
-import io
 import json
 import os
 import posixpath
@@ -26,17 +27,16 @@ import re
 from collections.abc import Iterator
 
 from vffn_jax import storage
-from vffn_jax.config import ConfigError
+from vffn_jax.errors import ConfigError, InputError
 
-SPLITS = ("train", "validation")
 SUFFIXES = (".txt", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 SUFFIX_LIST = "/".join(SUFFIXES)  # ".txt/.jsonl/..." in messages
+DATA_PATH_ACCEPTS = ('data.path accepts "" (default corpus), tfds:NAME[:DATA_DIR], a TFDS dataset directory, a '
+                     "directory / glob / file of .txt, .jsonl, .json, .jsonl.gz, .json.gz, .parquet documents, a "
+                     '.npy / .bin token file, a token-shard folder (manifest.json) or "synthetic"')
 PARQUET_BATCH_ROWS = 1024
+TFDS_BATCH_DOCS = 512  # records per TFDS read
 _TFDS_RE = re.compile(r"tfds:(?P<name>[^:]+(?::\d+\.\d+\.\d+)?)(?::(?P<dir>.+))?")
-
-
-class SourceError(ConfigError):
-    """A problem with an input document or spec; the message names the file (and line) and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +92,7 @@ def local_files(spec: str, label: str, accepted: str = "", exclude: str | None =
             none = "is a directory without"
         elif os.path.isfile(path):
             if not suffix(path):
-                raise SourceError(f"{label}: unsupported file type {os.path.splitext(path)[1]!r}; expected one of "
+                raise InputError(f"{label}: unsupported file type {os.path.splitext(path)[1]!r}; expected one of "
                                   f"{', '.join(SUFFIXES)}{tail}")
             root, files, none = os.path.dirname(path), [path], ""
         else:
@@ -126,16 +126,16 @@ def gcs_missing(fs, spec: str, label: str, problem: str, accepted: str = "") -> 
     return FileNotFoundError(f"{label} {problem}{note}" + (f"; {accepted}" if accepted else ""))
 
 
-def gcs_read_error(spec: str, label: str, e: Exception) -> SourceError:
+def gcs_read_error(spec: str, label: str, e: Exception) -> InputError:
     bucket = spec.removeprefix(storage.GCS_PREFIX).split("/", 1)[0]
-    return SourceError(f"{label}: cannot read it ({type(e).__name__}: {first_line(e)}); check that bucket "
+    return InputError(f"{label}: cannot read it ({type(e).__name__}: {first_line(e)}); check that bucket "
                        f"gs://{bucket} exists and that this machine's credentials may read it (gcloud auth "
                        "application-default login, or the VM's service account with roles/storage.objectViewer)")
 
 
 def gcs_listing(spec: str, label: str, accepted: str = "") -> tuple[str, dict[str, dict], dict | None]:
     """(root URL, {object name: info}, info of `spec` itself when it is one object, else None) of a gs:// glob,
-    prefix or object. FileNotFoundError when nothing is there; SourceError when the bucket cannot be read."""
+    prefix or object. FileNotFoundError when nothing is there; InputError when the bucket cannot be read."""
     url = str(storage.as_path(spec))  # ConfigError for a malformed gs:// path
     fs = storage.gcs_fs()
     try:
@@ -182,7 +182,7 @@ def list_files(spec: str, label: str, accepted: str = "", exclude: str | None = 
         return local_files(spec, label, accepted, exclude)
     root, objects, one = gcs_listing(spec, label, accepted)
     if one is not None and not suffix(spec):
-        raise SourceError(f"{label}: unsupported file type {posixpath.splitext(spec)[1]!r}; expected one of "
+        raise InputError(f"{label}: unsupported file type {posixpath.splitext(spec)[1]!r}; expected one of "
                           f"{', '.join(SUFFIXES)}" + (f"; {accepted}" if accepted else ""))
     return gcs_files(spec, root, objects, label, accepted)
 
@@ -193,9 +193,9 @@ def tfds_builder(spec: str, label: str):
 
     m = _TFDS_RE.fullmatch(spec)
     if not m:
-        raise SourceError(f"{label}: expected tfds:NAME[:DATA_DIR] (NAME may carry :VERSION)")
+        raise InputError(f"{label}: expected tfds:NAME[:DATA_DIR] (NAME may carry :VERSION)")
     if m["dir"] and storage.is_gcs(m["dir"]):
-        raise SourceError(f"{label}: a TFDS data_dir on gs:// is not supported; pass the dataset's directory "
+        raise InputError(f"{label}: a TFDS data_dir on gs:// is not supported; pass the dataset's directory "
                           "instead (gs://.../NAME/VERSION, the one holding dataset_info.json), or copy it locally")
     data_dir = os.path.abspath(os.path.expanduser(m["dir"])) if m["dir"] else None
     try:
@@ -217,20 +217,49 @@ def tfds_splits(builder) -> dict[str, int]:
     return {name: info.num_examples for name, info in builder.info.splits.items()}
 
 
+def local_stats(data_dir: str) -> list[list]:
+    """[name, size, mtime_ns] of the files of a local folder: the identity of a local TFDS dataset."""
+    names = sorted(n for n in os.listdir(data_dir) if os.path.isfile(os.path.join(data_dir, n)))
+    return [[n, (st := os.stat(os.path.join(data_dir, n))).st_size, st.st_mtime_ns] for n in names]
+
+
+def tfds_docs(data_dir: str, split: str, start: int, stop: int, field: str,
+              hint: str = "set data.text_field") -> Iterator[tuple[int, str]]:
+    """(index, text) of records [start, stop) of `split` of the local TFDS dataset at `data_dir`."""
+    import tensorflow_datasets as tfds
+
+    source = tfds.builder_from_directory(data_dir).as_data_source(split)
+    for first in range(start, stop, TFDS_BATCH_DOCS):
+        idx = list(range(first, min(first + TFDS_BATCH_DOCS, stop)))
+        for i, record in zip(idx, source.__getitems__(idx)):
+            yield i, record_text(record, f"{data_dir} split {split} record {i}", field, hint)
+
+
+def files_label(spec: str, files: list[InputFile]) -> str:
+    """A short name for the input `spec` (its folder, glob root or file stem), for cache folder names."""
+    spec = spec.rstrip("/")
+    name = spec.rsplit("/", 1)[-1]
+    if glob.has_magic(spec):
+        return glob_root(spec).rstrip("/").rsplit("/", 1)[-1] or "glob"
+    if len(files) == 1 and files[0].path.rstrip("/").endswith(name) and suffix(name):
+        return name[:-len(suffix(name))]
+    return name or "files"
+
+
 # --------------------------------------------------------------------------- documents of a file
 
 
 def _text(value, where: str, field: str, hint: str) -> str:
     if isinstance(value, dict):
         if field not in value:
-            raise SourceError(f"{where}: record has no field {field!r} (fields: {sorted(value)[:10]}); {hint}")
+            raise InputError(f"{where}: record has no field {field!r} (fields: {sorted(value)[:10]}); {hint}")
         value = value[field]
     if value is None:
-        raise SourceError(f"{where}: field {field!r} is null")
+        raise InputError(f"{where}: field {field!r} is null")
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     if not isinstance(value, str):
-        raise SourceError(f"{where}: field {field!r} is a {type(value).__name__}, not text")
+        raise InputError(f"{where}: field {field!r} is a {type(value).__name__}, not text")
     return value
 
 
@@ -239,14 +268,32 @@ def record_text(record, where: str, field: str, hint: str = "set data.text_field
     return _text(record, where, field, hint)
 
 
+def _utf8(data: bytes, where: str) -> str:
+    """`data` decoded as UTF-8 with universal newlines; InputError naming the first bad byte."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{where}: not valid UTF-8 at byte {e.start} ({data[e.start:e.start + 4]!r}); convert the "
+                         "file to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8) or remove it from the input") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _json_lines(fh, where: str, field: str, hint: str) -> Iterator[str]:
+    offset = 0
     for n, line in enumerate(fh, 1):
+        start, offset = offset, offset + len(line)
         if not line.strip():
             continue
         try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{where} line {n}: not valid UTF-8 at byte {start + e.start} of the "
+                             f"{'decompressed ' if where.endswith('.gz') else ''}file; convert the file to UTF-8 "
+                             "or remove the line") from None
+        try:
             record = json.loads(line)
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            raise SourceError(f"{where} line {n}: not valid JSON ({e})") from None
+            raise InputError(f"{where} line {n}: not valid JSON ({e})") from None
         yield _text(record, f"{where} line {n}", field, hint)
 
 
@@ -256,9 +303,9 @@ def _parquet_file(fh, where: str, field: str, hint: str):
     try:
         pf = pq.ParquetFile(fh)
     except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid and others
-        raise SourceError(f"{where}: not a readable parquet file ({first_line(e)})") from None
+        raise InputError(f"{where}: not a readable parquet file ({first_line(e)})") from None
     if field not in pf.schema_arrow.names:
-        raise SourceError(f"{where}: no column {field!r} (columns: {pf.schema_arrow.names[:10]}); {hint}")
+        raise InputError(f"{where}: no column {field!r} (columns: {pf.schema_arrow.names[:10]}); {hint}")
     return pf
 
 
@@ -278,7 +325,7 @@ def _json_file(raw, where: str) -> object | None:
         return json.loads(data)
     except ValueError as e:
         if data.lstrip()[:1] == b"[":
-            raise SourceError(f"{where}: not valid JSON ({e})") from None
+            raise InputError(f"{where}: not valid JSON ({e})") from None
         return None
 
 
@@ -289,7 +336,7 @@ def _gunzip(raw, where: str):
         try:
             yield from fh
         except (OSError, EOFError) as e:
-            raise SourceError(f"{where}: cannot decompress ({e})") from None
+            raise InputError(f"{where}: cannot decompress ({e})") from None
     return lines()
 
 
@@ -298,8 +345,7 @@ def file_docs(path: str, field: str, hint: str = "set data.text_field") -> Itera
     kind, where = suffix(path), str(path)
     with storage.as_path(path).open("rb") as raw:
         if kind == ".txt":
-            with io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as text:  # universal newlines
-                yield text.read()
+            yield _utf8(raw.read(), where)
         elif kind == ".parquet":
             yield from _parquet_docs(raw, where, field, hint)
         elif kind.endswith(".gz"):

@@ -1,179 +1,191 @@
-"""Tokenise a raw text corpus once, in parallel, into flat token shards plus `manifest.json`.
+"""The tokenising engine: raw documents -> flat token shards plus `manifest.json`, once, in parallel.
+
+Both ways into training go through it: `vffn-tokenize --input ... --output FOLDER` (then `data.path=FOLDER`),
+and `data.path=<raw input>`, which calls it into the token cache (vffn_jax/data/token_cache.py) with the same
+defaults, so the same input gives the same shards, and the same held-out documents, either way.
 
     vffn-tokenize --input GLOB|DIR|FILE|tfds:NAME[:DATA_DIR] --output DIR|gs://... \\
         --tokenizer olmo|byte|PATH [--shard-tokens N] [--workers P] [--validation-fraction F] [--text-field text]
 
-Inputs (local or gs://, read by vffn_jax/data/sources.py, as training reads data.path): `.txt` (one document
-per file, universal newlines), `.jsonl` (one record per line, text in --text-field; `.json`: one list of
-records, one record, or JSON lines), `.jsonl.gz` / `.json.gz` (Dolma: gzipped JSON lines), `.parquet`
-(FineWeb: a text column, read a row group batch at a time), a TFDS dataset (`tfds:NAME[:DATA_DIR]`, or the
-directory holding its dataset_info.json; splits train and validation).
+Inputs (local or gs://, read by vffn_jax/data/sources.py): `.txt` (one document per file, UTF-8, universal
+newlines), `.jsonl` (one record per line, text in --text-field; `.json`: one list of records, one record, or
+JSON lines), `.jsonl.gz` / `.json.gz` (Dolma: gzipped JSON lines), `.parquet` (FineWeb: a text column, read a
+row group batch at a time), a TFDS dataset (`tfds:NAME[:DATA_DIR]`, or the directory holding its
+dataset_info.json, local or gs://; splits train and validation).
 
 Design:
-  - Units of work. Input files are sorted by path (components, so local and gs:// inputs sort alike); each
-    file is one unit. A TFDS split is cut into blocks of --docs-per-unit documents, one unit each. Unit i
-    writes its own shards `<split>-<i:05d>-<part:04d>.bin` (documents in order, each followed by EOS; a
-    shard holds at most --shard-tokens tokens and a document is only split when it alone exceeds that),
-    raw little-endian uint16 when the vocabulary fits in 16 bits, else uint32 (`manifest.dtype_for`).
-    Shards are written to a temporary file and renamed (local) or uploaded in one request (gs://), so a
-    shard name only ever holds a complete shard.
+  - Units of work. Input files are sorted by path (components, so local and gs:// inputs sort alike) and
+    grouped, in that order, into units of about --unit-bytes (a larger file is a unit of its own); a TFDS
+    split is cut into blocks of --docs-per-unit documents. Unit i writes its own shards
+    `<split>-<i:05d>-<part:04d>.bin` (documents in order, each followed by EOS; a shard holds at most
+    --shard-tokens tokens and a document is only split when it alone exceeds that), raw little-endian uint16
+    when the vocabulary fits in 16 bits, else uint32 (`manifest.dtype_for`). A shard name only ever holds a
+    complete shard (vffn_jax/data/shard_writer.py).
   - Parallelism: `--workers P` processes (spawned; P=1 tokenises in this process) take units from a queue.
     A unit's shards depend on the unit alone, so the output is byte-identical for every P.
-  - Validation split: a document goes to "validation" when a hash of (its unit's key: the input path
-    relative to the input root, or the TFDS split; its index in that file/split) is below
-    --validation-fraction. A TFDS input with its own "validation" split keeps that split instead.
-  - Re-runs: after a unit's shards are written, `<output>/.progress/<unit:05d>.json` records its input's
+  - Held-out documents: vffn_jax/data/splits.py, the one rule (a per-document hash below
+    --validation-fraction, unless the input brings its own validation split).
+  - Re-runs: after a unit's shards are written, `<output>/.progress/<unit:05d>.json` records its inputs'
     identity (path, size, mtime or GCS generation) and its shards (tokens, documents, sha256). A re-run
     with the same flags reuses every unit whose record matches and whose shards exist with the right
     sizes, and tokenises the rest. `<output>/.progress/flags.json` holds the flags the output was made
-    with; other flags (tokenizer, --shard-tokens, --validation-fraction, --text-field, --docs-per-unit)
-    are refused (exit 2) instead of mixing two corpora.
+    with; other flags are refused (exit 2) instead of mixing two corpora.
   - The manifest is written last, once every unit is done: a manifest means a complete corpus. It has no
     timestamps, so it is byte-identical across runs and worker counts.
-Errors in the input or the flags print `error: ...` naming the file (and line / field) and exit 2.
+Errors in the input or the flags raise InputError naming the file (and line / field): exit 2.
 """
 from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import json
 import multiprocessing
 import os
 import sys
 import time
-import types
 from collections.abc import Iterator
 
 import numpy as np
 
 from vffn_jax import storage
-from vffn_jax.config import ConfigError
 from vffn_jax.data import manifest as manifest_lib
-from vffn_jax.data import sources
-from vffn_jax.data.shard_output import (PROGRESS, SHARD_RE, ShardWriter, check_flags, delete, join, listing,
-                                        record_path, records, reusable)
-from vffn_jax.data.sources import SPLITS, SUFFIXES, SourceError as InputError, first_line as _first_line
+from vffn_jax.data import local_copies, sources, splits
+from vffn_jax.data.shard_writer import (SHARD_RE, ShardWriter, check_flags, delete, join, listing, record_path,
+                                        records, reusable)
+from vffn_jax.data.splits import SPLITS
+from vffn_jax.errors import ConfigError, InputError
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_DOCS_PER_UNIT = 100_000  # TFDS documents per unit of work
+DEFAULT_UNIT_BYTES = 64 << 20  # input bytes per unit of work (consecutive files grouped up to this size)
 BATCH_DOCS = 512  # documents per encode_batch call
 BATCH_CHARS = 4 << 20  # ... or fewer when they hold this many characters
-__all__ = ["InputError", "PROGRESS", "SHARD_RE", "SUFFIXES", "find_units", "in_validation", "tokenize", "tokenize_unit"]
+__all__ = ["InputError", "find_units", "tokenize", "tokenize_unit", "write_corpus"]
 
 # --------------------------------------------------------------------------- inputs -> units
 
 
 @dataclasses.dataclass(frozen=True)
+class Part:
+    """One input file of a unit."""
+
+    path: str  # local absolute path or gs:// URL
+    key: str  # path relative to the input root: feeds the held-out hash
+    split: str | None  # the input's own split for this file, else None (the hash decides)
+
+
+@dataclasses.dataclass(frozen=True)
 class Unit:
     index: int
-    kind: str  # "file" | "tfds"
-    path: str  # the file (local absolute or gs://), or the TFDS dataset directory
-    key: str  # path relative to the input root, or the TFDS split name: feeds the validation hash
-    identity: dict  # what the progress record must match to reuse the unit's shards
-    size: int = 0  # bytes of the input file (files only)
+    kind: str  # "files" | "tfds"
+    identity: tuple  # what the progress record must match to reuse the unit's shards (JSON-able)
+    parts: tuple[Part, ...] = ()  # files only
+    size: int = 0  # bytes of the input files (files only)
+    data_dir: str = ""  # TFDS dataset directory (local)
     split: str = ""  # TFDS split
     start: int = 0  # TFDS documents [start, stop) of the split
     stop: int = 0
 
     def label(self) -> str:
-        return self.key if self.kind == "file" else f"tfds {self.key}[{self.start}:{self.stop}]"
+        if self.kind == "tfds":
+            return f"tfds {self.split}[{self.start}:{self.stop}]"
+        return self.parts[0].key + (f" (+{len(self.parts) - 1} files)" if len(self.parts) > 1 else "")
 
 
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """The units of an input spec and what the manifest says about it."""
 
-def _file_units(spec: str, output: str) -> list[Unit]:
-    out_local = storage.local_path(output) if not storage.is_gcs(output) else None
-    files = sources.list_files(spec, f"--input {spec}", exclude=str(out_local) if out_local else None)
-    return [Unit(i, "file", f.path, f.rel, {"path": f.path, "size": f.size, "version": f.version}, size=f.size)
-            for i, f in enumerate(files)]
-
-
-def _tfds_dir(spec: str) -> str:
-    """The dataset directory (holding dataset_info.json) of `tfds:NAME[:DATA_DIR]`."""
-    return str(sources.tfds_builder(spec, f"--input {spec}").data_dir)
+    units: list[Unit]
+    summary: dict  # the manifest's source.inputs
+    own_validation: bool  # the input brings its own validation split (no hash)
+    label: str  # a short name for the cache folder
 
 
-def _tfds_units(data_dir: str, docs_per_unit: int) -> tuple[list[Unit], dict[str, int], int]:
-    """Units of the train/validation splits of the TFDS dataset at `data_dir`; (units, split sizes, bytes)."""
+def _file_units(spec: str, what: str, exclude: str | None, unit_bytes: int, accepted: str) -> Inputs:
+    files = sources.list_files(spec, what, accepted, exclude=exclude)
+    own = any(splits.own_split_of_file(f.rel) == "validation" for f in files)
+    groups: list[list[sources.InputFile]] = []
+    size = 0
+    for f in files:
+        if not groups or (size + f.size > unit_bytes and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(f)
+        size += f.size
+    units = [Unit(i, "files", tuple(f.stat() for f in g),
+                  parts=tuple(Part(f.path, f.rel, splits.own_split_of_file(f.rel) if own else None) for f in g),
+                  size=sum(f.size for f in g)) for i, g in enumerate(groups)]
+    summary = {"spec": spec, "files": len(files), "bytes": sum(f.size for f in files),
+               "own_validation": f"{splits.VALIDATION_FOLDER}/" if own else None}
+    return Inputs(units, summary, own, sources.files_label(spec, files))
+
+
+def _tfds_units(data_dir: str, spec: str, docs_per_unit: int, origin: list | None = None) -> Inputs:
     import tensorflow_datasets as tfds
 
     builder = tfds.builder_from_directory(data_dir)
-    sizes = {name: info.num_examples for name, info in builder.info.splits.items()}
+    sizes = sources.tfds_splits(builder)
     if "train" not in sizes:
-        raise InputError(f"--input {data_dir}: the TFDS dataset has no 'train' split (splits: {sorted(sizes)})")
+        raise InputError(f"{spec}: the TFDS dataset has no 'train' split (splits: {sorted(sizes)})")
     ignored = sorted(set(sizes) - set(SPLITS))
     if ignored:
         print(f"note: ignoring TFDS split(s) {ignored} of {data_dir}", file=sys.stderr)
-    files = sorted(os.listdir(data_dir))
-    stats = [(f, os.path.getsize(os.path.join(data_dir, f)), os.stat(os.path.join(data_dir, f)).st_mtime_ns)
-             for f in files if os.path.isfile(os.path.join(data_dir, f))]
+    stats = origin if origin is not None else sources.local_stats(data_dir)
     units = []
     for split in [s for s in SPLITS if s in sizes]:
         for start in range(0, sizes[split], docs_per_unit):
             stop = min(start + docs_per_unit, sizes[split])
-            units.append(Unit(len(units), "tfds", data_dir, split,
-                              {"tfds": data_dir, "split": split, "start": start, "stop": stop, "files": stats},
+            units.append(Unit(len(units), "tfds", ("tfds", split, start, stop, stats), data_dir=data_dir,
                               split=split, start=start, stop=stop))
-    return units, sizes, sum(s[1] for s in stats)
+    summary = {"spec": spec, "tfds_splits": {s: sizes[s] for s in SPLITS if s in sizes},
+               "bytes": sum(s[1] for s in stats)}
+    return Inputs(units, summary, "validation" in sizes, builder.name)
 
 
-def find_units(spec: str, output: str, docs_per_unit: int) -> tuple[list[Unit], dict]:
-    """The units of work of --input and a summary of the inputs for the manifest's `source`."""
+def find_units(spec: str, *, what: str = "", output: str = "", docs_per_unit: int = DEFAULT_DOCS_PER_UNIT,
+               unit_bytes: int = DEFAULT_UNIT_BYTES, cache_dir: str = "", accepted: str = "") -> Inputs:
+    """The units of work of the input `spec` (named `what` in errors, default `--input SPEC`). A gs:// TFDS
+    dataset directory is copied once into the local cache first (ArrayRecord reads local files). `accepted`
+    (what the caller takes) ends the message of a path that matches nothing."""
+    what = what or f"--input {spec}"
     if spec.startswith("tfds:"):
-        data_dir = _tfds_dir(spec)
-    elif sources.is_tfds_dir(spec):
-        data_dir = os.path.abspath(os.path.expanduser(spec))
-    else:
-        if storage.is_gcs(spec) and not glob.has_magic(spec):
-            try:
-                is_tfds = storage.as_path(f"{spec.rstrip('/')}/dataset_info.json").exists()
-            except Exception:  # noqa: BLE001 - unreadable: list_files says why
-                is_tfds = False
-            if is_tfds:
-                raise InputError(f"--input {spec} is a TFDS dataset directory on gs://, which is not "
-                                 "supported (ArrayRecord reads local files); copy it to a local folder")
-        units = _file_units(spec, output)
-        return units, {"spec": spec, "count": len(units), "bytes": sum(u.size for u in units)}
-    units, sizes, nbytes = _tfds_units(data_dir, docs_per_unit)
-    return units, {"spec": spec, "tfds_splits": {s: sizes[s] for s in SPLITS if s in sizes}, "count": len(units),
-                   "bytes": nbytes}
+        return _tfds_units(str(sources.tfds_builder(spec, what).data_dir), spec, docs_per_unit)
+    if sources.is_tfds_dir(spec):
+        return _tfds_units(os.path.abspath(os.path.expanduser(spec)), spec, docs_per_unit)
+    if storage.is_gcs(spec) and not glob.has_magic(spec):
+        local = local_copies.local_copy_of_gcs_tfds_dir(spec, what, cache_dir, accepted)
+        if local is not None:
+            return _tfds_units(str(local[0]), spec, docs_per_unit, origin=local[1])
+    out_local = str(storage.local_path(output)) if output and not storage.is_gcs(output) else None
+    return _file_units(spec, what, out_local, unit_bytes, accepted)
 
 
 # --------------------------------------------------------------------------- documents of a unit
 
 
-def _file_docs(unit: Unit, field: str) -> Iterator[str]:
-    return sources.file_docs(unit.path, field, hint="set --text-field")
+def _unit_docs(unit: Unit, field: str, hint: str) -> Iterator[tuple[str, int, str | None, str]]:
+    """(hash key, document index, the file's own split or None, text) of every document of the unit, in order."""
+    if unit.kind == "tfds":
+        for i, text in sources.tfds_docs(unit.data_dir, unit.split, unit.start, unit.stop, field, hint):
+            yield unit.split, i, None, text
+        return
+    for part in unit.parts:
+        for i, text in enumerate(sources.file_docs(part.path, field, hint)):
+            yield part.key, i, part.split, text
 
 
-def _tfds_docs(unit: Unit, field: str) -> Iterator[str]:
-    import tensorflow_datasets as tfds
-
-    source = tfds.builder_from_directory(unit.path).as_data_source(unit.split)
-    for start in range(unit.start, unit.stop, BATCH_DOCS):
-        idx = list(range(start, min(start + BATCH_DOCS, unit.stop)))
-        for i, record in zip(idx, source.__getitems__(idx)):
-            yield sources.record_text(record, f"{unit.path} split {unit.split} record {i}", field, "set --text-field")
-
-
-def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
+def _batches(docs: Iterator[tuple]) -> Iterator[list[tuple]]:
     batch, chars = [], 0
     for d in docs:
         batch.append(d)
-        chars += len(d)
+        chars += len(d[-1])
         if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
             yield batch
             batch, chars = [], 0
     if batch:
         yield batch
 
-
-def in_validation(key: str, index: int, fraction: float) -> bool:
-    """Whether document `index` of the file/split `key` is held out: hash below `fraction`."""
-    if fraction <= 0:
-        return False
-    h = hashlib.blake2b(f"{key}\0{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2.0**64 < fraction
 
 # --------------------------------------------------------------------------- a unit -> shards
 
@@ -192,8 +204,10 @@ class Job:
     tokenizer: str
     dtype: str
     shard_tokens: int
-    validation_fraction: float  # 0 when the input brings its own validation split
+    validation_fraction: float
+    own_validation: bool  # the input brings its own validation split: no hash
     text_field: str
+    hint: str = "set --text-field"
 
 
 def tokenize_unit(job: Job, unit: Unit) -> dict:
@@ -201,26 +215,22 @@ def tokenize_unit(job: Job, unit: Unit) -> dict:
     tok = _tokenizer(job.tokenizer)
     dtype = np.dtype(job.dtype).newbyteorder("<")
     eos = np.array([tok.eos_id], dtype=np.int64)
-    if unit.kind == "tfds":
-        docs, first_index = _tfds_docs(unit, job.text_field), unit.start
-        fixed_split = unit.split  # the input's own split
-    else:
-        docs, first_index, fixed_split = _file_docs(unit, job.text_field), 0, None
+    tfds_split = unit.split if unit.kind == "tfds" and job.own_validation else None
     writers = {s: ShardWriter(job.output, s, unit.index, job.shard_tokens, dtype) for s in SPLITS}
-    index = first_index
+    n_docs = 0
     try:
-        for texts in _batches(docs):
-            for ids in tok.encode_batch(texts):
-                split = fixed_split or ("validation" if in_validation(unit.key, index, job.validation_fraction)
-                                        else "train")
+        for batch in _batches(_unit_docs(unit, job.text_field, job.hint)):
+            for (key, index, fixed, _), ids in zip(batch, tok.encode_batch([d[-1] for d in batch])):
+                split = fixed or tfds_split or (
+                    "validation" if splits.in_validation(key, index, job.validation_fraction) else "train")
                 writers[split].add(np.concatenate([np.asarray(ids, dtype=np.int64), eos]))
-                index += 1
+                n_docs += 1
         shards = [s for split in SPLITS for s in writers[split].finish()]
     except BaseException:
         for w in writers.values():
             w.abort()
         raise
-    record = {"unit": unit.index, "input": unit.identity, "documents": index - first_index, "shards": shards}
+    record = {"unit": unit.index, "input": unit.identity, "documents": n_docs, "shards": shards}
     storage.write_text_atomic(record_path(job.output, unit.index), json.dumps(record, indent=1))
     return record
 
@@ -232,7 +242,8 @@ def _worker_init(threads: int) -> None:
 def _worker(args: tuple[Job, Unit]) -> dict:
     return tokenize_unit(*args)
 
-# --------------------------------------------------------------------------- CLI
+
+# --------------------------------------------------------------------------- the corpus
 
 
 def default_workers() -> int:
@@ -243,30 +254,33 @@ def default_workers() -> int:
     return max(1, min(cores, 8))
 
 
-def tokenize(input: str, output: str, tokenizer: str, *, shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int = 1,
-             validation_fraction: float = 0.0, text_field: str = "text", docs_per_unit: int = DEFAULT_DOCS_PER_UNIT,
-             quiet: bool = False) -> str:
-    """Tokenises `input` into `output` (shards, then manifest.json last; re-runs reuse finished units); returns
-    the one-line report. InputError / ConfigError name the file or flag."""
-    args = types.SimpleNamespace(input=input, output=output, tokenizer=tokenizer, shard_tokens=shard_tokens,
-                              workers=workers, validation_fraction=validation_fraction, text_field=text_field,
-                              docs_per_unit=docs_per_unit, quiet=quiet)
-    t0 = time.perf_counter()
+def load_tokenizer_for(spec: str, what: str = "--tokenizer"):
+    """The tokenizer of `spec`; InputError naming `what` when it cannot be loaded."""
     try:
-        tok = _tokenizer(args.tokenizer)
+        return _tokenizer(spec)
     except (FileNotFoundError, ConfigError, ModuleNotFoundError) as e:
-        raise InputError(f"--tokenizer {args.tokenizer}: {e}") from None
+        raise InputError(f"{what} {spec}: {e}") from None
     except Exception as e:  # noqa: BLE001 - a file that is not a tokenizer JSON
-        raise InputError(f"--tokenizer {args.tokenizer}: not a HF tokenizers JSON file "
-                         f"({type(e).__name__}: {_first_line(e)})") from None
-    output = str(storage.check_writable(args.output, "--output"))
-    units, inputs = find_units(args.input, output, args.docs_per_unit)
-    own_validation = units[0].kind == "tfds" and any(u.split == "validation" for u in units)
+        raise InputError(f"{what} {spec}: not a HF tokenizers JSON file "
+                         f"({type(e).__name__}: {sources.first_line(e)})") from None
+
+
+def write_corpus(inputs: Inputs, output: str, tokenizer: str, *, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                 workers: int = 1, validation_fraction: float = 0.0, text_field: str = "text",
+                 docs_per_unit: int = DEFAULT_DOCS_PER_UNIT, unit_bytes: int = DEFAULT_UNIT_BYTES,
+                 quiet: bool = False, hint: str = "set --text-field") -> str:
+    """Tokenises the units of `inputs` into `output` (shards, then manifest.json last; re-runs reuse finished
+    units); returns the one-line report."""
+    t0 = time.perf_counter()
+    tok = load_tokenizer_for(tokenizer)
+    units = inputs.units
     dtype = manifest_lib.dtype_for(tok.vocab_size)
     itemsize = np.dtype(dtype).itemsize
     tok_id = {"name": tok.name, "sha256": tok.sha256, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
-    flags = {"tokenizer": tok_id, "shard_tokens": args.shard_tokens, "validation_fraction": args.validation_fraction,
-             "text_field": args.text_field, "docs_per_unit": args.docs_per_unit if units[0].kind == "tfds" else None}
+    tfds = units[0].kind == "tfds"
+    flags = {"tokenizer": tok_id, "shard_tokens": shard_tokens, "validation_fraction": validation_fraction,
+             "text_field": text_field, "docs_per_unit": docs_per_unit if tfds else None,
+             "unit_bytes": None if tfds else unit_bytes}
     check_flags(output, flags)
 
     sizes, old = listing(output), records(output)
@@ -279,9 +293,8 @@ def tokenize(input: str, output: str, tokenizer: str, *, shard_tokens: int = DEF
         for u in pending:  # a unit about to be rewritten has no valid record meanwhile
             if u.index in old:
                 record_path(output, u.index).unlink()
-    job = Job(output, args.tokenizer, dtype, args.shard_tokens,
-              0.0 if own_validation else args.validation_fraction, args.text_field)
-    new_tokens = _tokenize(job, pending, min(args.workers, max(len(pending), 1)), done, quiet=args.quiet)
+    job = Job(output, tokenizer, dtype, shard_tokens, validation_fraction, inputs.own_validation, text_field, hint)
+    new_tokens = _tokenize(job, pending, min(workers, max(len(pending), 1)), done, quiet=quiet)
     for u in pending:  # shards the unit's previous record listed that the new run did not write again
         written = {s["file"] for s in done[u.index]["shards"]}
         delete(output, sorted({s["file"] for s in old.get(u.index, {}).get("shards", [])} - written))
@@ -289,14 +302,13 @@ def tokenize(input: str, output: str, tokenizer: str, *, shard_tokens: int = DEF
     shards = [manifest_lib.Shard(**s) for u in units for s in done[u.index]["shards"]]
     n_docs = sum(done[u.index]["documents"] for u in units)
     if not n_docs:
-        raise InputError(f"--input {args.input}: no documents found in {len(units)} input(s)")
+        raise InputError(f"{inputs.summary['spec'] or 'the input'}: no documents found in {len(units)} unit(s)")
     listed = {s.file for s in shards}
     delete(output, sorted(n for n in listing(output) if SHARD_RE.match(n) and n not in listed))
-    source = {"inputs": inputs, "shard_tokens": args.shard_tokens, "validation_fraction": args.validation_fraction,
-              "validation_from": "input" if own_validation else ("hash" if args.validation_fraction > 0 else None),
-              "text_field": args.text_field, "docs_per_unit": flags["docs_per_unit"]}
-    man = manifest_lib.Manifest(storage.as_path(output), {**tok_id, "spec": args.tokenizer}, dtype, tuple(shards),
-                                source)
+    source = {"inputs": inputs.summary, "shard_tokens": shard_tokens, "validation_fraction": validation_fraction,
+              "validation_from": "input" if inputs.own_validation else ("hash" if validation_fraction > 0 else None),
+              "text_field": text_field, "docs_per_unit": flags["docs_per_unit"], "unit_bytes": flags["unit_bytes"]}
+    man = manifest_lib.Manifest(storage.as_path(output), {**tok_id, "spec": tokenizer}, dtype, tuple(shards), source)
     storage.write_text_atomic(man_path, man.to_json())
 
     secs = time.perf_counter() - t0
@@ -305,6 +317,20 @@ def tokenize(input: str, output: str, tokenizer: str, *, shard_tokens: int = DEF
     return (f"tokenized {len(units)} units ({len(pending)} new, {len(units) - len(pending)} reused; "
             f"{new_tokens:,} new tokens in {secs:.1f}s, {new_tokens / max(secs, 1e-9):,.0f} tokens/s): {per_split} "
             f"-> {man_path}")
+
+
+def tokenize(input: str, output: str, tokenizer: str, *, shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int = 1,
+             validation_fraction: float = 0.0, text_field: str = "text", docs_per_unit: int = DEFAULT_DOCS_PER_UNIT,
+             unit_bytes: int = DEFAULT_UNIT_BYTES, quiet: bool = False, cache_dir: str = "") -> str:
+    """`vffn-tokenize`: tokenises `input` into `output`; returns the one-line report. InputError /
+    ConfigError / FileNotFoundError name the file or flag."""
+    load_tokenizer_for(tokenizer)  # a bad --tokenizer is reported before the input is listed
+    output = str(storage.check_writable(output, "--output"))
+    inputs = find_units(input, output=output, docs_per_unit=docs_per_unit, unit_bytes=unit_bytes,
+                        cache_dir=cache_dir)
+    return write_corpus(inputs, output, tokenizer, shard_tokens=shard_tokens, workers=workers,
+                        validation_fraction=validation_fraction, text_field=text_field, docs_per_unit=docs_per_unit,
+                        unit_bytes=unit_bytes, quiet=quiet)
 
 
 def _tokenize(job: Job, pending: list[Unit], workers: int, done: dict[int, dict], quiet: bool) -> int:
@@ -330,11 +356,10 @@ def _tokenize(job: Job, pending: list[Unit], workers: int, done: dict[int, dict]
             cores = default_workers()
             ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold JAX/gcsfs threads
             with ctx.Pool(workers, initializer=_worker_init, initargs=(max(1, cores // workers),)) as pool:
-                # Largest files first keeps the workers busy to the end; results do not depend on the order.
+                # Largest units first keeps the workers busy to the end; results do not depend on the order.
                 order = sorted(pending, key=lambda u: -(u.size or (u.stop - u.start)))
                 for rec in pool.imap_unordered(_worker, [(job, u) for u in order]):
                     finished(rec)
     finally:
         bar.close()
     return total
-

@@ -49,7 +49,7 @@ def evaluate_run(workdir: str | Path, *, step: int | None = None, n_batches: int
     """
     import jax
 
-    from vffn_jax.data import pipeline as data_lib
+    from vffn_jax.data import batches as data_lib
     from vffn_jax.perf import flops as flops_lib
     from vffn_jax.evals import step as step_lib
 

@@ -15,9 +15,12 @@ generate.py also puts before each prompt. Logits beyond the tokenizer's vocabula
 rows) are suppressed in `generation_config.json`, as generate.py masks them.
 
 The folder is written next to --out under a temporary name and renamed into place at the end, so it
-appears complete or not at all; --out must not exist or be an empty folder. Local paths only.
+appears complete or not at all; --out must not exist or be an empty folder, unless --overwrite: then a
+non-empty --out is replaced by the new folder (its old files deleted) once that is complete. --out is a local
+folder (export, then copy it, e.g. `gcloud storage cp -r`); --workdir may be gs://.
 
-Exit status: 0 done, 2 bad input (missing run or step, non-empty --out, bad --dtype or --max-shard-size).
+Exit status: 0 done, 2 bad input (missing run or step, non-empty --out without --overwrite, bad --dtype or
+--max-shard-size).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -52,13 +56,38 @@ def parse_size(text) -> int:
     return value
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, workdir, overwrite: bool) -> None:
+    from vffn_jax import storage
     from vffn_jax.config import ConfigError
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out={out} already exists and is not an empty folder; export into a new or empty folder")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out={out} is a file, not a folder; export into a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"--out={out} already exists and is not an empty folder; export into a new or empty "
+                              "folder, or pass --overwrite to replace it")
+        run, here = storage.local_path(workdir), Path(os.path.realpath(out))
+        if run is not None and (Path(os.path.realpath(run)) == here or here in Path(os.path.realpath(run)).parents):
+            raise ConfigError(f"--out={out} holds the run --workdir={workdir}: --overwrite would delete it; export "
+                              "into another folder")
     if out.parent.exists() and not out.parent.is_dir():
         raise ConfigError(f"--out={out}: {out.parent} is a file, not a folder")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Renames the finished folder `tmp` to `out`; an `out` that is not empty (--overwrite, checked) is moved aside
+    first and deleted after, so `out` always holds one complete export."""
+    if not (out.is_dir() and any(out.iterdir())):
+        os.rename(tmp, out)  # atomic; replaces an empty folder, fails on one that filled up meanwhile
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _rope_parameters(m) -> dict:
@@ -167,9 +196,10 @@ def _publish_permissions(folder: Path) -> None:
 
 
 def export(workdir, out, *, step: int | None = None, dtype: str | None = None,
-           max_shard_bytes: int | str = DEFAULT_SHARD) -> dict:
+           max_shard_bytes: int | str = DEFAULT_SHARD, overwrite: bool = False) -> dict:
     """Writes the Hugging Face folder `out` for the run `workdir` (checkpoint `step`, default the latest);
-    returns a summary. ConfigError / FileNotFoundError for bad input, before anything is written."""
+    returns a summary. ConfigError / FileNotFoundError for bad input, before anything is written. `overwrite`:
+    a non-empty `out` is replaced (else refused)."""
     from vffn_jax.config import ConfigError
 
     if dtype is not None and dtype not in DTYPES:
@@ -178,7 +208,7 @@ def export(workdir, out, *, step: int | None = None, dtype: str | None = None,
     if str(out).startswith("gs://"):
         raise ConfigError(f"--out={out}: export to a local folder, then copy it (e.g. `gcloud storage cp -r`)")
     out = Path(os.path.abspath(os.path.expanduser(str(out))))
-    _check_out(out)
+    _check_out(out, workdir, overwrite)
 
     from transformers import GenerationConfig
 
@@ -186,7 +216,7 @@ def export(workdir, out, *, step: int | None = None, dtype: str | None = None,
     from vffn_jax.hf import tokenizer_files
     from vffn_jax.hf.weights import hf_tensors
 
-    run = restore_params(workdir, step)
+    run = restore_params(workdir, step, runs_model=False)
     cfg, m = run.cfg, run.cfg.model
     dtype = dtype or m.param_dtype
     if dtype not in DTYPES:
@@ -210,7 +240,7 @@ def export(workdir, out, *, step: int | None = None, dtype: str | None = None,
         gen.save_pretrained(str(tmp))
         weights = write_weights(hf_tensors(m, run.params), tmp, dtype, max_shard_bytes)
         _publish_permissions(tmp)
-        os.rename(tmp, out)  # atomic; replaces an empty folder, fails on one that filled up meanwhile
+        _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

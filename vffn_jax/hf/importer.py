@@ -2,8 +2,10 @@
 
     vffn-hf import --hf DIR --out RUN [--variant versatile] [--set key=value ...] [--dtype bfloat16]
 
-DIR is a local Hugging Face model folder: config.json, the weights as `*.safetensors` (one file, or shards
-with `model.safetensors.index.json`) and normally `tokenizer.json`. Model types llama and mistral (without a
+DIR is a Hugging Face model folder, local or gs://: config.json, the weights as `*.safetensors` (one file, or
+shards with `model.safetensors.index.json`) and normally `tokenizer.json`. A gs:// folder's top-level files are
+copied into a local temporary folder first (config and tokenizer, then, once the config is checked, the
+weights), as safetensors reads local files; it is deleted at the end. Model types llama and mistral (without a
 sliding window) import, and any other whose config.json fields are all a plain Llama's; anything vffn_jax
 would compute differently (biases, QK-norm, sliding windows, other RoPE scalings or activations) is refused
 naming the field (vffn_jax/hf/hf_config.py).
@@ -17,11 +19,12 @@ train.seed, exactly as `--init-from` from a dense vffn_jax run gives them; every
 
 The tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json, ...) are copied into
 RUN/tokenizer/ and data.tokenizer names RUN/tokenizer/tokenizer.json (an absolute path: move the run and
-set it again); model.eos_id is that tokenizer's EOS id. The weights are read one tensor at a time; the run
-is written next to RUN under a temporary name and renamed into place at the end. Local folders only.
+set it again); model.eos_id is that tokenizer's EOS id. The weights are read one tensor at a time. A local RUN
+is written next to itself under a temporary name and renamed into place at the end; a gs:// RUN is written in
+place like a training workdir (the checkpoint commits last) and deleted again if the import fails.
 
-Exit status: 0 done, 2 bad input (missing files, a field or tensor vffn_jax cannot import, an --out that
-already holds checkpoints or other files).
+Exit status: 0 done, 2 bad input (missing files, a truncated or damaged safetensors file, a field or tensor
+vffn_jax cannot import, an --out that already holds checkpoints or other files).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from vffn_jax import storage
 from vffn_jax.config import ConfigError
 from vffn_jax.data.tokenizer import check_model_fits
 
@@ -49,10 +53,28 @@ IMPORT_RECORD = "hf_import.json"
 # --------------------------------------------------------------------------- the safetensors files
 
 
-def weight_files(hf_dir: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it (from the index when there is one)."""
-    from safetensors import safe_open
+def damaged(path, e: BaseException) -> ConfigError:
+    """The error for a safetensors file that safetensors cannot read (truncated, e.g. an interrupted download)."""
+    return ConfigError(f"{path} is not a readable safetensors file ({str(e).strip() or type(e).__name__}): it is "
+                       "truncated or damaged, e.g. by an interrupted download; download it again (e.g. "
+                       "`huggingface-cli download REPO --local-dir DIR --force-download`) or re-save the model with "
+                       "transformers' save_pretrained")
 
+
+def safe_open(path: Path, framework: str):
+    """safetensors' `safe_open` of `path`; ConfigError naming the file when it is truncated or damaged."""
+    from safetensors import SafetensorError
+    from safetensors import safe_open as open_
+
+    try:
+        return open_(str(path), framework=framework)
+    except SafetensorError as e:
+        raise damaged(path, e) from None
+
+
+def weight_files(hf_dir: Path, listing: list[str] | None = None) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (from the index when there is one). `listing`: the
+    folder's file names when `hf_dir` holds only a copy of its safetensors files (a gs:// folder)."""
     index = hf_dir / INDEX
     if index.is_file():
         try:
@@ -66,13 +88,14 @@ def weight_files(hf_dir: Path) -> dict[str, Path]:
         return out
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
-        others = sorted(p.name for p in hf_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+        names = listing if listing is not None else [p.name for p in hf_dir.iterdir()]
+        others = sorted(n for n in names if Path(n).suffix in (".bin", ".pt", ".pth", ".gguf"))
         hint = (f" (found {', '.join(others)}: load and re-save them with transformers' save_pretrained)"
                 if others else "")
         raise FileNotFoundError(f"no *.safetensors weights in {hf_dir}{hint}; vffn_jax reads safetensors only")
     out: dict[str, Path] = {}
     for path in files:
-        with safe_open(str(path), framework="numpy") as f:
+        with safe_open(path, "numpy") as f:
             for name in f.keys():
                 if name in out:
                     raise ConfigError(f"tensor {name!r} is in both {out[name].name} and {path.name} and there is no "
@@ -100,11 +123,9 @@ class TensorReader:
         self._stack.close()
 
     def _handle(self, name: str):
-        from safetensors import safe_open
-
         path = self.files[name]
         if path not in self._open:
-            self._open[path] = self._stack.enter_context(safe_open(str(path), framework="flax"))
+            self._open[path] = self._stack.enter_context(safe_open(path, "flax"))
         return self._open[path]
 
     def dtype(self, name: str) -> str:
@@ -127,8 +148,13 @@ class TensorReader:
             cpu = jax.devices("cpu")[0]
         except RuntimeError:  # JAX_PLATFORMS without cpu: the default device
             cpu = None
+        from safetensors import SafetensorError
+
         with jax.default_device(cpu) if cpu is not None else contextlib.nullcontext():
-            return np.asarray(self._handle(name).get_tensor(name))
+            try:
+                return np.asarray(self._handle(name).get_tensor(name))
+            except SafetensorError as e:
+                raise damaged(self.files[name], e) from None
 
 
 # --------------------------------------------------------------------------- the run config
@@ -148,17 +174,18 @@ def _variant_preset(variant: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out) -> None:
+    """`out` (an epath: local or gs://) is missing or an empty folder, and can be written."""
     from vffn_jax.checkpoint import manager as ckpt
 
-    if str(out).startswith("gs://"):
-        raise ConfigError(f"--out={out}: import into a local folder, then copy it (e.g. `gcloud storage cp -r`)")
     if out.exists():
         if out.is_dir() and ckpt.all_steps(out):
             raise ConfigError(f"--out={out} already holds checkpoints {ckpt.all_steps(out)}; import into a new folder")
         if not out.is_dir() or any(out.iterdir()):
             raise ConfigError(f"--out={out} already exists and is not an empty folder; import into a new or empty one")
-    if not out.parent.is_dir():
+    if storage.is_gcs(out):
+        storage.check_writable(out, "--out")  # a missing bucket or missing rights: named before the weights are read
+    elif not out.parent.is_dir():
         raise FileNotFoundError(f"--out={out}: its parent folder {out.parent} does not exist; create it first")
 
 
@@ -253,7 +280,7 @@ def build_params(cfg, arrays: dict, devices=None):
 # --------------------------------------------------------------------------- the import
 
 
-def _tokenizer(hf_dir: Path, overrides: dict[str, Any], final_out: Path):
+def _tokenizer(hf_dir: Path, overrides: dict[str, Any], final_out):
     """(data.tokenizer to record or None when --set gives it, the tokenizer to check against)."""
     from vffn_jax.data.tokenizer import HFTokenizer, load_tokenizer
 
@@ -267,35 +294,116 @@ def _tokenizer(hf_dir: Path, overrides: dict[str, Any], final_out: Path):
     return str(final_out / TOKENIZER_DIR / "tokenizer.json"), HFTokenizer(path)
 
 
+class _Source:
+    """The Hugging Face folder as local files: a local folder itself, or a gs:// folder's top-level files copied
+    into the local temporary folder `local` (safetensors and tokenizers read local files): `fetch_config`
+    brings the JSON and tokenizer files, `fetch_weights` the *.safetensors files once the config is checked."""
+
+    SMALL_SUFFIXES = (".json", ".model", ".jinja", ".txt")
+
+    def __init__(self, label: str, local: Path, remote=None):
+        self.label = label  # the folder as messages and the import record name it
+        self.local = local
+        self.remote = remote
+        self._objects: dict[str, int] | None = None
+
+    @classmethod
+    def local_folder(cls, hf_dir) -> "_Source":
+        path = Path(os.path.abspath(os.path.expanduser(str(hf_dir))))
+        return cls(str(path), path)
+
+    @property
+    def name(self) -> str:
+        return self.remote.name if self.remote is not None else self.local.name
+
+    def listing(self) -> list[str] | None:
+        """The folder's file names (None for a local folder: weight_files lists it itself)."""
+        return None if self.remote is None else sorted(self._list())
+
+    def _list(self) -> dict[str, int]:
+        """{file name: size} of the gs:// folder's top-level objects; FileNotFoundError when it has none."""
+        if self._objects is None:
+            key = storage.gcs_key(self.remote).rstrip("/")
+            try:
+                entries = storage.gcs_fs().ls(key, detail=True)
+            except FileNotFoundError:
+                entries = []
+            except Exception as e:  # noqa: BLE001 - gcsfs and google-auth raise many types; all mean "cannot read"
+                bucket = key.split("/", 1)[0]
+                raise ConfigError(f"--hf={self.label}: cannot read it ({type(e).__name__}: {str(e).strip()[:300]}); "
+                                  f"check that bucket gs://{bucket} exists and that this machine's credentials may "
+                                  "read it (gcloud auth application-default login)") from None
+            self._objects = {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries
+                             if e.get("type") == "file" and e["name"].rstrip("/") != key}
+            if not self._objects:
+                raise FileNotFoundError(f"--hf={self.label}: no such folder (no objects under it); point it at a "
+                                        "Hugging Face model folder (config.json + *.safetensors)")
+        return self._objects
+
+    def _fetch(self, names: list[str]) -> None:
+        if not names:
+            return
+        fs = storage.gcs_fs()
+        fs.get([f"{storage.gcs_key(self.remote).rstrip('/')}/{n}" for n in names], [str(self.local / n) for n in names])
+
+    def fetch_config(self) -> None:
+        if self.remote is not None:
+            self._fetch([n for n in self._list() if n.endswith(self.SMALL_SUFFIXES) or n in TOKENIZER_FILES])
+
+    def fetch_weights(self) -> None:
+        if self.remote is not None:
+            self._fetch([n for n in self._list() if n.endswith(".safetensors")])
+
+    def renamed(self, e: BaseException) -> BaseException:
+        """`e` with the temporary copy's path replaced by the gs:// folder's, so the message names what the user gave."""
+        text = str(e).replace(str(self.local), self.label)
+        try:
+            return type(e)(text)
+        except TypeError:
+            return ConfigError(text)
+
+
 def import_hf(hf_dir, out, *, variant: str | None = None, overrides: dict[str, Any] | None = None,
               dtype: str | None = None, devices=None) -> dict:
-    """Writes the run directory `out` from the Hugging Face folder `hf_dir`; returns a summary. ConfigError /
-    FileNotFoundError for bad input, raised before anything is written."""
-    import jax
-
-    from vffn_jax.checkpoint import manager as ckpt
-    from vffn_jax.hf import hf_config
-    from vffn_jax.hf.weights import params_from_hf
-    from vffn_jax.rundir import RunDir
-
+    """Writes the run directory `out` (local or gs://) from the Hugging Face folder `hf_dir` (local or gs://);
+    returns a summary. ConfigError / FileNotFoundError for bad input, raised before anything is written."""
     overrides = dict(overrides or {})
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype={dtype!r}: choose one of {DTYPES}")
-    hf_dir = Path(os.path.abspath(os.path.expanduser(str(hf_dir))))
-    out = Path(os.path.abspath(os.path.expanduser(str(out))))
+    out = storage.as_path(out)  # ConfigError for a malformed gs:// path
+    if not storage.is_gcs(hf_dir):
+        return _import(_Source.local_folder(hf_dir), out, variant, overrides, dtype, devices)
+    remote = storage.as_path(hf_dir)
+    with tempfile.TemporaryDirectory(prefix="vffn-hf-import-") as tmp:
+        source = _Source(str(remote), Path(tmp), remote)
+        try:
+            return _import(source, out, variant, overrides, dtype, devices)
+        except (ConfigError, FileNotFoundError) as e:
+            raise source.renamed(e) from None
+
+
+def _import(source: _Source, out, variant, overrides, dtype, devices) -> dict:
+    import jax
+
+    from vffn_jax.hf import hf_config
+    from vffn_jax.hf.weights import params_from_hf
+
+    hf_dir = source.local
+    source.fetch_config()
     hf = hf_config.load(hf_dir)
-    hf_config.overrides(hf)  # refuse an unsupported architecture before touching the weights
+    hf_config.overrides(hf)  # refuse an unsupported architecture before touching (or downloading) the weights
     _check_out(out)
-    files = weight_files(hf_dir)
+    source.fetch_weights()
+    files = weight_files(hf_dir, source.listing())
     tok_spec, tok = _tokenizer(hf_dir, overrides, out)
     notes: list[str] = []
     with TensorReader(files) as reader:
         source_dtype = _source_dtype(reader, [n for n in files if not n.endswith("rotary_emb.inv_freq")])
-        cfg = build_config(hf, name=hf_dir.name, variant=variant, overrides=overrides, tokenizer=tok_spec,
+        cfg = build_config(hf, name=source.name, variant=variant, overrides=overrides, tokenizer=tok_spec,
                            eos_id=None if "model.eos_id" in overrides else tok.eos_id,
                            param_dtype=dtype or source_dtype)
         m = cfg.model
-        check_model_fits(tok, m, source=f"{hf_dir} (config.json vocab_size, tokenizer.json)")
+        check_model_fits(tok, m, source=f"{source.label} (config.json vocab_size, tokenizer.json)")
         ignored = _unused_tensors(_dense(m), files)
         arrays = params_from_hf(_dense(m), reader, set(files))
     eos_ids = hf_config.eos_token_ids(hf)
@@ -315,24 +423,25 @@ def import_hf(hf_dir, out, *, variant: str | None = None, overrides: dict[str, A
 
     state, copied, fresh = build_params(cfg, arrays, devices)
     del arrays
+    copied_tok = [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
+    info = {"hf_dir": source.label, "out": str(out), "model_type": hf.get("model_type"), "ffn": m.ffn,
+            "variant": cfg.variant, "param_dtype": m.param_dtype, "source_dtype": source_dtype,
+            "n_params": int(sum(x.size for x in jax.tree.leaves(state))), "copied": copied, "fresh": fresh,
+            "ignored": ignored, "tokenizer": cfg.data.tokenizer, "tokenizer_files": copied_tok,
+            "eos_id": m.eos_id, "seq_len": cfg.train.seq_len, "notes": notes}
+    record = json.dumps({**info, "hf_config": hf}, indent=2) + "\n"
+    if storage.is_gcs(out):  # written in place, like a training workdir; removed again on failure (it was empty)
+        try:
+            _write_run(out, cfg, state, hf_dir, copied_tok, record)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                if out.exists():
+                    out.rmtree()
+            raise
+        return info
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        is_main = jax.process_index() == 0
-        RunDir.at(tmp).prepare(cfg, is_main=is_main)
-        manager = ckpt.make_manager(tmp, cfg.run)
-        ckpt.save(manager, 0, state, None, force=True)
-        ckpt.wait_until_finished(manager)
-        manager.close()
-        (tmp / TOKENIZER_DIR).mkdir()
-        copied_tok = [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
-        for f in copied_tok:
-            shutil.copyfile(hf_dir / f, tmp / TOKENIZER_DIR / f)
-        info = {"hf_dir": str(hf_dir), "out": str(out), "model_type": hf.get("model_type"), "ffn": m.ffn,
-                "variant": cfg.variant, "param_dtype": m.param_dtype, "source_dtype": source_dtype,
-                "n_params": int(sum(x.size for x in jax.tree.leaves(state))), "copied": copied, "fresh": fresh,
-                "ignored": ignored, "tokenizer": cfg.data.tokenizer, "tokenizer_files": copied_tok,
-                "eos_id": m.eos_id, "seq_len": cfg.train.seq_len, "notes": notes}
-        (tmp / IMPORT_RECORD).write_text(json.dumps({**info, "hf_config": hf}, indent=2) + "\n")
+        _write_run(storage.as_path(tmp), cfg, state, hf_dir, copied_tok, record)
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is owner-only
@@ -343,6 +452,26 @@ def import_hf(hf_dir, out, *, variant: str | None = None, overrides: dict[str, A
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return info
+
+
+def _write_run(dest, cfg, state, hf_dir: Path, tokenizer_files: list[str], record: str) -> None:
+    """The run directory's files at `dest` (an epath, local or gs://): config.json, checkpoint 0 (params only),
+    the tokenizer files and the import record."""
+    import jax
+
+    from vffn_jax.checkpoint import manager as ckpt
+    from vffn_jax.rundir import RunDir
+
+    tok_dir = dest / TOKENIZER_DIR
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    for f in tokenizer_files:
+        (tok_dir / f).write_bytes((hf_dir / f).read_bytes())
+    (dest / IMPORT_RECORD).write_text(record)
+    RunDir.at(dest).prepare(cfg, is_main=jax.process_index() == 0)
+    manager = ckpt.make_manager(dest, cfg.run)
+    ckpt.save(manager, 0, state, None, force=True)
+    ckpt.wait_until_finished(manager)
+    manager.close()
 
 
 def _dense(m):

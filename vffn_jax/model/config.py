@@ -15,6 +15,7 @@ VIRTUAL_EXPERT_KINDS = ("width_only", "width_shared", "versatile", "versatile_av
 DEPTH_KINDS = ("depth_only", "versatile", "versatile_avg")  # have a depth router (1..L loops per token)
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_KINDS = ("auto", "xla", "splash", "cudnn")  # vffn_jax/model/attention.py
+CUDNN_PLATFORMS = ("gpu", "cuda")  # jax Device.platform of the devices cuDNN flash attention runs on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +115,14 @@ class ModelConfig:
         if m.attention == "cudnn" and m.dtype == "float32":
             raise ConfigError("model.attention=cudnn needs model.dtype=bfloat16 or float16 (cuDNN flash attention has no "
                               "float32); use model.attention=auto or xla for float32")
+
+    def validate_platform(self, platform: str) -> None:
+        """ConfigError naming the field when the model cannot run on devices of `platform` (jax's Device.platform:
+        cpu, gpu, tpu), checked at start-up by the commands that run the model (not by exports and imports)."""
+        if self.attention == "cudnn" and platform not in CUDNN_PLATFORMS:
+            raise ConfigError(f"model.attention=cudnn runs on NVIDIA GPUs only (cuDNN flash attention), but the devices "
+                              f"here are {platform}; use model.attention=auto (splash on TPU, cuDNN on GPU, XLA "
+                              "elsewhere) or xla, e.g. --set model.attention=auto, or run on a GPU")
 
 
 def loops_per_layer(m: ModelConfig) -> int | None:

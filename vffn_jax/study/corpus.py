@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import sysconfig
 from pathlib import Path
@@ -43,24 +44,23 @@ def _sha(text: str) -> str:
 
 def build_stdlib_corpus(out_dir: Path, max_files: int | None = None, root: Path | None = None,
                         holdout_files: float = 0.02, eval_chunk_chars: int = 2048) -> tuple[Path, float]:
-    """Writes (once) the standard library's source as a .jsonl corpus; returns (path, data.holdout_fraction).
+    """Writes (once) the standard library's source as a .jsonl corpus folder; returns (folder, the share of
+    documents held out).
 
     Files are ordered by a hash of their relative path; the last `holdout_files` of them are held out
-    (whole files: no held-out file is seen in training). Training documents are whole files. Held-out
-    files are cut at line boundaries into ~`eval_chunk_chars` pieces, shuffled (by hash) and written
-    last, so the first evaluation batches sample all held-out files rather than the first one or two.
-    The returned fraction makes data.py's rule (the last `holdout_fraction` of documents) select
-    exactly those pieces. Files that are not valid UTF-8 (a few deliberate encoding tests) and empty
-    files are skipped. `max_files` keeps only the first files of the hashed order (smoke tests).
+    (whole files: no held-out file is seen in training). Training documents are whole files, in
+    `train/stdlib.jsonl`. Held-out files are cut at line boundaries into ~`eval_chunk_chars` pieces,
+    shuffled (by hash), in `validation/stdlib.jsonl`: a `validation/` folder is the input's own validation
+    split (vffn_jax/data/splits.py), so the first evaluation batches sample all held-out files rather than
+    the first one or two. Files that are not valid UTF-8 (a few deliberate encoding tests) and empty files
+    are skipped. `max_files` keeps only the first files of the hashed order (smoke tests).
     """
-    from vffn_jax.data.token_cache import split_range
-
     root = Path(root or sysconfig.get_paths()["stdlib"])
     ver = f"py{sys.version_info.major}.{sys.version_info.minor}"
     name = f"stdlib-{ver}" + (f"-first{max_files}" if max_files else "") + f"-holdout{holdout_files:g}"
-    path = Path(out_dir) / f"{name}.jsonl"
-    manifest_path = path.with_suffix(".manifest.json")
-    if path.is_file() and manifest_path.is_file():
+    path = Path(out_dir) / name
+    manifest_path = path.with_name(f"{name}.manifest.json")
+    if (path / "validation" / "stdlib.jsonl").is_file() and manifest_path.is_file():
         return path, json.loads(manifest_path.read_text())["holdout_fraction"]
     files = stdlib_files(root)
     files.sort(key=lambda p: _sha(str(p.relative_to(root))))
@@ -84,15 +84,15 @@ def build_stdlib_corpus(out_dir: Path, max_files: int | None = None, root: Path 
     pieces.sort(key=lambda x: _sha(f"{x[0]}:{x[1]}"))
     n_total = len(train_docs) + len(pieces)
     fraction = len(pieces) / n_total
-    if split_range({"train": n_total}, "validation", fraction, str(path)) != ("train", len(train_docs), n_total):
-        raise RuntimeError("internal: the held-out fraction does not select exactly the held-out pieces")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for rel, text in train_docs:
-            f.write(json.dumps({"text": text, "path": rel}) + "\n")
-        for rel, i, text in pieces:
-            f.write(json.dumps({"text": text, "path": f"{rel}#{i}"}) + "\n")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split, docs_of_split in (("train", [(rel, text) for rel, text in train_docs]),
+                                 ("validation", [(f"{rel}#{i}", text) for rel, i, text in pieces])):
+        (tmp / split).mkdir(parents=True)
+        with (tmp / split / "stdlib.jsonl").open("w", encoding="utf-8") as f:
+            for rel, text in docs_of_split:
+                f.write(json.dumps({"text": text, "path": rel}) + "\n")
+    shutil.rmtree(path, ignore_errors=True)
     tmp.replace(path)
     manifest = {"root": str(root), "python": sys.version.split()[0], "train_files": len(train_docs),
                 "train_utf8_bytes": sum(len(t.encode()) for _, t in train_docs),

@@ -29,7 +29,7 @@ class RunSpec:
 def local_work_dir(out) -> Path:
     """Where the study keeps its corpus and token cache: inside `out` when it is local, else in the
     local cache root (a gs:// study writes run outputs to the bucket but tokenises on this machine)."""
-    from vffn_jax.data.corpus import cache_root
+    from vffn_jax.data.cache_dir import cache_root
 
     if not storage.is_gcs(out):
         return Path(os.fspath(storage.as_path(out)))

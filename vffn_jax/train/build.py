@@ -14,7 +14,7 @@ import jax
 
 from vffn_jax import compile_cache
 from vffn_jax.checkpoint import manager as ckpt
-from vffn_jax.config import Config
+from vffn_jax.config import Config, validate
 from vffn_jax.evals.step import evaluate, make_eval_step, window_summary
 from vffn_jax.model.placement import describe, setup
 from vffn_jax.rundir import RunDir
@@ -55,12 +55,15 @@ class Run:
 
 
 def build_run(cfg: Config, workdir, *, devices=None, progress: bool = True, stop_at: int | None = None) -> Run:
-    from vffn_jax.data import pipeline as data_lib  # tfds/grain import lazily: dry runs and eval-only imports stay light
+    from vffn_jax.data import batches as data_lib  # tfds/grain import lazily: dry runs and eval-only imports stay light
     from vffn_jax.data.tokenizer import check_model_fits, load_tokenizer
 
     clock = goodput.Goodput()  # wall time since the process started, by bucket (perf/ fields of the metrics rows)
     is_main = jax.process_index() == 0
+    # checks of this host before anything is written: the kernels against its devices, wandb, the compile cache
+    validate(cfg, platform=(list(devices) if devices is not None else jax.devices())[0].platform)
     wandb_log.check_installed(cfg.run.wandb if is_main else "")
+    compile_cache.check(cfg.run.compile_cache)
     workdir = RunDir.at(workdir).prepare(cfg, is_main).path
     compile_cache.enable(cfg.run.compile_cache, workdir)
     s = setup(cfg, devices)

@@ -11,7 +11,7 @@ def test_data_state_from_another_process_count(tmp_path):
     run is refused with how to continue when the saved state does not carry over."""
     from vffn_jax.checkpoint import manager as ckpt
     from vffn_jax.config import DataConfig
-    from vffn_jax.data.pipeline import make_batch_iterator
+    from vffn_jax.data.batches import make_batch_iterator
 
     data_dir = tmp_path / "checkpoints" / "3" / "data"
     data_dir.mkdir(parents=True)

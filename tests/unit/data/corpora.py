@@ -15,6 +15,17 @@ def stream(docs, tok=BYTE):
     return [t for d in docs for t in [*tok.encode(d), tok.eos_id]]
 
 
+def held_out(keys_and_docs, fraction):
+    """(train documents, validation documents) of (file key, index, document) triples by the per-document
+    hash of vffn_jax/data/splits.py, in input order."""
+    from vffn_jax.data import splits
+
+    train, val = [], []
+    for key, i, doc in keys_and_docs:
+        (val if splits.in_validation(key, i, fraction) else train).append(doc)
+    return train, val
+
+
 def take(it, n):
     return [next(it) for _ in range(n)]
 

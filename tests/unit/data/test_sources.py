@@ -1,4 +1,4 @@
-"""Sources (vffn_jax/data/sources.py, read through token_cache.token_split) on gs:// paths, a real
+"""Sources (vffn_jax/data/sources.py, read through token_cache.split_tokens) on gs:// paths, a real
 fake-gcs-server on 127.0.0.1: the same tokens and batches as the same files on a local path, globs, tokenizer
 JSON, TFDS directories, change detection and clear errors."""
 import json
@@ -6,12 +6,14 @@ import json
 import numpy as np
 import pytest
 
-from vffn_jax.data import token_cache
+from tests.unit.data.corpora import held_out
+from vffn_jax.data import local_copies, sources, splits, token_cache
+from vffn_jax.data import tokenize_corpus as engine
 from vffn_jax import storage
 from vffn_jax.config import ConfigError, DataConfig
-from vffn_jax.data.corpus import prepare_default_corpus
-from vffn_jax.data.pipeline import eval_batches, make_batch_iterator
-from vffn_jax.data.token_cache import token_split
+from vffn_jax.data.default_corpus import prepare_default_corpus
+from vffn_jax.data.batches import eval_batches, make_batch_iterator
+from vffn_jax.data.token_cache import split_tokens
 from vffn_jax.data.tokenizer import load_tokenizer
 
 BYTE = load_tokenizer("byte")
@@ -70,12 +72,14 @@ def trees(tmp_path, gcs_bucket):
 def test_gcs_text_sources_match_local(tmp_path, trees, rel):
     local, remote = cfgs(tmp_path, trees, rel, holdout_fraction=0.2)
     for split in ("train", "validation"):
-        a, b = token_split(local, split), token_split(remote, split)
+        a, b = split_tokens(local, split), split_tokens(remote, split)
         assert isinstance(b, np.memmap) and len(a) > 0 and a.tolist() == b.tolist()
     if rel == "corpus":  # every document, in local path order; .txt files are read with universal newlines
         txt = [d.replace("\r\n", "\n") for d in [*DOCS[40:60], DOCS[0]]]
-        docs = [*txt[:10], *DOCS[:40], *txt[10:]]
-        assert token_split(remote, "train").tolist() == stream(docs[:61 - round(61 * 0.2)])
+        docs = [*((f"{i:03d}.txt", 0, txt[i]) for i in range(10)), *(("a.jsonl", i, DOCS[i]) for i in range(30)),
+                *(("b.json", i, DOCS[30 + i]) for i in range(10)),
+                *((f"sub/{i:03d}.txt", 0, txt[i]) for i in range(10, 20)), ("sub-x/020.txt", 0, txt[20])]
+        assert split_tokens(remote, "train").tolist() == stream(held_out(docs, 0.2)[0])
     kw = dict(seq_len=16, global_batch=4)
     it_a, it_b = (make_batch_iterator(c, "train", seed=3, **kw) for c in (local, remote))
     assert all(np.array_equal(next(it_a), next(it_b)) for _ in range(5))
@@ -85,21 +89,23 @@ def test_gcs_text_sources_match_local(tmp_path, trees, rel):
 
 def test_gcs_cache_hit_reads_no_documents(tmp_path, trees, monkeypatch):
     _, remote = cfgs(tmp_path, trees, "corpus/a.jsonl", holdout_fraction=0.1)
-    first = token_split(remote, "train")
+    first = token_cache.cached_corpus(remote)
     with monkeypatch.context() as m:  # a cache hit lists and stats the objects, nothing more
-        m.setattr(token_cache._FileDocs, "_count", lambda *a: pytest.fail("documents counted on a cache hit"))
-        m.setattr(token_cache, "_encode_chunk", lambda *a: pytest.fail("re-tokenised despite a cached split"))
-        assert token_split(remote, "train").filename == first.filename
+        m.setattr(sources, "file_docs", lambda *a, **k: pytest.fail("documents read on a cache hit"))
+        m.setattr(engine, "tokenize_unit", lambda *a: pytest.fail("re-tokenised despite a cached corpus"))
+        assert token_cache.cached_corpus(remote).folder == first.folder
+        split_tokens(remote, "train")
 
 
 def test_gcs_changed_text_object_is_retokenised(tmp_path, gcs_bucket):
-    cfg = DataConfig(path=f"{gcs_bucket}/docs.jsonl", cache_dir=str(tmp_path / "cache"), holdout_fraction=0.1)
+    cfg = DataConfig(path=f"{gcs_bucket}/docs.jsonl", cache_dir=str(tmp_path / "cache"), holdout_fraction=0.3)
     put(gcs_bucket, "docs.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in DOCS[:20]))
-    before = token_split(cfg, "validation")
-    assert before.tolist() == stream(DOCS[18:20])
+    held = [i for i in range(20) if splits.in_validation("docs.jsonl", i, 0.3)]
+    assert held and split_tokens(cfg, "validation").tolist() == stream([DOCS[i] for i in held])
+    before = token_cache.cached_corpus(cfg).folder
     put(gcs_bucket, "docs.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in DOCS[20:40]))  # same size
-    after = token_split(cfg, "validation")
-    assert after.filename != before.filename and after.tolist() == stream(DOCS[38:40])
+    assert split_tokens(cfg, "validation").tolist() == stream([DOCS[20 + i] for i in held])
+    assert token_cache.cached_corpus(cfg).folder != before
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".bin"])
@@ -112,9 +118,9 @@ def test_gcs_token_files(tmp_path, gcs_bucket, suffix, monkeypatch):
     cfg_l = DataConfig(path=str(local), holdout_fraction=0.1, cache_dir=str(tmp_path / "unused"))
     cfg_g = DataConfig(path=f"{gcs_bucket}/tok/tokens{suffix}", holdout_fraction=0.1, cache_dir=str(cache))
     for split in ("train", "validation"):
-        a, b = token_split(cfg_l, split), token_split(cfg_g, split)
+        a, b = split_tokens(cfg_l, split), split_tokens(cfg_g, split)
         assert isinstance(b, np.memmap) and np.array_equal(a, b)
-    assert np.array_equal(np.concatenate([token_split(cfg_g, "train"), token_split(cfg_g, "validation")]), tokens)
+    assert np.array_equal(np.concatenate([split_tokens(cfg_g, "train"), split_tokens(cfg_g, "validation")]), tokens)
     kw = dict(seq_len=32, global_batch=4, seed=1)
     it_a, it_b = make_batch_iterator(cfg_l, "train", **kw), make_batch_iterator(cfg_g, "train", **kw)
     assert all(np.array_equal(next(it_a), next(it_b)) for _ in range(4))
@@ -123,12 +129,12 @@ def test_gcs_token_files(tmp_path, gcs_bucket, suffix, monkeypatch):
     copies = sorted((cache / "tokens").iterdir())
     assert [p.suffix for p in copies] == [suffix] and "-gcs-" in copies[0].name  # one local copy, nothing else
     with monkeypatch.context() as m:  # served from the copy
-        m.setattr(token_cache, "_copy_object", lambda *a: pytest.fail("copied twice"))
-        token_split(cfg_g, "train")
+        m.setattr(local_copies, "_copy_object", lambda *a: pytest.fail("copied twice"))
+        split_tokens(cfg_g, "train")
     changed = tokens[::-1].copy()  # same size, new generation
     np.save(local, changed.astype(np.int32)) if suffix == ".npy" else changed.tofile(local)
     put(gcs_bucket, f"tok/tokens{suffix}", local.read_bytes())
-    assert np.array_equal(token_split(cfg_g, "train"), changed[:4_500])
+    assert np.array_equal(split_tokens(cfg_g, "train"), changed[:4_500])
     assert len(list((cache / "tokens").iterdir())) == 2
 
 
@@ -141,7 +147,8 @@ def test_gcs_tokenizer_json(tmp_path, gcs_bucket):
     put(gcs_bucket, "docs.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in DOCS))
     cfg = DataConfig(path=f"{gcs_bucket}/docs.jsonl", tokenizer=f"{gcs_bucket}/tok/bpe.json",
                      cache_dir=str(tmp_path / "cache"), holdout_fraction=0.1)
-    assert token_split(cfg, "validation").tolist() == stream(DOCS[54:], local)
+    assert split_tokens(cfg, "validation").tolist() == stream(
+        held_out([("docs.jsonl", i, d) for i, d in enumerate(DOCS)], 0.1)[1], local)
     for missing in (f"{gcs_bucket}/tok/nope.json", "gs://no-such-bucket-vffn/tok.json"):
         with pytest.raises(FileNotFoundError, match="tokenizer file not found: " + missing):
             load_tokenizer(missing)
@@ -154,10 +161,10 @@ def test_gcs_tfds_directory(tmp_path, gcs_bucket):
         put(gcs_bucket, f"tfds/kjv/{f.name}", f.read_bytes())
     cfg_l = DataConfig(path=str(local))
     cfg_g = DataConfig(path=f"{gcs_bucket}/tfds/kjv", cache_dir=str(tmp_path / "cache-gcs"))
-    val = token_split(cfg_g, "validation")
-    assert np.array_equal(val, token_split(cfg_l, "validation")) and (val == BYTE.eos_id).sum() == 23
+    val = split_tokens(cfg_g, "validation")
+    assert np.array_equal(val, split_tokens(cfg_l, "validation")) and (val == BYTE.eos_id).sum() == 23
     with pytest.raises(ConfigError, match="dataset's directory"):
-        token_split(DataConfig(path=f"tfds:kjv_bible:{gcs_bucket}/tfds", cache_dir=str(tmp_path)), "train")
+        split_tokens(DataConfig(path=f"tfds:kjv_bible:{gcs_bucket}/tfds", cache_dir=str(tmp_path)), "train")
 
 
 def test_gcs_missing_bucket_and_no_match(tmp_path, trees):
@@ -166,19 +173,19 @@ def test_gcs_missing_bucket_and_no_match(tmp_path, trees):
     for spec, problem in [(f"{bad}/corpus", "does not exist"), (f"{bad}/corpus/*.txt", "matches no"),
                           (f"{bad}/tokens.npy", "does not exist")]:
         with pytest.raises(FileNotFoundError) as err:
-            token_split(DataConfig(path=spec, cache_dir=cache), "train")
+            split_tokens(DataConfig(path=spec, cache_dir=cache), "train")
         msg = str(err.value)
         assert f"data.path={spec!r} {problem}" in msg and f"bucket {bad} does not exist" in msg
         assert ".jsonl" in msg and "tfds:" in msg  # what data.path accepts
     for spec, problem in [(f"{trees}/nothing/here", "does not exist"), (f"{trees}/corpus/*.md", "matches no .txt"),
                           (f"{trees}/corpus/**/*.parquet", "matches no .txt")]:
         with pytest.raises(FileNotFoundError) as err:
-            token_split(DataConfig(path=spec, cache_dir=cache), "train")
+            split_tokens(DataConfig(path=spec, cache_dir=cache), "train")
         assert f"data.path={spec!r} {problem}" in str(err.value) and "bucket" not in str(err.value)
     put(trees, "csv-only/x.csv", "a,b")
     with pytest.raises(FileNotFoundError, match="is a directory without .txt"):
-        token_split(DataConfig(path=f"{trees}/csv-only", cache_dir=cache), "train")
+        split_tokens(DataConfig(path=f"{trees}/csv-only", cache_dir=cache), "train")
     with pytest.raises(ConfigError, match="unsupported file type '.csv'"):
-        token_split(DataConfig(path=f"{trees}/csv-only/x.csv", cache_dir=cache), "train")
+        split_tokens(DataConfig(path=f"{trees}/csv-only/x.csv", cache_dir=cache), "train")
     with pytest.raises(ConfigError, match="gs://BUCKET"):
-        token_split(DataConfig(path="gs://", cache_dir=cache), "train")
+        split_tokens(DataConfig(path="gs://", cache_dir=cache), "train")

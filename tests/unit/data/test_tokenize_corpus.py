@@ -9,6 +9,7 @@ import pytest
 
 from vffn_jax.data import manifest as manifest_lib
 from vffn_jax import storage
+from vffn_jax.data import splits
 from vffn_jax.data import tokenize_corpus as tc
 from vffn_jax.cli import tokenize as tokenize_cli
 from vffn_jax.data.tokenizer import load_tokenizer
@@ -84,7 +85,7 @@ def _write_inputs(root: Path) -> list[str]:
 @pytest.mark.parametrize("tok_spec", ["byte", pytest.param("olmo", marks=needs_olmo)])
 def test_every_format_gives_the_right_tokens(tmp_path, tok_spec):
     texts = _write_inputs(tmp_path / "in")
-    _tokenize(tmp_path / "in", tmp_path / "out", tok_spec)
+    _tokenize(tmp_path / "in", tmp_path / "out", tok_spec, "--unit-bytes", 1)  # one unit per file
     tok = load_tokenizer(tok_spec)
     got, m = _split_tokens(tmp_path / "out", "train")
     np.testing.assert_array_equal(got, _expected(tok, texts))
@@ -97,7 +98,7 @@ def test_every_format_gives_the_right_tokens(tmp_path, tok_spec):
 
         assert hashlib.sha256((m.folder / s.file).read_bytes()).hexdigest() == s.sha256
     src = m.source
-    assert src["inputs"]["count"] == 6 and src["inputs"]["bytes"] == sum(
+    assert src["inputs"]["files"] == 6 and src["unit_bytes"] == 1 and src["inputs"]["bytes"] == sum(
         p.stat().st_size for p in (tmp_path / "in").rglob("*") if p.is_file() and p.suffix not in (".md",)
         and not p.name.startswith("."))
     assert src["shard_tokens"] == tc.DEFAULT_SHARD_TOKENS and src["validation_fraction"] == 0
@@ -106,6 +107,7 @@ def test_every_format_gives_the_right_tokens(tmp_path, tok_spec):
     _tokenize(str(tmp_path / "in" / "**" / "*.jsonl*"), tmp_path / "glob", tok_spec)
     got, m = _split_tokens(tmp_path / "glob", "train")
     np.testing.assert_array_equal(got, _expected(tok, texts[0:2] + texts[3:8]))  # a/d.jsonl.gz, b.jsonl
+    assert [s.file for s in m.shards] == ["train-00000-0000.bin"]  # small files: one unit by default
     _tokenize(tmp_path / "in" / "e.parquet", tmp_path / "one", tok_spec)
     np.testing.assert_array_equal(_split_tokens(tmp_path / "one", "train")[0],
                                   _expected(tok, [_doc(i, 3) for i in range(2500)]))
@@ -129,7 +131,7 @@ def test_shards_hold_at_most_shard_tokens_and_split_only_long_documents(tmp_path
 def test_tfds_input_keeps_its_validation_split(tmp_path):
     import tensorflow_datasets as tfds
 
-    from vffn_jax.data import pipeline as data
+    from vffn_jax.data import batches as data
 
     corpus = data.prepare_default_corpus()
     builder = tfds.builder_from_directory(corpus)
@@ -164,7 +166,7 @@ def _many_files(root: Path, n_files=5, docs=120) -> list[list[str]]:
 @needs_olmo
 def test_output_is_identical_for_any_worker_count_and_through_the_cli(tmp_path):
     _many_files(tmp_path / "in")
-    flags = ["--tokenizer", "olmo", "--shard-tokens", "700", "--validation-fraction", "0.2"]
+    flags = ["--tokenizer", "olmo", "--shard-tokens", "700", "--validation-fraction", "0.2", "--unit-bytes", "1"]
     assert tokenize_cli.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "w1"), "--workers", "1", *flags,
                     "--quiet"]) == 0
     proc = call(tokenize_cli.main, "--input", tmp_path / "in", "--output", tmp_path / "w2", "--workers", 2,
@@ -184,15 +186,15 @@ def test_validation_fraction_is_deterministic_and_proportional(tmp_path):
     tok = load_tokenizer("byte")
     _tokenize(tmp_path / "in", tmp_path / "out", "byte", "--validation-fraction", 0.2)
     val = [t for f, texts in enumerate(files) for i, t in enumerate(texts)
-           if tc.in_validation(f"part-{f}.jsonl", i, 0.2)]
+           if splits.in_validation(f"part-{f}.jsonl", i, 0.2)]
     train = [t for f, texts in enumerate(files) for i, t in enumerate(texts)
-             if not tc.in_validation(f"part-{f}.jsonl", i, 0.2)]
+             if not splits.in_validation(f"part-{f}.jsonl", i, 0.2)]
     assert 320 <= len(val) <= 480  # 400 expected
     got_val, m = _split_tokens(tmp_path / "out", "validation")
     np.testing.assert_array_equal(got_val, _expected(tok, val))
     np.testing.assert_array_equal(_split_tokens(tmp_path / "out", "train")[0], _expected(tok, train))
     assert m.splits()["validation"]["documents"] == len(val)
-    assert [s.file for s in m.split_shards("validation")] == ["validation-00000-0000.bin", "validation-00001-0000.bin"]
+    assert [s.file for s in m.split_shards("validation")] == ["validation-00000-0000.bin"]  # one unit of 2 files
     assert m.source["validation_from"] == "hash"
     # the same documents again in a fresh output; no validation split at all for 0
     _tokenize(tmp_path / "in", tmp_path / "again", "byte", "--validation-fraction", 0.2)
@@ -204,7 +206,7 @@ def test_validation_fraction_is_deterministic_and_proportional(tmp_path):
 @needs_olmo  # the refused flag change is a switch to the olmo tokenizer
 def test_rerun_reuses_finished_units_and_refuses_other_flags(tmp_path, monkeypatch, capsys):
     _many_files(tmp_path / "in", n_files=4, docs=50)
-    flags = ["--validation-fraction", "0.1", "--shard-tokens", "1000"]
+    flags = ["--validation-fraction", "0.1", "--shard-tokens", "1000", "--unit-bytes", "1"]  # a unit per file
     _tokenize(tmp_path / "in", tmp_path / "out", "byte", *flags)
     first = _files(tmp_path / "out")
     calls = []
@@ -229,7 +231,7 @@ def test_rerun_reuses_finished_units_and_refuses_other_flags(tmp_path, monkeypat
     assert calls == [0]
     got = _split_tokens(tmp_path / "out", "train")[0]
     want = _expected(load_tokenizer("byte"), [t for i, t in enumerate(texts)
-                                              if not tc.in_validation("part-0.jsonl", i, 0.1)])
+                                              if not splits.in_validation("part-0.jsonl", i, 0.1)])
     np.testing.assert_array_equal(got[:len(want)], want)
     unit0 = {n for n in _files(tmp_path / "out") if "-00000-" in n}
     assert unit0 < {n for n in first if "-00000-" in n}  # fewer shards than before; the others are gone
@@ -238,8 +240,8 @@ def test_rerun_reuses_finished_units_and_refuses_other_flags(tmp_path, monkeypat
     assert names == listed  # the unit's old shards that the new run did not rewrite are gone
 
     capsys.readouterr()
-    for bad in (["--validation-fraction", "0.2", "--shard-tokens", "1000"],
-                ["--validation-fraction", "0.1", "--shard-tokens", "999"]):
+    for bad in (["--validation-fraction", "0.2", "--shard-tokens", "1000", "--unit-bytes", "1"],
+                ["--validation-fraction", "0.1", "--shard-tokens", "999", "--unit-bytes", "1"]):
         assert _run("--input", tmp_path / "in", "--output", tmp_path / "out", "--tokenizer", "byte", *bad) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: --output") and ("validation_fraction" in err or "shard_tokens" in err), err
@@ -304,6 +306,10 @@ def test_bad_inputs_exit_2_with_a_clear_message(tmp_path, capsys, gcs_emulator):
     (tmp_path / "broken" / "b.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n{"text": "b\n'))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "e.jsonl").write_text("\n")
+    (tmp_path / "latin1").mkdir()
+    (tmp_path / "latin1" / "t.txt").write_bytes("caf\u00e9 ok\n".encode() + "na\u00efve".encode("latin-1"))
+    (tmp_path / "latin1-lines").mkdir()
+    (tmp_path / "latin1-lines" / "l.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -317,6 +323,9 @@ def test_bad_inputs_exit_2_with_a_clear_message(tmp_path, capsys, gcs_emulator):
         (["--input", tmp_path / "bad"], f"{tmp_path / 'bad' / 'a.jsonl'} line 3: record has no field 'text'"),
         (["--input", tmp_path / "broken"], f"{tmp_path / 'broken' / 'b.jsonl.gz'} line 2: not valid JSON"),
         (["--input", tmp_path / "pq"], f"{tmp_path / 'pq' / 'x.parquet'}: no column 'text'"),
+        (["--input", tmp_path / "latin1"], f"{tmp_path / 'latin1' / 't.txt'}: not valid UTF-8 at byte 11"),
+        (["--input", tmp_path / "latin1-lines"], f"{tmp_path / 'latin1-lines' / 'l.jsonl'} line 2: not valid UTF-8 "
+                                                  "at byte 30"),
         (["--input", tmp_path / "in", "--tokenizer", "no-such-tokenizer"], "--tokenizer no-such-tokenizer"),
         (["--input", "tfds:no_such_dataset_xyz:" + str(tmp_path)], "no_such_dataset_xyz"),
         (["--input", tmp_path / "in", "--output", "gs://no-such-bucket-vffn/corpus"], "gs://no-such-bucket-vffn"),

@@ -162,6 +162,17 @@ def test_cli_bad_input_exits_2(run_dir, tmp_path, capsys):
     assert "available steps: [3]" in capsys.readouterr().err
 
 
+def test_cli_missing_include_path_exits_2_naming_it(tmp_path):
+    """lm-eval skips a folder that does not exist; the command line refuses it, before lm-eval or the run is read."""
+    from vffn_jax.testing.cli import call
+
+    missing = tmp_path / "no_tasks"
+    for flag in ("--include-path", "--include_path"):  # ours, and lm_eval's own spelling
+        res = call(lm_eval_cli.main, "--workdir", tmp_path / "run", "--tasks", "vffn_arc_easy", flag, missing)
+        assert res.returncode == 2, res.stderr
+        assert f"error: --include-path={missing} does not exist" in res.stderr and "Traceback" not in res.stderr
+
+
 # --------------------------------------------------------------------------- against transformers and lm-eval's hf
 
 

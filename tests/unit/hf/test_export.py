@@ -295,8 +295,28 @@ def test_bad_input_exits_2(exports, tmp_path, capsys):
     assert (empty / "config.json").is_file() and empty.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
+def test_overwrite_replaces_a_non_empty_out(tmp_path):
+    """A non-empty --out is refused naming it; --overwrite replaces it whole (no stale weights left beside the new
+    ones, no temporary folder), but never the run being exported or a folder holding it."""
+    workdir, _, _ = _make_run(tmp_path / "src", "dense")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "model-00001-of-00002.safetensors").write_text("a stale shard")
+    res = cli.call(hf_cli.main, "export", "--workdir", workdir, "--out", out)
+    assert res.returncode == 2, res.stderr
+    assert f"error: --out={out} already exists and is not an empty folder" in res.stderr and "--overwrite" in res.stderr
+    assert "Traceback" not in res.stdout + res.stderr
+    res = cli.call(hf_cli.main, "export", "--workdir", workdir, "--out", out, "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert not (out / "model-00001-of-00002.safetensors").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "src"]
+    res = cli.call(hf_cli.main, "export", "--workdir", workdir, "--out", tmp_path / "src", "--overwrite")
+    assert res.returncode == 2 and "--overwrite would delete it" in res.stderr, res.stderr
+    assert (workdir / "config.json").is_file()
+
+
 def test_help_explains_every_flag():
     text = hf_cli.export_parser().format_help()
-    for flag in ("--workdir", "--out", "--step", "--dtype", "--max-shard-size"):
+    for flag in ("--workdir", "--out", "--step", "--dtype", "--max-shard-size", "--overwrite"):
         assert flag in text
     assert "trust_remote_code" in text and "index" in text

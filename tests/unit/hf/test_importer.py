@@ -296,6 +296,44 @@ def test_bad_input_exits_2_naming_the_field(hf, case, capsys):
     assert not out.exists() and not list(hf["root"].glob(f".out_{case}.tmp-*"))  # nothing written, not even half
 
 
+@pytest.mark.parametrize("name", ["gqa", "llama3"])  # one file (listed when opened), a shard of an index (read later)
+def test_truncated_safetensors_exits_2_naming_the_file(hf, tmp_path, name):
+    folder = tmp_path / "hf"
+    shutil.copytree(hf[name][0], folder)
+    weights = sorted(folder.glob("*.safetensors"))[-1]
+    weights.write_bytes(weights.read_bytes()[:-100])  # an interrupted download
+    res = cli.call(hf_cli.main, "import", "--hf", folder, "--out", tmp_path / "run")
+    assert res.returncode == 2, res.stderr
+    assert f"error: {weights} is not a readable safetensors file" in res.stderr and "download it again" in res.stderr
+    assert "Traceback" not in res.stdout + res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # nothing written, not even a temporary folder
+
+
+def test_import_from_and_into_gcs(hf, runs, gcs_bucket):
+    """--hf gs://... (sharded: index and several files) and --out gs://...: the same run as the local import,
+    its tokenizer inside the gs:// run; a second import into it, and a missing gs:// folder, exit 2 naming them."""
+    from vffn_jax import storage
+
+    src, out = f"{gcs_bucket}/hf/llama3", f"{gcs_bucket}/runs/llama3"
+    storage.upload_tree(hf["llama3"][0], src)
+    res = cli.call(hf_cli.main, "import", "--hf", src, "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert f"imported {src} " in res.stdout and f"-> {out}:" in res.stdout
+    ours, local = restore_params(out), restore_params(runs["llama3"]["out"])
+    assert ours.cfg.model == local.cfg.model and ours.cfg.scale == local.cfg.scale == "hf:llama3"
+    for x, y in zip(jax.tree.leaves(kv_cache.pure_params(ours.params)), jax.tree.leaves(kv_cache.pure_params(local.params))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert ours.cfg.data.tokenizer == f"{out}/tokenizer/tokenizer.json"
+    assert load_tokenizer(ours.cfg.data.tokenizer).eos_id == ours.cfg.model.eos_id == hf["tok"].eos_token_id
+
+    again = cli.call(hf_cli.main, "import", "--hf", src, "--out", out)
+    assert again.returncode == 2 and f"--out={out} already holds checkpoints" in again.stderr, again.stderr
+    missing = cli.call(hf_cli.main, "import", "--hf", f"{gcs_bucket}/hf/none", "--out", f"{gcs_bucket}/runs/none")
+    assert missing.returncode == 2 and f"--hf={gcs_bucket}/hf/none: no such folder" in missing.stderr, missing.stderr
+    assert "Traceback" not in again.stderr + missing.stderr
+    assert not storage.as_path(f"{gcs_bucket}/runs/none").exists()
+
+
 def test_refuses_an_out_with_checkpoints(hf, runs, capsys):
     before = sorted(p.name for p in Path(runs["gqa"]["out"]).iterdir())
     assert hf_cli.import_main(["--hf", str(hf["gqa"][0]), "--out", runs["gqa"]["out"]]) == 2

@@ -22,20 +22,21 @@ def test_stdlib_corpus_skips_non_utf8_and_site_packages(tmp_path):
     (root / "pkg" / "long.py").write_text("".join(f"line_{i} = {i}\n" for i in range(400)))
     path, fraction = build_stdlib_corpus(tmp_path / "corpus", root=root, holdout_files=0.34,
                                                eval_chunk_chars=500)
-    docs = [json.loads(line) for line in path.read_text().splitlines()]
+    train_docs = [json.loads(line) for line in (path / "train" / "stdlib.jsonl").read_text().splitlines()]
+    pieces = [json.loads(line) for line in (path / "validation" / "stdlib.jsonl").read_text().splitlines()]
+    docs = train_docs + pieces
     files = {d["path"].split("#")[0] for d in docs}
     assert files == {"a.py", "pkg/b.py", "pkg/long.py"}  # no site-packages, no non-UTF-8, no empty file
-    manifest = json.loads(path.with_suffix(".manifest.json").read_text())
+    manifest = json.loads(path.with_name(path.name + ".manifest.json").read_text())
     assert manifest["skipped_not_utf8"] == ["bad.py"] and manifest["train_files"] == 2
     held_out = manifest["heldout_files"]
     assert len(held_out) == 1 and manifest["holdout_fraction"] == fraction
-    # data.py's rule (the last `fraction` of documents) selects exactly the held-out file's pieces
-    cfg = DataConfig(path=str(path), holdout_fraction=fraction, cache_dir=str(tmp_path / "cache"))
-    val = token_cache.token_split(cfg, "validation")
-    train = token_cache.token_split(cfg, "train")
+    # the validation/ folder is the corpus's own split: exactly the held-out file's pieces
+    cfg = DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"))
+    val = token_cache.split_tokens(cfg, "validation")
+    train = token_cache.split_tokens(cfg, "train")
     held_text = (root / held_out[0]).read_text()
-    pieces = [d for d in docs if d["path"].split("#")[0] == held_out[0]]
-    assert docs[-len(pieces):] == pieces and "".join(
+    assert {d["path"].split("#")[0] for d in pieces} == set(held_out) and "".join(
         d["text"] for d in sorted(pieces, key=lambda d: int(d["path"].split("#")[1]))) == held_text
     assert len(val) == len(held_text.encode()) + len(pieces)  # each piece + EOS
     assert len(train) + len(val) == sum(len(d["text"].encode()) + 1 for d in docs)

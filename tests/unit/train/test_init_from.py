@@ -12,7 +12,7 @@ import pytest
 import train as train_cli
 from vffn_jax.checkpoint import manager as ckpt
 from vffn_jax.config import ConfigError
-from vffn_jax.data import pipeline as data_lib
+from vffn_jax.data import batches as data_lib
 from vffn_jax.model import placement
 from vffn_jax.testing.shapes import tiny_args, tiny_config
 from vffn_jax.train import init_from

@@ -1,23 +1,21 @@
-"""Data pipeline: a source -> token windows per split -> packed, shuffled, per-process grain batches.
+"""Batches: token windows of a split -> packed, shuffled, per-process grain batches; the end of the pipeline
 
-Raw sources (`data.path` = "" for the default corpus, tfds:..., files, globs, gs://...; see
-vffn_jax/data/token_cache.py, which reads them with vffn_jax/data/sources.py) are tokenised once into a
-token-shard corpus in the cache (manifest.json + one shard per split) and read like any other token-shard
-corpus below; .npy / .bin token files are memory-mapped (PackedWindows). Every document is followed by the
-tokenizer's EOS. Sources without a "validation" split hold out their last `holdout_fraction` of documents
-(of tokens for .npy/.bin). Batches are windows of seq_len + 1 tokens at stride seq_len, shuffled per epoch
-by grain; global batch b is a pure function of (seed, b) and does not depend on the number of processes,
-each of which gets a contiguous block of its rows.
+    sources.py (read documents) -> tokenize_corpus.py (the engine) -> shard_writer.py -> manifest.json
+    -> shard_reader.py (windows of shards) -> batches.py (this module)
 
-Token-shard corpora (`manifest.json` + flat shards, written once by `python -m vffn_jax.data tokenize`; see
-vffn_jax/data/manifest.py and vffn_jax/data/shards.py) are read in place, local or on gs://, never tokenised
-or copied:
-  data.path=FOLDER|FOLDER/manifest.json   train = the manifest's "train" shards, validation = its "validation"
-                              shards; a manifest without validation shards holds out the last
-                              `holdout_fraction` of its train windows (windows, in manifest order), as
-                              sources without a split do. Windows (seq_len + 1 tokens at stride seq_len) never
+What `data.path` names, and how its two splits are read:
+  FOLDER | FOLDER/manifest.json  a token-shard corpus (`vffn-tokenize`), local or gs://, read in place: train =
+                              its "train" shards, validation = its "validation" shards; a manifest without
+                              validation shards holds out the last `holdout_fraction` of its train windows
+                              (windows, in manifest order). Windows (seq_len + 1 tokens at stride seq_len) never
                               cross shards. gs:// windows are ranged reads of exactly their bytes, a batch's
                               windows fetched concurrently; a process reads only its own rows.
+  raw documents ("" = the default corpus, tfds:..., files, folders, globs, local or gs://)
+                              tokenised once by the same engine into the local cache (vffn_jax/data/token_cache.py)
+                              and read as the manifest it writes: the same batches as `vffn-tokenize` and
+                              data.path=its output. Held-out documents: vffn_jax/data/splits.py.
+  a .npy / .bin token file    memory-mapped (PackedWindows); the last holdout_fraction of tokens is validation.
+  synthetic                   random windows, no files (vffn_jax/data/synthetic.py), for performance work.
   data.mixture=PATH=W,PATH=W  several manifests mixed by weight (normalised) with grain's deterministic
                               `MapDataset.mix`: each source is shuffled with its own seed (derived from
                               data.shuffle_seed and its position in the list) and repeated, then element k of
@@ -35,12 +33,15 @@ or copied:
                               whose weight shrank shows some windows a second time (each source's shuffle order
                               is unchanged). Adding or removing entries changes the derived seeds' meaning
                               only for positions that moved.
+Every document is followed by the tokenizer's EOS. Batches are windows of seq_len + 1 tokens at stride
+seq_len, shuffled per epoch by grain; global batch b is a pure function of (seed, b) and does not depend on
+the number of processes, each of which gets a contiguous block of its rows.
+
 Start-up checks for manifests (ConfigError / FileNotFoundError naming the file and the fix): the manifest's
 tokenizer vs data.tokenizer (`check_corpus`, which also takes the model's vocab size), every shard present
 with exactly tokens * itemsize bytes, and with data.verify_shards="sha256" (default) each shard's sha256,
-hashed once per process and split over processes (`shards.check_shards`); "size" skips the hashing.
-
-CLI: `python -m vffn_jax.data --prepare [--cache-dir D]`.
+hashed once per process and split over processes (`shard_reader.check_shards`); "size" skips the hashing
+(the token cache, which this process wrote, is checked by size).
 """
 from __future__ import annotations
 
@@ -51,10 +52,10 @@ import numpy as np
 
 from vffn_jax.config import ConfigError, DataConfig
 from vffn_jax.data import manifest as manifest_lib
-from vffn_jax.data.corpus import prepare_default_corpus
-from vffn_jax.data.shards import ShardWindows, check_shards
-from vffn_jax.data.sources import SPLITS
-from vffn_jax.data.token_cache import split_range, cached_corpus, check_split as _check_split, split_shards, token_split
+from vffn_jax.data import splits, synthetic, token_cache, token_files
+from vffn_jax.data.default_corpus import prepare_default_corpus
+from vffn_jax.data.shard_reader import ShardWindows, check_shards
+from vffn_jax.data.splits import SPLITS, check_split as _check_split
 from vffn_jax.data.tokenizer import load_tokenizer
 
 _READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
@@ -106,27 +107,29 @@ def _check_tokenizers(cfg: DataConfig, manifests: list[manifest_lib.Manifest],
     return manifests
 
 
-def _split_windows(cfg: DataConfig, m: manifest_lib.Manifest, split: str, seq_len: int) -> ShardWindows:
-    """The windows of `split` of one manifest, after checking its shards (a collective on several processes)."""
+def _split_windows(cfg: DataConfig, m: manifest_lib.Manifest, split: str, seq_len: int,
+                   verify: str | None = None, what: str = "") -> ShardWindows:
+    """The windows of `split` of one manifest, after checking its shards (a collective on several processes
+    with verify="sha256"; default data.verify_shards). Errors name `what` (default: the manifest)."""
+    what = what or str(m.path)
     train, val = m.split_shards("train"), m.split_shards("validation")
     if not train:
-        raise ConfigError(f"{m.path} has no 'train' shards (splits: {sorted(m.splits())}); re-tokenise with a train split")
+        raise ConfigError(f"{what} has no 'train' shards (splits: {sorted(m.splits())}); re-tokenise with a train split")
     if val:
         shards, rng = (val if split == "validation" else train), None
     else:  # the held-out tail of the train windows, by the same rule as sources without a split
         shards = train
         n = ShardWindows.from_manifest(m, train, seq_len).n_windows_total
         if n < 1:
-            raise ConfigError(f"{m.path}: no train shard holds one sequence of seq_len + 1 = {seq_len + 1} tokens; "
-                              "lower train.seq_len or re-tokenise with larger shards")
-        _, start, stop = split_range({"train": n}, split, cfg.holdout_fraction, str(m.path), "windows")
-        rng = (start, stop)
-    check_shards(m, shards, cfg.verify_shards)
+            raise ConfigError(f"{what}: no train shard holds one sequence of seq_len + 1 = {seq_len + 1} tokens; "
+                              "lower train.seq_len, or use more data (or larger shards)")
+        rng = splits.tail_range(n, split, cfg.holdout_fraction, what, "windows")
+    check_shards(m, shards, verify or cfg.verify_shards)
     src = ShardWindows.from_manifest(m, shards, seq_len)
     if rng is not None:
         src = src.with_range(*rng)
     if len(src) < 1:
-        raise ConfigError(f"the {split} shards of {m.path} hold no sequence of seq_len + 1 = {seq_len + 1} tokens "
+        raise ConfigError(f"the {split} shards of {what} hold no sequence of seq_len + 1 = {seq_len + 1} tokens "
                           "(windows never cross shards); lower train.seq_len or re-tokenise with larger shards")
     return src
 
@@ -212,7 +215,7 @@ class PackedWindows:
         return f"PackedWindows({self._file}, n_tokens={self._n}, seq_len={self._seq_len})"
 
 
-def batch_dataset(tokens: np.memmap | ShardWindows | list[ShardWindows], *, seq_len: int, global_batch: int,
+def batch_dataset(tokens: np.memmap | ShardWindows | list[ShardWindows] | synthetic.SyntheticWindows, *, seq_len: int, global_batch: int,
                   seed: int | None, repeat: bool, process_index: int = 0, process_count: int = 1,
                   weights: list[float] | None = None) -> grain.MapDataset:
     """Per-process batches [global_batch // process_count, seq_len + 1]; seed=None keeps source order.
@@ -254,21 +257,17 @@ def batch_dataset(tokens: np.memmap | ShardWindows | list[ShardWindows], *, seq_
     return ds.batch(global_batch // process_count, drop_remainder=True, batch_fn=batch_fn)[process_index::process_count]
 
 
-def _cached_source(cfg: DataConfig, split: str, seq_len: int) -> np.memmap | ShardWindows:
-    """`split` of a raw data.path: the windows of its cached token-shard corpus (token_cache.cached_corpus), or
-    the tokens of a .npy / .bin file."""
+def _raw_source(cfg: DataConfig, split: str, seq_len: int) -> np.memmap | ShardWindows | synthetic.SyntheticWindows:
+    """`split` of a data.path that is not a manifest: synthetic windows, the tokens of a .npy / .bin file, or
+    the windows of the token cache that the engine writes for raw documents."""
     _check_split(split)
-    corpus = cached_corpus(cfg)
-    if isinstance(corpus, np.ndarray):
-        return token_split(cfg, split)
-    shards = split_shards(cfg, corpus, split)
-    check_shards(corpus, shards, "size")  # this process wrote them: sizes, no hashing
-    src = ShardWindows.from_manifest(corpus, shards, seq_len)
-    if len(src) < 1:
-        raise ConfigError(f"the {split} split has {sum(s.tokens for s in shards):,} tokens, fewer than one sequence "
-                          f"of seq_len + 1 = {seq_len + 1}; lower train.seq_len or use more data "
-                          "(data.holdout_fraction for validation)")
-    return src
+    if synthetic.is_synthetic(cfg.path):
+        return synthetic.SyntheticWindows(load_tokenizer(cfg.tokenizer).vocab_size, seq_len, cfg.shuffle_seed, split)
+    if token_files.is_token_file(cfg.path):
+        return token_files.split_view(cfg, split)
+    corpus = token_cache.cached_corpus(cfg)
+    return _split_windows(cfg, corpus, split, seq_len, verify="size",
+                          what=f"{token_cache.describe(cfg)} (tokenised into {corpus.folder})")
 
 
 def make_batch_iterator(cfg: DataConfig, split: str, *, seq_len: int, global_batch: int, seed: int,
@@ -281,7 +280,8 @@ def make_batch_iterator(cfg: DataConfig, split: str, *, seq_len: int, global_bat
         tokens, weights = shard_sources(cfg, split, seq_len)
         read = _READ_GCS if any(src.is_gcs for src in tokens) else _READ
     else:
-        tokens, weights = _cached_source(cfg, split, seq_len), None
+        tokens, weights = _raw_source(cfg, split, seq_len), None
+        shuffle = shuffle and not synthetic.is_synthetic(cfg.path)  # random already; a shuffle would cost time
     ds = batch_dataset(tokens, seq_len=seq_len, global_batch=global_batch, seed=seed if shuffle else None,
                        repeat=repeat, process_index=process_index, process_count=process_count,
                        weights=weights).to_iter_dataset(read)
@@ -300,7 +300,7 @@ def eval_batches(cfg: DataConfig, *, seq_len: int, global_batch: int, n_batches:
     if uses_manifest(cfg):
         tokens, weights = shard_sources(cfg, "validation", seq_len)
     else:
-        tokens, weights = _cached_source(cfg, "validation", seq_len), None
+        tokens, weights = _raw_source(cfg, "validation", seq_len), None
     ds = batch_dataset(tokens, seq_len=seq_len, global_batch=global_batch, seed=None, repeat=False,
                        process_index=process_index, process_count=process_count, weights=weights)
     return [ds[i] for i in range(min(n_batches, len(ds)))]
@@ -318,6 +318,6 @@ def describe_default_corpus(cache_dir: str = "", tokenizer: str = "byte") -> lis
     cfg = DataConfig(tokenizer=tokenizer, cache_dir=cache_dir)
     lines = [f"default corpus: {out}"]
     for split in SPLITS:
-        n_tokens = len(token_split(cfg, split))
+        n_tokens = len(token_cache.split_tokens(cfg, split))
         lines.append(f"{split}: {info.splits[split].num_examples:,} documents, {n_tokens:,} tokens ({tokenizer})")
     return lines

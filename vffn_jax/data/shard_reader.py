@@ -1,4 +1,4 @@
-"""Training windows read straight from pre-tokenised token shards (a `manifest.json` folder, local or gs://).
+"""The reading end of token shards: training windows read straight from a `manifest.json` folder (local or gs://).
 
 Nothing is tokenised or copied at train time. `ShardWindows` is a random-access grain source over the
 shards of one split:

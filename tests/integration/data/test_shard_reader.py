@@ -1,4 +1,4 @@
-"""Token-shard verification across real processes (vffn_jax/data/shards.py): the sha256 pass is split over
+"""Token-shard verification across real processes (vffn_jax/data/shard_reader.py): the sha256 pass is split over
 the job's processes and every process raises the same error."""
 import numpy as np
 
@@ -9,7 +9,7 @@ from vffn_jax.testing.processes import run_in_processes
 def check_train_shards(folder: str):
     """In each process: check the train shards of `folder`; ("OK" | "ERR", error type, message, shards hashed
     by this process)."""
-    from vffn_jax.data import shards
+    from vffn_jax.data import shard_reader as shards
     from vffn_jax.data.manifest import read_manifest
 
     m = read_manifest(folder)
