@@ -10,22 +10,29 @@ from __future__ import annotations
 import sys
 
 EXIT_OK = 0
+EXIT_CRASH = 1  # an unexpected error (a bug): Python's own status, with its traceback
 EXIT_BAD_INPUT = 2  # an invalid config, flag, path, bucket, corpus, or a damaged checkpoint: fix the input
 EXIT_MISMATCH = 3  # a checkpoint that does not match the config, or a run that diverged: do not restart as is
 EXIT_PEERS_MISSING = 4  # start-up timed out waiting for every process at the coordinator
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a preemption notice after saving; re-run the same command
+EXIT_PEER_LOST = EXIT_PREEMPTED  # another process of the run died or became unreachable: re-run the same command
 EXIT_HUNG = 86  # run.hang_minutes passed without a finished step: thread stacks in WORKDIR/hang-<process>.txt
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it): the step reached was saved; re-run to resume
 
 EXIT_STATUSES: dict[int, str] = {
     EXIT_OK: "done",
-    EXIT_BAD_INPUT: "bad input (the message names the field or file and the fix)",
+    EXIT_CRASH: "crashed (a bug: the traceback says where)",
+    EXIT_BAD_INPUT: "bad input or a damaged checkpoint (the message names the field or file and the fix)",
     EXIT_MISMATCH: "a checkpoint that does not match the config, or a diverged run",
     EXIT_PEERS_MISSING: "not every process joined the coordinator in time",
-    EXIT_PREEMPTED: "preempted after saving: re-run the same command",
+    EXIT_PREEMPTED: "preempted after saving, or a peer process was lost: re-run the same command",
     EXIT_HUNG: "hung: no step finished in run.hang_minutes; re-run to resume",
     EXIT_INTERRUPTED: "interrupted by the user (Ctrl-C)",
 }
+# What a supervisor (`vffn-supervise`) re-runs: the run itself is sound and the same command resumes it from its
+# newest intact checkpoint. A process killed by a signal (the OOM killer, kill -9, a native abort) is restarted
+# too; everything else needs a person: a fixed input, a new config, or a bug fixed.
+RESTARTABLE = (EXIT_PEERS_MISSING, EXIT_PREEMPTED, EXIT_HUNG)
 
 
 class ConfigError(ValueError):

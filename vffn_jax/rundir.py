@@ -6,6 +6,10 @@
     WORKDIR/tb/                  TensorBoard events and profiler traces
     WORKDIR/compile_cache/       JAX's persistent compilation cache (run.compile_cache=auto)
     WORKDIR/depth_per_layer.png  eval.py's loops-per-layer plot (depth-routed variants)
+    WORKDIR/hang-<process>.txt   thread stacks of a hung process (train/watchdog.py)
+    WORKDIR/peer-lost-<process>.txt  why a process ended when another one was lost (parallel/peer_loss.py)
+    WORKDIR/supervisor-<host>.jsonl  each start and exit under `vffn-supervise` (cli/supervise.py)
+    WORKDIR/native-<host>-<pid>.log  the native runtime's output of a multi-process run (parallel/peer_loss.py)
 
 Local paths and gs:// alike (etils.epath through `storage`). Every module that needs one of these
 files asks a `RunDir` for it, so the layout is written down once.
@@ -66,6 +70,14 @@ class RunDir:
     def depth_plot(self) -> epath.Path:
         return self.path / self.DEPTH_PLOT
 
+    def committed_steps(self) -> list[int]:
+        """The checkpoint steps whose save committed (Orbax renames a step's folder to its bare number last),
+        from one listing: no Orbax, no collective, so a process can ask while its peers are gone."""
+        try:
+            return sorted(int(p.name) for p in self.checkpoints.iterdir() if p.name.isdigit())
+        except FileNotFoundError:
+            return []
+
     # --------------------------------------------------------------------- the config
 
     def has_config(self) -> bool:
@@ -111,6 +123,11 @@ class RunDir:
         if not self.metrics_path.is_file():
             return []
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def last_logged_step(self) -> int | None:
+        """The step of the last row of metrics.jsonl (None before the first log step)."""
+        rows = self.metrics()
+        return rows[-1]["step"] if rows else None
 
     def final_eval(self, step: int) -> dict[str, Any] | None:
         """The last held-out (`eval/...`) row logged at `step`, or None."""

@@ -62,7 +62,7 @@ def test_a_checkout_reads_the_presets_in_configs():
 
 
 SCRIPTS = ("vffn-train", "vffn-eval", "vffn-generate", "vffn-tokenize", "vffn-hf", "vffn-export", "vffn-lm-eval",
-           "vffn-study", "vffn-gcs-emulator")
+           "vffn-study", "vffn-gcs-emulator", "vffn-supervise")
 
 
 @pytest.mark.slow

@@ -54,3 +54,13 @@ def test_layout_is_the_documented_one(tmp_path):
     names = [p.name for p in (run.config_path, run.checkpoints, run.metrics_path, run.tensorboard, run.compile_cache,
                               run.depth_plot)]
     assert names == ["config.json", "checkpoints", "metrics.jsonl", "tb", "compile_cache", "depth_per_layer.png"]
+
+
+def test_committed_steps_are_the_bare_numbered_folders(tmp_path):
+    """A save in flight (Orbax's temporary folder) is not committed; listing needs no Orbax."""
+    from vffn_jax.rundir import RunDir
+
+    assert RunDir.at(tmp_path).committed_steps() == []
+    for name in ("10", "20", "30.orbax-checkpoint-tmp-1733", "notes"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert RunDir.at(tmp_path).committed_steps() == [10, 20]

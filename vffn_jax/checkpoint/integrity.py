@@ -97,7 +97,8 @@ def list_files(step_dir: epath.Path) -> dict[str, int]:
             for f in files:
                 full = os.path.join(dirpath, f)
                 out[os.path.relpath(full, root).replace(os.sep, "/")] = os.path.getsize(full)
-    return {k: v for k, v in out.items() if not (k.startswith(PREFIX) and "/" not in k) and k}
+    # our own files, and another process's checksum file still being written (`.vffn_checksums....tmp-...`)
+    return {k: v for k, v in out.items() if not (k.lstrip(".").startswith(PREFIX) and "/" not in k) and k}
 
 
 def file_crc32c(path: epath.Path) -> tuple[str, int]:

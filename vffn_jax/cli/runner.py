@@ -39,13 +39,18 @@ def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init-timeout", type=int, default=300, metavar="SECONDS",
                    help="give up start-up with an error if not every process has joined within this time "
                         "(default 300)")
+    g.add_argument("--heartbeat-timeout", type=int, default=60, metavar="SECONDS",
+                   help="a process whose heartbeats stop this long is lost: every other process prints what was "
+                        "lost and exits 75 (re-run the same command; vffn-supervise does). A failed collective "
+                        "with a dead process is noticed at once (default 60)")
 
 
 def distributed_args(args: argparse.Namespace):
     """The checked multi-process launch of `add_distributed_arguments`' flags (ConfigError naming the flag)."""
     from vffn_jax.parallel import distributed
 
-    return distributed.from_flags(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
+    return distributed.from_flags(args.coordinator, args.num_processes, args.process_id, args.init_timeout,
+                                  args.heartbeat_timeout)
 
 
 def add_overrides_argument(p: argparse.ArgumentParser) -> None:
@@ -74,14 +79,28 @@ def run(body: Callable[[], int], hint: Callable[[BaseException], str] | None = N
     try:
         return body()
     except Exception as e:
-        return errors.report(e, hint(e) if hint else "")
+        return report(e, hint(e) if hint else "")
+
+
+def report(e: Exception, hint: str = "") -> int:
+    """`errors.report(e)`, except that a failed exchange with a lost process of a multi-process run ends this one
+    as parallel/peer_loss.py says (one line, exit 75) instead of a traceback."""
+    from vffn_jax.parallel import peer_loss
+
+    if peer_loss.is_peer_failure(e):
+        peer_loss.lost_in(e)
+    return errors.report(e, hint)
 
 
 def console(main: Callable[[], int], interrupted: str = "interrupted (Ctrl-C)") -> NoReturn:
     """The entry of a console script or root shim: exits with `main()`'s status. Ctrl-C before the command
     installed its own handling (or after it ended) prints `vffn_jax: <interrupted>` and exits 130."""
     try:
-        sys.exit(main())
+        status = main()
+        from vffn_jax.parallel import peer_loss
+
+        peer_loss.leaving(status or 0)  # a multi-process run leaves together, with this status
+        sys.exit(status)
     except KeyboardInterrupt:
         print(f"\nvffn_jax: {interrupted}", file=sys.stderr, flush=True)
         sys.exit(errors.EXIT_INTERRUPTED)

@@ -167,16 +167,14 @@ def _main(argv=None) -> int:
             return 0
         from vffn_jax.parallel import distributed
 
-        distributed.initialize(dist)
+        distributed.initialize(dist, args.workdir)
         if not args.workdir:
             raise config_lib.ConfigError("--workdir is required to train (where checkpoints and metrics go)")
         from vffn_jax.train import loop as trainer
 
         summary = trainer.train(cfg, args.workdir, progress=not args.no_progress, stop_at=args.stop_at)
-    except Exception as e:  # bad input, damage, divergence: say what and where, no traceback wall (vffn_jax.errors)
-        from vffn_jax import errors
-
-        return errors.report(e)
+    except Exception as e:  # bad input, damage, divergence, a lost peer: say what and where, no traceback wall
+        return runner.report(e)
     if summary["interrupted"]:
         if summary["is_main"]:
             print(f"vffn_jax: interrupted (Ctrl-C) at step {summary['step']}: saved checkpoint {summary['step']} in "

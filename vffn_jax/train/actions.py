@@ -31,6 +31,7 @@ from vffn_jax import storage
 from vffn_jax.rundir import RunDir
 from vffn_jax.train import watchdog
 from vffn_jax.errors import EXIT_MISMATCH
+from vffn_jax.parallel import peer_loss
 
 
 class TrainingDivergedError(RuntimeError):
@@ -85,6 +86,24 @@ class Action:
 
     def on_error(self, exc: BaseException) -> None:
         pass
+
+
+class PeerWatch(Action):
+    """Ends this process cleanly (one line, exit 75) when the loop fails because another process was lost;
+    first in the list, so nothing waits on the lost process first (parallel/peer_loss.py)."""
+
+    def __init__(self, workdir):
+        peer_loss.watch_run(workdir)
+
+    def observe(self, state: "LoopState") -> None:
+        peer_loss.reached(state.step)
+
+    def on_error(self, exc: BaseException) -> None:
+        if peer_loss.is_peer_failure(exc):
+            peer_loss.lost_in(exc)
+
+    def close(self) -> None:
+        peer_loss.stop_watching()  # called last: after the final checkpoint committed
 
 
 class Heartbeat(Action):

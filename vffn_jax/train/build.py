@@ -20,7 +20,7 @@ from vffn_jax.model.placement import describe, setup
 from vffn_jax.rundir import RunDir
 from vffn_jax.train import goodput, wandb_log
 from vffn_jax.train.actions import (Action, Checkpointer, DivergenceGuard, Heartbeat, LoopState, MetricsLog,
-                                    PeriodicEval, PreemptionWatch, Profiler, parse_profile_steps)
+                                    PeerWatch, PeriodicEval, PreemptionWatch, Profiler, parse_profile_steps)
 from vffn_jax.train.init_from import init_from_checkpoint
 from vffn_jax.train.metrics_log import MetricLogger, Progress
 from vffn_jax.train.optimizer import init_train_state, make_optimizer, opt_state_shardings
@@ -104,9 +104,11 @@ def build_run(cfg: Config, workdir, *, devices=None, progress: bool = True, stop
                              tokens_per_step=cfg.train.batch_size * cfg.train.seq_len,
                              flops_per_token=info["flops_per_token_train"], n_devices=s.mesh.devices.size,
                              summarize=window_summary, clock=clock, peak_flops=cfg.run.peak_flops)
-    # Order matters twice: `observe` runs in this order after each step, `close` in the reverse one (the
-    # checkpoint commits before the preemption watch and the logs close).
+    # Order matters three times: `observe` runs in this order after each step, `on_error` too (a lost peer ends
+    # the process before anything waits on it), `close` in the reverse one (the checkpoint commits before the
+    # preemption watch and the logs close).
     actions: list[Action] = [
+        PeerWatch(workdir),
         Heartbeat(),
         metrics_log,
         PreemptionWatch(),

@@ -95,7 +95,7 @@ class CtrlC:
 def exit_now(why: str) -> None:
     """Ends the process (and its data workers) at once with EXIT_INTERRUPTED, from any thread: no cleanup,
     no traceback."""
-    _bounded(lambda: os.write(2, f"\nvffn_jax: interrupted {why}\n".encode()), 2)  # stderr may be a full pipe
+    _bounded(lambda: os.write(terminal_fd(), f"\nvffn_jax: interrupted {why}\n".encode()), 2)  # may be a full pipe
     for child in multiprocessing.active_children():
         child.kill()
     os._exit(EXIT_INTERRUPTED)
@@ -143,7 +143,7 @@ class HangWatchdog:
         header = (f"vffn_jax: hang: no training step finished for {self._limit() / 60:g} min ({field}) "
                   f"{where}; process {self.process_index}'s thread stacks follow and are in {self.target}; exiting "
                   f"with status {EXIT_HUNG} (re-run the same command to resume from the last checkpoint)\n")
-        _bounded(lambda: _dump(header, 2, flush=True), 10)
+        _bounded(lambda: _dump(header, terminal_fd(), flush=True), 10)
         _bounded(lambda: self._write_file(header), 70)
         for child in multiprocessing.active_children():  # data workers would outlive os._exit
             child.kill()
@@ -161,7 +161,16 @@ class HangWatchdog:
             if remote:
                 _bounded(lambda: self.target.write_bytes(local.read_bytes()), 60)
         except OSError as e:
-            os.write(2, f"vffn_jax: could not write {self.target}: {e}\n".encode())
+            os.write(terminal_fd(), f"vffn_jax: could not write {self.target}: {e}\n".encode())
+
+
+def terminal_fd() -> int:
+    """The descriptor of Python's stderr: fd 2, or the terminal when a multi-process run sent fd 2 (the native
+    runtime's output) to a log file (parallel/peer_loss.py)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object without a descriptor (tests)
+        return 2
 
 
 def _dump(header: str, file, flush: bool = False) -> None:
