@@ -15,8 +15,8 @@ Run one supervisor on every host of a multi-host run, each around that host's pr
 lost the others exit 75 (vffn_jax/parallel/peer_loss.py), every supervisor restarts its own, and the restarted
 processes meet at the coordinator again and resume from the same checkpoint.
 
-SIGTERM and SIGINT (Ctrl-C) are forwarded to the child once each, and the supervisor then stops after the
-child exits, with its status: a preempted VM's notice or your Ctrl-C saves the step reached, as it does without
+SIGTERM and SIGINT (Ctrl-C) are passed on to the child, and the supervisor then stops after the child exits,
+with its status: a preempted VM's notice or your Ctrl-C saves the step reached, as it does without
 a supervisor. The child runs in its own session, so a Ctrl-C at the terminal reaches it once, through here.
 
 Each start and exit is a JSON line in WORKDIR/supervisor-<host>.jsonl (the training command's --workdir; --log
@@ -82,7 +82,6 @@ class Supervisor:
         self.log, self.workdir = log, workdir
         self.child: subprocess.Popen | None = None
         self.stopping = threading.Event()  # a forwarded SIGTERM / SIGINT: no more restarts
-        self.forwarded: set[int] = set()
 
     def record(self, **fields) -> None:
         now = time.time()
@@ -118,12 +117,11 @@ class Supervisor:
             return {}
 
     def on_signal(self, signum, frame) -> None:
+        """SIGTERM / SIGINT: no more restarts; the signal goes on to the child, each time it comes (a second
+        Ctrl-C stops a training run at once, as at a terminal)."""
         self.stopping.set()
-        if self.child is not None and self.child.poll() is None and signum not in self.forwarded:
-            self.forwarded.add(signum)  # once each: a second SIGINT would make the child stop without saving
+        if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signum)
-        elif signum in self.forwarded and self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signum)  # asked again: pass it on (a second Ctrl-C stops at once)
 
     def run(self) -> int:
         restarts = 0

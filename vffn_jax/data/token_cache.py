@@ -23,7 +23,7 @@ import numpy as np
 
 from vffn_jax.config import ConfigError, DataConfig
 from vffn_jax.data import manifest as manifest_lib
-from vffn_jax.data import sources
+from vffn_jax.data import sources, token_files
 from vffn_jax.data import tokenize_corpus as engine
 from vffn_jax.data.cache_dir import cache_key, cache_root
 from vffn_jax.data.default_corpus import prepare_default_corpus
@@ -75,8 +75,6 @@ def _build(cfg: DataConfig, inputs: engine.Inputs, folder, quiet: bool) -> None:
 def split_tokens(cfg: DataConfig, split: str) -> np.ndarray:
     """All tokens of `split` of data.path (raw documents through the cache, or a .npy / .bin file), in order:
     for inspection and tests; training reads windows of the shards (vffn_jax/data/batches.py)."""
-    from vffn_jax.data import token_files
-
     if token_files.is_token_file(cfg.path):
         return token_files.split_view(cfg, split)
     m = cached_corpus(cfg, quiet=True)

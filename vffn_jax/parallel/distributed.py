@@ -104,7 +104,6 @@ def initialize(d: DistributedArgs, workdir=None) -> bool:
     # A failed process must not make the coordination service abort every other one (a native stack dump and
     # SIGABRT): with recoverability on it only marks the process lost, and peer_loss ends the survivors cleanly.
     jax.config.update("jax_enable_recoverability", True)
-    peer_loss.joined(d.process_id if d.process_id is not None else 0, d.num_processes or 2, d.coordinator)
     peer_loss.redirect_native_output(peer_loss.native_log_path(workdir))
     peer_loss.catch_native_abort()
     try:

@@ -125,8 +125,8 @@ class _PeerWatch:
     asked, so a silent process holds it until the service drops it, after --heartbeat-timeout. No answer at all
     for twice that (plus a margin) means the coordinator itself stopped answering."""
 
-    def __init__(self, client, n: int, coordinator: str | None, heartbeat_timeout_s: float):
-        self.client, self.n, self.coordinator = client, n, coordinator
+    def __init__(self, client, n: int, heartbeat_timeout_s: float):
+        self.client, self.n = client, n
         self.interval_s = min(1.0, heartbeat_timeout_s / 4)
         self.silence_s = 2 * heartbeat_timeout_s + 10
         self.stopped = threading.Event()
@@ -139,7 +139,7 @@ class _PeerWatch:
             answer.append(e)
 
     def _watch(self) -> None:
-        coordinator = f"the coordinator (process 0 at {self.coordinator or 'the auto-detected address'})"
+        coordinator = f"the coordinator (process 0 at {progress.coordinator or 'the auto-detected address'})"
         while not self.stopped.wait(self.interval_s):
             answer: list = []
             asking = threading.Thread(target=self._ask, args=(answer,), daemon=True)
@@ -176,7 +176,7 @@ def watch_peers(coordinator: str | None, heartbeat_timeout_s: float) -> None:
     client = distributed.global_state.client
     if client is None or jax.process_count() <= 1:
         return
-    _watch = _PeerWatch(client, jax.process_count(), coordinator, heartbeat_timeout_s)
+    _watch = _PeerWatch(client, jax.process_count(), heartbeat_timeout_s)
     atexit.register(_leave_together, client)  # after JAX's own exit hook: runs before its shutdown
 
 

@@ -312,15 +312,17 @@ def test_moe_equals_per_token_per_expert_reference(n_experts, top_k):
     assert {k: v[0] for k, v in shapes.items()} == {k: tuple(v.shape) for k, v in p.items()}
 
 
-def test_moe_gradients_reach_router_and_every_expert():
-    p = moe_params(router_scale=0.1)
-    x = inputs(shape=(4, 16, D))
-
+def output_and_balance_grads(fn, p, x):
+    """Gradients of sum(y^2) + balance loss of the routed FFN `fn` (E experts, top-K) at `p`, `x`."""
     def loss(params):
-        y, aux = ffn.moe_ffn(params, x, n_experts=E, top_k=K)
+        y, aux = fn(params, x, n_experts=E, top_k=K)
         return jnp.sum(y ** 2) + aux["balance_loss"]
 
-    grads = jax.jit(jax.grad(loss))(p)
+    return jax.jit(jax.grad(loss))(p)
+
+
+def test_moe_gradients_reach_router_and_every_expert():
+    grads = output_and_balance_grads(ffn.moe_ffn, moe_params(router_scale=0.1), inputs(shape=(4, 16, D)))
     for name, g in grads.items():
         assert np.all(np.isfinite(g)), name
         assert float(jnp.abs(g).sum()) > 1e-6, f"no gradient reaches {name}"
@@ -379,12 +381,7 @@ def test_width_shared_equals_per_expert_reference(n_experts, top_k, train):
 def test_width_shared_gradients_reach_router_and_all_weights():
     p = width_shared_params(router_scale=0.1)
     x = inputs(shape=(4, 16, D))
-
-    def loss(params):
-        y, aux = ffn.width_shared_ffn(params, x, n_experts=E, top_k=K)
-        return jnp.sum(y ** 2) + aux["balance_loss"]
-
-    grads = jax.jit(jax.grad(loss))(p)
+    grads = output_and_balance_grads(ffn.width_shared_ffn, p, x)
     for name, g in grads.items():
         assert np.all(np.isfinite(g)) and float(jnp.abs(g).max()) > 0, name
     # the router's gradient through the output alone (not only through the balance loss)
