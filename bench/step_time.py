@@ -1,86 +1,114 @@
 #!/usr/bin/env python
-"""Time the jitted training step of versatile, dense and kloop (K=4) at the same shape, in one run,
-optionally at several gradient-accumulation settings (`--grad-accum 1,4`).
+"""Training-step time, FLOP ratio, MFU and peak memory of dense and versatile, at the tiny and the wide shape,
+in one run.
 
-Measures `step_lib.make_train_step` only: batches of the synthetic source (`data.path=synthetic`: random
-tokens, no files, so no corpus is built or read) already on the devices, no checkpointing, no logging. Every variant is compiled and warmed up first; then the
-variants are timed in interleaved rounds (round r runs --steps steps of each variant in turn), so
-machine noise (other processes on a shared CPU) hits all of them alike. Each step is timed to
-completion (`block_until_ready`); the table reports the median over all rounds.
+Measures `step_lib.make_train_step` only, on batches of the synthetic source (`data.path=synthetic`: random
+tokens, no files) already on the devices: no data pipeline, checkpointing or logging in the figure.
 
-Columns: median step time, tokens/s, measured time ratio vs dense, analytic training-FLOP ratio vs
-dense (`flops.flops_per_token(..., train=True)`: matmuls only), and their quotient (time ratio / FLOP
-ratio: 1.0 means the variant's extra FLOPs cost exactly their share of time; the target for
-versatile is <= 1.1). On small shapes the non-matmul work (norms, softmax, attention, routing) and
-per-op overheads are a large share of a step, so the quotient is only meaningful where matmuls
-dominate: use --set to try larger shapes.
+Time. Every (shape, variant) is compiled and warmed up first; then each shape's variants are timed in
+interleaved rounds (round r runs --steps steps of each in turn), so machine noise hits them alike; a shape's
+rounds all run before the next shape's, so one shape's buffers never evict the other's between variants. Each
+step is timed to completion (`block_until_ready`). Per round, a variant's time ratio to dense at the same shape,
+divided by the analytic training-FLOP ratio (`flops.flops_per_token(..., train=True)`: matmuls only), gives its
+time/FLOPs; the table reports the median over rounds and the spread (min..max). 1.0 means the variant's extra
+FLOPs cost exactly their share of time; the target for versatile is <= 1.1 at every shape.
+MFU is model FLOPs per second over the device peak: the chip table's on TPU/GPU, a measured float32
+matmul on CPU (`run.peak_flops=-1`).
 
-With `--grad-accum 1,4` every variant is also compiled with `train.grad_accum=4` (the same global batch
-in 4 microbatches): the extra columns give each row's time relative to the same variant at the first
-grad_accum value, and the compiled step's temporary memory per device (XLA's `memory_analysis`:
-activations, gradients, collectives; the figure accumulation is meant to shrink).
+Memory (`--remat`, default none,dots,full; `--remat ''` skips it). Each (shape, variant, remat policy) runs
+in its own child process, which compiles the step, runs a warm-up step, then reports the peak memory of
+--steps further steps: on CPU the process's peak resident set (VmHWM, reset after the warm-up through
+/proc/self/clear_refs, so compilation is not counted), on GPU/TPU the device's `peak_bytes_in_use` (since the
+process started; the warm-up step peaks as high as the others). Beside it, XLA's `memory_analysis` temporaries.
+
+Shapes (batch 8, 4 layers, float32, E=8 k=2 L=4 for versatile):
+  tiny  the `tiny` preset: d_model 128, 4 heads, d_ff 512, seq 128, vocab 384
+  wide  d_model 512, 8 heads, d_ff 2048, seq 256
 
 Examples:
-  python bench/step_time.py
-  python bench/step_time.py --set model.d_model=256 --set model.d_ff=1024 --set train.seq_len=256 --steps 3
+  python bench/step_time.py                          # both shapes, dense + versatile, memory per remat policy
+  python bench/step_time.py --shapes tiny --remat '' --rounds 3
+  python bench/step_time.py --variants dense,versatile,kloop --moe
+  python bench/step_time.py --grad-accum 1,4 --shapes tiny
   python bench/step_time.py --json
-  python bench/step_time.py --grad-accum 1,4
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: the repo root holds vffn_jax
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from anywhere: the repo root holds vffn_jax
 
 from vffn_jax import config as config_lib  # noqa: E402
 
-VARIANTS = (("dense", {}), ("versatile", {}), ("kloop", {"model.n_loops": 4}))
+SHAPES = {
+    "tiny": {},
+    "wide": {"model.d_model": 512, "model.n_heads": 8, "model.d_ff": 2048, "train.seq_len": 256},
+}
+EXTRA = {"kloop": {"model.n_loops": 4}}  # the variant's own settings (kloop-4: the routing-free depth baseline)
 TARGET = 1.1
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny",
-                   help=f"scale preset {config_lib.available('scales')} or a JSON config path; the same shape is "
-                        "used for every variant. Default: tiny")
+                   help=f"scale preset {config_lib.available('scales')} or a JSON config path the shapes start "
+                        "from. Default: tiny")
+    p.add_argument("--shapes", default="tiny,wide",
+                   help=f"comma-separated shapes from {sorted(SHAPES)} (see above). Default: tiny,wide")
+    p.add_argument("--variants", default="dense,versatile",
+                   help="comma-separated variants; dense is always timed (the reference). Default: dense,versatile")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field for all variants, e.g. --set model.d_model=256 "
-                        "--set train.batch_size=8 (repeatable). kloop's K is 4 unless you set model.n_loops")
-    p.add_argument("--steps", type=int, default=2, help="timed steps per variant per round. Default: 2")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (dense, versatile, kloop, repeat). "
-                                                          "Default: 3")
+                   help="override a config field for every shape and variant, e.g. --set train.batch_size=16 "
+                        "(repeatable)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant per round. Default: 3")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the spread is over rounds. Default: 7")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant after compiling. Default: 1")
+    p.add_argument("--remat", default="none,dots,full", metavar="POLICY[,POLICY...]",
+                   help="model.remat policies to measure peak memory for, each in a child process ('' to skip). "
+                        "Default: none,dots,full")
     p.add_argument("--grad-accum", default="1", metavar="N[,N...]",
-                   help="train.grad_accum values to time each variant at (comma-separated, e.g. 1,4); the global "
-                        "batch stays train.batch_size. Default: 1")
+                   help="train.grad_accum values to time each variant at (e.g. 1,4); the global batch stays "
+                        "train.batch_size. Default: 1")
     p.add_argument("--attention", default="auto", metavar="KIND[,KIND...]",
-                   help="model.attention kernels to time each variant with (auto, xla, splash, cudnn; e.g. xla,splash "
-                        "on a TPU, xla,cudnn on a GPU). Off TPU splash runs in Pallas interpret mode: correct, not fast")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+                   help="model.attention kernels to time each variant with (auto, xla, splash, cudnn). Off TPU "
+                        "splash runs in Pallas interpret mode: correct, not fast")
     p.add_argument("--moe", action="store_true",
-                   help="also time the moe baseline. Its FLOPs count k of E experts (model FLOPs, 1.25x dense FFN for "
-                        "8-choose-2) but the dense dispatch runs all E (2x), so expect time/FLOPs well above 1")
+                   help="also time the moe baseline (its dense dispatch runs all E experts: time/FLOPs well above 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     p.add_argument("--no-cache", action="store_true",
                    help="do not use the persistent compilation cache (.jax_cache/ in the repo root, shared with the "
-                        "tests); with it, reruns skip most of the compile time (the 'compile s' column then shows "
-                        "the time to load the cached executable)")
+                        "tests); with it, reruns skip most of the compile time")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # internal: one memory measurement
     return p
 
 
+def split(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def shape_overrides(shape: str, variant: str, args, **more) -> dict:
+    if shape not in SHAPES:
+        raise config_lib.ConfigError(f"--shapes: unknown shape {shape!r}; choose from {sorted(SHAPES)}")
+    return {**SHAPES[shape], **EXTRA.get(variant, {}), **config_lib.parse_set_args(args.overrides), **more}
+
+
 def prepare(cfg, n_batches: int = 2):
-    """(jitted step, params, opt_state, device batches, setup, compile seconds) for one variant."""
+    """(compiled step, params, opt_state, device batches, setup, compile seconds) for one config."""
     import dataclasses
 
     import jax
 
     from vffn_jax.data import batches as data_lib
-    from vffn_jax.parallel import sharding as shd
     from vffn_jax.model import placement
+    from vffn_jax.parallel import sharding as shd
     from vffn_jax.train import optimizer
     from vffn_jax.train import step as step_lib
 
@@ -106,131 +134,200 @@ def temp_bytes(compiled) -> int | None:
         return None
 
 
-def parse_accum(text: str) -> list[int]:
+class Runner:
+    """One compiled step and its state; `run(n)` advances it n steps and returns their wall times."""
+
+    def __init__(self, cfg):
+        import jax.numpy as jnp
+
+        self.cfg = cfg
+        self.step, self.params, self.opt, self.batches, self.setup, self.compile_s = prepare(cfg)
+        self.temp_bytes = temp_bytes(self.step)
+        self.n = 0
+        self._counter = lambda i: jnp.asarray(i, jnp.int32)
+
+    def run(self, n: int) -> list[float]:
+        import jax
+
+        times = []
+        for _ in range(n):
+            batch, counter = self.batches[self.n % len(self.batches)], self._counter(self.n)
+            t0 = time.perf_counter()
+            self.params, self.opt, metrics = self.step(self.params, self.opt, batch, counter)
+            jax.block_until_ready((self.params, self.opt, metrics))
+            times.append(time.perf_counter() - t0)
+            self.n += 1
+        return times
+
+
+# --------------------------------------------------------------------------- peak memory (one child per config)
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _release_free_host_memory() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1 or len(set(values)) != len(values):
-        raise config_lib.ConfigError(f"--grad-accum {text!r}: give distinct positive integers, e.g. 1,4")
-    return values
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the allocator's free pages back, so they leave the RSS
+    except (OSError, AttributeError):
+        pass
+
+
+def memory_child(spec: dict) -> dict:
+    """Peak memory of `spec['steps']` training steps of one config, compilation and warm-up excluded."""
+    import jax
+
+    cfg = config_lib.load_config(spec["config"], spec["variant"], spec["overrides"])
+    runner = Runner(cfg)
+    runner.run(1)  # warm-up: the first call also allocates the executable's buffers
+    device = jax.devices()[0]
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves((runner.params, runner.opt)))
+    if device.platform == "cpu":
+        _release_free_host_memory()
+        before = _status_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        runner.run(spec["steps"])
+        peak = _status_kib("VmHWM") * 1024
+        return {"peak_bytes": peak, "peak_over_start_bytes": peak - before * 1024, "state_bytes": state_bytes,
+                "temp_bytes": runner.temp_bytes, "measure": "host RSS (VmHWM)"}
+    runner.run(spec["steps"])
+    stats = device.memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return {"peak_bytes": peak, "peak_over_start_bytes": None, "state_bytes": state_bytes,
+            "temp_bytes": runner.temp_bytes, "measure": "device peak_bytes_in_use"}
+
+
+def measure_memory(args, shape: str, variant: str, remat: str) -> dict:
+    spec = {"config": args.config, "variant": variant, "steps": max(args.steps, 2),
+            "overrides": shape_overrides(shape, variant, args, **{"model.remat": remat})}
+    argv = [sys.executable, str(Path(__file__).resolve()), "--memory-child", json.dumps(spec)]
+    if args.no_cache:
+        argv.append("--no-cache")
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(lines[-1])
+
+
+# --------------------------------------------------------------------------- the timed comparison
 
 
 def run(args) -> dict:
     import jax
-    import jax.numpy as jnp
 
     from vffn_jax.perf import flops as flops_lib
+    from vffn_jax.train import goodput
 
-    base = config_lib.parse_set_args(args.overrides)
-    accums = parse_accum(args.grad_accum)
-    kernels = [k.strip() for k in args.attention.split(",") if k.strip()]
-    states = {}
-    for kernel in kernels:
-        for accum in accums:
-            for name, extra in VARIANTS + ((("moe", {}),) if args.moe else ()):
-                cfg = config_lib.load_config(args.config, name, {**extra, **base, "train.grad_accum": accum,
-                                                                 "model.attention": kernel})
-                compiled, params, opt_state, batches, s, compile_s = prepare(cfg)
-                states[(name, accum, kernel)] = {"cfg": cfg, "step": compiled, "params": params, "opt": opt_state,
-                                                 "batches": batches, "compile_s": compile_s, "times": [], "n": 0,
-                                                 "setup": s, "temp_bytes": temp_bytes(compiled)}
+    shapes, kernels = split(args.shapes), split(args.attention)
+    try:
+        accums = [int(v) for v in split(args.grad_accum)]
+    except ValueError:
+        raise config_lib.ConfigError(f"--grad-accum {args.grad_accum!r}: give positive integers, e.g. 1,4") from None
+    variants = ["dense"] + [v for v in split(args.variants) if v != "dense"] + (["moe"] if args.moe else [])
+    if not shapes or not accums or min(accums) < 1 or not kernels:
+        raise config_lib.ConfigError("--shapes, --grad-accum (positive integers) and --attention need a value each")
+    keys = [(shape, v, a, k) for shape in shapes for k in kernels for a in accums for v in variants]
+    runners = {}
+    for shape, variant, accum, kernel in keys:
+        cfg = config_lib.load_config(args.config, variant, shape_overrides(
+            shape, variant, args, **{"train.grad_accum": accum, "model.attention": kernel}))
+        runners[(shape, variant, accum, kernel)] = Runner(cfg)
+    for r in runners.values():
+        r.run(args.warmup)
+    per_round = {key: [] for key in keys}  # mean step time of each round
+    for shape in shapes:  # rounds interleave the variants of one shape; one shape's rounds, then the next
+        for _ in range(args.rounds):
+            for key in (k for k in keys if k[0] == shape):
+                per_round[key].append(statistics.fmean(runners[key].run(args.steps)))
 
-    counters = [jnp.asarray(i, jnp.int32) for i in range(args.warmup + args.rounds * args.steps)]
-
-    def run_steps(st, n: int, record: bool):
-        for _ in range(n):
-            i = st["n"]
-            t0 = time.perf_counter()
-            st["params"], st["opt"], metrics = st["step"](st["params"], st["opt"], st["batches"][i % len(st["batches"])],
-                                                          counters[i])
-            jax.block_until_ready((st["params"], st["opt"], metrics))
-            if record:
-                st["times"].append(time.perf_counter() - t0)
-            st["n"] += 1
-
-    for st in states.values():
-        run_steps(st, args.warmup, record=False)
-    for _ in range(args.rounds):
-        for st in states.values():
-            run_steps(st, args.steps, record=True)
-
-    dense = states[("dense", accums[0], kernels[0])]
-    d_flops = flops_lib.flops_per_token(dense["cfg"].model, dense["cfg"].train.seq_len, train=True)
+    peak = goodput.resolve_peak_flops(-1 if jax.devices()[0].platform == "cpu" else 0)
+    n_devices = jax.device_count()
     rows = []
-    for (name, accum, kernel), st in states.items():
-        cfg = st["cfg"]
-        med = statistics.median(st["times"])
-        d_time = statistics.median(states[("dense", accum, kernel)]["times"])  # dense at the same accum and kernel
-        first = states[(name, accums[0], kernel)]
-        first_kernel = states[(name, accum, kernels[0])]
-        tokens = cfg.train.batch_size * cfg.train.seq_len
+    for key in keys:
+        shape, variant, accum, kernel = key
+        r, dense_key = runners[key], (shape, "dense", accum, kernel)
+        cfg = r.cfg
         fpt = flops_lib.flops_per_token(cfg.model, cfg.train.seq_len, train=True)
-        time_ratio, flop_ratio = med / d_time, fpt / d_flops
-        temp, temp_first = st["temp_bytes"], first["temp_bytes"]
+        flop_ratio = fpt / flops_lib.flops_per_token(runners[dense_key].cfg.model, cfg.train.seq_len, train=True)
+        quotients = [t / td / flop_ratio for t, td in zip(per_round[key], per_round[dense_key])]
+        med = statistics.median(per_round[key])
+        tokens = cfg.train.batch_size * cfg.train.seq_len
         rows.append({
-            "variant": name if name != "kloop" else f"kloop-{cfg.model.n_loops}", "ffn": cfg.model.ffn,
-            "grad_accum": accum, "attention": kernel,
-            "time_ratio_vs_first_attention": med / statistics.median(first_kernel["times"]),
-            "median_step_s": med, "min_step_s": min(st["times"]), "tokens_per_s": tokens / med,
-            "time_ratio_vs_dense": time_ratio, "flop_ratio_vs_dense": flop_ratio,
-            "time_over_flop_ratio": time_ratio / flop_ratio, "flops_per_token_train": fpt,
-            "achieved_gflops": fpt * tokens / med / 1e9, "compile_s": st["compile_s"], "samples": len(st["times"]),
-            "time_ratio_vs_first_accum": med / statistics.median(first["times"]),
-            "temp_bytes": temp,
-            "temp_ratio_vs_first_accum": None if temp is None or not temp_first else temp / temp_first,
+            "shape": shape, "variant": variant if variant != "kloop" else f"kloop-{cfg.model.n_loops}",
+            "grad_accum": accum, "attention": kernel, "remat": cfg.model.remat,
+            "median_step_s": med, "min_step_s": min(per_round[key]), "tokens_per_s": tokens / med,
+            "flops_per_token_train": fpt, "flop_ratio_vs_dense": flop_ratio,
+            "time_ratio_vs_dense": med / statistics.median(per_round[dense_key]),
+            "time_over_flop_ratio": statistics.median(quotients),
+            "time_over_flop_ratio_min": min(quotients), "time_over_flop_ratio_max": max(quotients),
+            "mfu": None if not peak else fpt * tokens / med / (peak * n_devices),
+            "temp_bytes": r.temp_bytes, "compile_s": r.compile_s, "rounds": len(quotients),
         })
-    m, t = dense["cfg"].model, dense["cfg"].train
-    s = dense["setup"]
-    versatile = next(r for r in rows if r["ffn"] == "versatile" and r["grad_accum"] == accums[0]
-                     and r["attention"] == kernels[0])
+    memory = []
+    for policy in split(args.remat):
+        for shape in shapes:
+            for variant in variants:
+                memory.append({"shape": shape, "variant": variant, "remat": policy,
+                               **measure_memory(args, shape, variant, policy)})
+    first = runners[keys[0]]
+    verdicts = {row["shape"]: row["time_over_flop_ratio"] <= TARGET for row in rows
+                if row["variant"] == "versatile" and row["grad_accum"] == accums[0] and row["attention"] == kernels[0]}
     return {
-        "config": args.config, "overrides": args.overrides,
-        "shape": {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "d_ff": m.d_ff,
-                  "vocab_size": m.vocab_size, "batch_size": t.batch_size, "seq_len": t.seq_len, "dtype": m.dtype,
-                  "n_experts": m.n_experts, "top_k": m.top_k, "max_depth": m.max_depth},
-        "devices": f"{len(s.mesh.devices.flat)} x {jax.devices()[0].device_kind}",
-        "mesh": dict(zip(s.mesh.axis_names, (int(x) for x in s.mesh.devices.shape))),
-        "rounds": args.rounds, "steps_per_round": args.steps, "grad_accum": accums, "attention": kernels,
-        "rows": rows,
-        "versatile_time_over_flop_ratio": versatile["time_over_flop_ratio"],
-        "target": TARGET, "meets_target": versatile["time_over_flop_ratio"] <= TARGET,
+        "config": args.config, "overrides": args.overrides, "shapes": {s: SHAPES[s] for s in shapes},
+        "devices": f"{n_devices} x {jax.devices()[0].device_kind}", "jax": jax.__version__,
+        "mesh": dict(zip(first.setup.mesh.axis_names, (int(x) for x in first.setup.mesh.devices.shape))),
+        "peak_flops_per_device": peak, "peak_source": "measured f32 matmul" if jax.devices()[0].platform == "cpu"
+        else "chip table", "rounds": args.rounds, "steps_per_round": args.steps, "rows": rows, "memory": memory,
+        "target": TARGET, "versatile_meets_target": verdicts,
     }
 
 
-def print_table(r: dict) -> None:
-    sh = r["shape"]
-    print(f"train-step time: {r['config']} {' '.join(r['overrides'])}".rstrip())
-    print(f"  shape d_model={sh['d_model']} n_layers={sh['n_layers']} d_ff={sh['d_ff']} vocab={sh['vocab_size']} "
-          f"batch {sh['batch_size']} x {sh['seq_len']} tokens, {sh['dtype']}; versatile E={sh['n_experts']} "
-          f"k={sh['top_k']} L={sh['max_depth']}")
-    print(f"  {r['devices']} mesh {r['mesh']}; {r['rounds']} interleaved rounds x {r['steps_per_round']} steps, "
-          "median per variant")
+def print_tables(r: dict) -> None:
+    peak = r["peak_flops_per_device"]
+    print(f"training step, jax {r['jax']}, {r['devices']} mesh {r['mesh']}; {r['rounds']} interleaved rounds x "
+          f"{r['steps_per_round']} steps; synthetic batches; MFU vs "
+          + (f"{peak / 1e9:.1f} GFLOP/s per device ({r['peak_source']})" if peak else "no known peak"))
+    for name, over in r["shapes"].items():
+        print(f"  {name}: {r['config']} preset" + (" with " + " ".join(f"{k}={v}" for k, v in over.items()) if over
+                                                    else "") + (" " + " ".join(r["overrides"]) if r["overrides"] else ""))
     print()
-    accum_cols = len(r["grad_accum"]) > 1
-    first = r["grad_accum"][0]
-    extra = f" {'time/accum' + str(first):>13} {'temp MiB':>9} {'temp/accum' + str(first):>13}" if accum_cols else ""
-    attn_cols = len(r["attention"]) > 1
-    extra += f" {'time/' + r['attention'][0]:>12}" if attn_cols else ""
-    print(f"  {'variant':<10} {'attn':>6} {'accum':>5} {'step ms':>9} {'min ms':>8} {'tokens/s':>10} {'GFLOP/s':>8} "
-          f"{'time/dense':>11} {'FLOPs/dense':>12} {'time/FLOPs':>11} {'compile s':>10}{extra}")
-    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    print(f"  {'shape':<5} {'variant':<10} {'accum':>5} {'attn':>6} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} "
+          f"{'time/dense':>10} {'FLOPs/dense':>11} {'time/FLOPs':>10} {'(min..max)':>12} {'temp MiB':>9}")
     for row in r["rows"]:
-        extra = (f" {row['time_ratio_vs_first_accum']:>13.2f} "
-                 f"{fmt(None if row['temp_bytes'] is None else row['temp_bytes'] / 2 ** 20, '.1f'):>9} "
-                 f"{fmt(row['temp_ratio_vs_first_accum'], '.2f'):>13}") if accum_cols else ""
-        extra += f" {row['time_ratio_vs_first_attention']:>12.2f}" if attn_cols else ""
-        print(f"  {row['variant']:<10} {row['attention']:>6} {row['grad_accum']:>5} {1e3 * row['median_step_s']:>9.1f} "
-              f"{1e3 * row['min_step_s']:>8.1f} {row['tokens_per_s']:>10,.0f} {row['achieved_gflops']:>8.1f} "
-              f"{row['time_ratio_vs_dense']:>11.2f} {row['flop_ratio_vs_dense']:>12.2f} "
-              f"{row['time_over_flop_ratio']:>11.2f} {row['compile_s']:>10.1f}{extra}")
+        mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+        temp = "n/a" if row["temp_bytes"] is None else f"{row['temp_bytes'] / 2 ** 20:.1f}"
+        print(f"  {row['shape']:<5} {row['variant']:<10} {row['grad_accum']:>5} {row['attention']:>6} "
+              f"{1e3 * row['median_step_s']:>9.1f} {row['tokens_per_s']:>10,.0f} {mfu:>6} "
+              f"{row['time_ratio_vs_dense']:>10.2f} {row['flop_ratio_vs_dense']:>11.2f} "
+              f"{row['time_over_flop_ratio']:>10.3f} "
+              f"{row['time_over_flop_ratio_min']:>5.2f}..{row['time_over_flop_ratio_max']:<5.2f} {temp:>9}")
     print()
-    verdict = "meets" if r["meets_target"] else "MISSES"
-    print(f"  versatile: (measured time ratio) / (FLOP ratio) = {r['versatile_time_over_flop_ratio']:.2f}, "
-          f"{verdict} the target <= {r['target']}" + (f" (at grad_accum {first})" if accum_cols else ""))
-    if accum_cols:
-        print("  time/accumN, temp/accumN: the same variant at the first --grad-accum value (temp = the compiled "
-              "step's temporary memory per device)")
+    for shape, ok in r["versatile_meets_target"].items():
+        row = next(x for x in r["rows"] if x["shape"] == shape and x["variant"] == "versatile")
+        print(f"  {shape}: versatile time/FLOPs {row['time_over_flop_ratio']:.3f} (median of {row['rounds']} rounds), "
+              f"{'meets' if ok else 'MISSES'} the target <= {r['target']}")
+    if r["memory"]:
+        print()
+        measure = next((m["measure"] for m in r["memory"] if "measure" in m), "")
+        print(f"peak memory per step by remat policy ({measure}; compilation and warm-up excluded; one process each)")
+        print(f"  {'shape':<5} {'variant':<10} {'remat':<5} {'peak MiB':>9} {'over start':>10} {'state MiB':>9} "
+              f"{'XLA temp MiB':>12}")
+        mib = lambda v: "n/a" if v is None else f"{v / 2 ** 20:.1f}"  # noqa: E731
+        for m in r["memory"]:
+            if "error" in m:
+                print(f"  {m['shape']:<5} {m['variant']:<10} {m['remat']:<5} failed: {m['error']}")
+                continue
+            print(f"  {m['shape']:<5} {m['variant']:<10} {m['remat']:<5} {mib(m['peak_bytes']):>9} "
+                  f"{mib(m['peak_over_start_bytes']):>10} {mib(m['state_bytes']):>9} {mib(m['temp_bytes']):>12}")
 
 
 def main(argv=None) -> int:
@@ -238,8 +335,11 @@ def main(argv=None) -> int:
     if not args.no_cache:
         import jax
 
-        jax.config.update("jax_compilation_cache_dir", str(Path(__file__).resolve().parent.parent / ".jax_cache"))
+        jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if args.memory_child:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return 0
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
         print("error: --steps and --rounds must be >= 1, --warmup >= 0", file=sys.stderr)
         return 2
@@ -251,7 +351,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print_table(result)
+        print_tables(result)
     return 0
 
 

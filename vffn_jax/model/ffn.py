@@ -180,7 +180,7 @@ def depth_train(p: Params, y1, loop_weights, *, eps: float, remat_loops: bool):
 
     acc = loop_weights[..., 0, None].astype(y1.dtype) * y1
     rest = jnp.moveaxis(loop_weights[..., 1:], -1, 0)
-    (_, acc), _ = jax.lax.scan(body, (y1, acc), rest)
+    (_, acc), _ = jax.lax.scan(body, (y1, acc), rest, unroll=True)
     return acc
 
 
