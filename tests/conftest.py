@@ -114,15 +114,6 @@ def tiny_run(tmp_path_factory):
 def params_only_run(tmp_path_factory):
     """A params-only run (no optimizer or data state) of a freshly initialised tiny versatile model with
     context 48 and large init (so routing varies): generation, export and lm-eval read it. Read-only."""
-    from vffn_jax import config as config_lib
-    from vffn_jax.checkpoint.export import write_params_run
-    from vffn_jax.model import placement
-    from vffn_jax.parallel import sharding as shd
+    from vffn_jax.testing.shapes import write_params_only_run
 
-    cfg = config_lib.load_config("tiny", "versatile", {
-        "model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2, "model.d_ff": 64, "model.init_std": 0.2,
-        "train.seq_len": 48, "train.batch_size": 8, "run.async_checkpointing": False})
-    workdir = tmp_path_factory.mktemp("params_only") / "run"
-    _, params, _ = placement.init_params(cfg.model, shd.make_mesh(cfg.mesh), cfg.train.seed)
-    write_params_run(workdir, cfg, 3, params)
-    return workdir
+    return write_params_only_run(tmp_path_factory.mktemp("params_only") / "run", context=48, step=3)

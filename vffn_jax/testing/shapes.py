@@ -35,3 +35,21 @@ def tiny_args(overrides: dict | None = None) -> list[str]:
 def small_model(ffn: str = "versatile", **kw) -> ModelConfig:
     """The model-level unit tests' ModelConfig (`SMALL_MODEL`), with `ffn` and any field overridden."""
     return ModelConfig(**{**SMALL_MODEL, "ffn": ffn, **kw})
+
+
+# The inference shape: a freshly initialised tiny versatile model, 2 layers of width 32, large init so routing varies.
+INFERENCE_MODEL = {"model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2, "model.d_ff": 64, "model.init_std": 0.2}
+
+
+def write_params_only_run(workdir, *, context: int = 48, step: int = 3):
+    """A params-only run (no optimizer or data state) of the inference shape with `context` positions, at `step`:
+    what generation, export, lm-eval and serving read. Returns `workdir`."""
+    from vffn_jax.checkpoint.export import write_params_run
+    from vffn_jax.model import placement
+    from vffn_jax.parallel import sharding as shd
+
+    cfg = load_config("tiny", "versatile", {**INFERENCE_MODEL, "train.seq_len": context, "train.batch_size": 8,
+                                             "run.async_checkpointing": False})
+    _, params, _ = placement.init_params(cfg.model, shd.make_mesh(cfg.mesh), cfg.train.seed)
+    write_params_run(workdir, cfg, step, params)
+    return workdir

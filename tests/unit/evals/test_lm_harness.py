@@ -13,11 +13,9 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from vffn_jax import config as config_lib  # noqa: E402
 from vffn_jax.evals import tasks as mc  # noqa: E402
 from vffn_jax.evals import lm_harness  # noqa: E402
 from vffn_jax.evals.lm_eval_tasks import TASK_NAMES, TASKS_DIR  # noqa: E402
-from vffn_jax.model import placement  # noqa: E402
 from vffn_jax.evals import scoring, task_suite as te  # noqa: E402
 from vffn_jax.cli import lm_eval as lm_eval_cli  # noqa: E402
 
@@ -33,16 +31,9 @@ LIMIT = 5
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A params-only run of a tiny versatile model (byte tokenizer, context 64: long questions get cut)."""
-    from vffn_jax.checkpoint.export import write_params_run
-    from vffn_jax.parallel import sharding as shd
+    from vffn_jax.testing.shapes import write_params_only_run
 
-    cfg = config_lib.load_config("tiny", "versatile", {
-        "model.n_layers": 2, "model.d_model": 32, "model.n_heads": 2, "model.d_ff": 64, "model.init_std": 0.2,
-        "train.seq_len": SEQ_LEN, "train.batch_size": 8, "run.async_checkpointing": False})
-    workdir = tmp_path_factory.mktemp("lm_eval") / "run"
-    _, params, _ = placement.init_params(cfg.model, shd.make_mesh(cfg.mesh), cfg.train.seed)
-    write_params_run(workdir, cfg, 3, params)
-    return workdir
+    return write_params_only_run(tmp_path_factory.mktemp("lm_eval") / "run", context=SEQ_LEN, step=3)
 
 
 @pytest.fixture(scope="module")

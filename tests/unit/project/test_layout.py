@@ -24,7 +24,7 @@ LAYERS = [
     {"infer"},
     {"data"},
     {"checkpoint"},
-    {"evals", "hf"},
+    {"evals", "hf", "serve"},
     {"train"},
     {"study"},
     {"testing"},

@@ -1,0 +1,414 @@
+"""Continuous batching: a fixed number of decode slots over one persistent KV cache, driven by one thread.
+
+Each turn of the engine thread
+  1. drops cancelled requests (queued ones, and those in a slot: the slot is free at once);
+  2. prefills queued requests (one group of up to `prefill_rows` prompts of one length bucket while others
+     decode; as many groups as fit while nothing decodes) into free slots — a request that needs no decode
+     step (max_tokens <= 1, or a prompt that fills the context) takes no slot;
+  3. runs K decode steps over every slot in one device call (`programs.decode_slots`: each the model's one
+     forward pass, free slots inactive rows of the depth compaction) and hands each in-use slot's tokens to
+     its request.
+
+A request's tokens depend on its own prompt, settings and seed only: every row of a prefill or decode step is
+computed independently (per-row positions, per-row keys), so its greedy output is `generate.py --temperature 0`'s
+for the same prompt whatever else is in flight. Requests receive `Event`s through their `sink` (called on the
+engine thread; the HTTP side forwards them to its event loop). JAX releases the GIL while a program runs, so
+the HTTP loop keeps answering.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+import traceback
+from typing import Callable
+
+import numpy as np
+
+from vffn_jax.infer import decode as decode_lib
+from vffn_jax.serve import programs as programs_lib
+from vffn_jax.serve import textout
+from vffn_jax.serve.metrics import Metrics
+from vffn_jax.serve.served import Served
+
+log = logging.getLogger(__name__)
+SEED_MOD = 2 ** 31  # seeds are int32 on the device
+
+
+class EngineClosed(RuntimeError):
+    """The engine no longer admits requests (draining or stopped)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # top log-probabilities per token (0..5); None: no logprobs object
+    echo: bool = False
+    stop_at_eos: bool = True
+
+
+@dataclasses.dataclass
+class Event:
+    """Part of a request's output. `text` is the new text; `tokens` the new tokens (the echoed prompt first);
+    the last event has `finish_reason` ("stop", "length", "cancelled" or "error") and the totals."""
+
+    text: str = ""
+    tokens: list = dataclasses.field(default_factory=list)  # [textout.TokenInfo]
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    kept_tokens: int = 0  # generated tokens the final text covers (a stop string cuts later ones)
+    ids: list = dataclasses.field(default_factory=list)  # every generated token id (EOS not included)
+    mean_depth: float = 0.0  # the generated tokens' mean depth over layers
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class Handle:
+    """One submitted request (what the HTTP side holds to cancel it)."""
+
+    id: int
+    request: Request
+    sink: Callable[[Event], None]
+    submitted: float
+    cancelled: bool = False
+    done: bool = False
+
+
+@dataclasses.dataclass
+class _Live:
+    """A request being generated (engine thread only)."""
+
+    handle: Handle
+    text: textout.TextState
+    generated: int = 0
+    depth_sum: float = 0.0
+
+
+def needs_slot(r: Request, context: int) -> bool:
+    """Whether a request decodes past its first token (which prefill samples)."""
+    return r.max_tokens >= 2 and len(r.prompt_ids) < context
+
+
+class Engine:
+    def __init__(self, served: Served, slots: int = 8, *, steps_per_call: int = 4, prefill_rows: int | None = None,
+                 clock=time.monotonic):
+        dp = decode_lib.batch_multiple(served.mesh)
+        slots = -(-max(1, slots) // dp) * dp
+        # up to 8 prompts per prefill call (padded to the data-parallel size): a burst of requests fills the slots
+        # in a few calls instead of one call (and one decode step) per request
+        rows = -(-max(1, prefill_rows or min(slots, 8)) // dp) * dp
+        self.served, self.clock = served, clock
+        self.spec = programs_lib.ProgramSpec(slots, rows, served.context, served.valid_vocab, served.eos_id,
+                                             max(1, steps_per_call))
+        self.programs = programs_lib.Programs(served.m, self.spec, served.mesh)
+        self.metrics = Metrics(slots, clock)
+        self.n_layers = served.m.n_layers
+        self._cache = self.programs.empty_cache(served.params)
+        self._live: list[_Live | None] = [None] * slots
+        z = lambda dt: np.zeros((slots,), dt)  # noqa: E731
+        self._st = {"tok": z(np.int32), "pos": np.full((slots,), served.context, np.int32), "seg": z(np.int32),
+                    "active": z(bool), "temperature": z(np.float32), "top_k": z(np.int32),
+                    "top_p": np.ones((slots,), np.float32), "seed": z(np.int32), "t": z(np.int32),
+                    "budget": z(np.int32), "stop_eos": z(bool)}
+        self._queue: collections.deque[Handle] = collections.deque()
+        self._cv = threading.Condition()
+        self._ids = itertools.count(1)
+        self._admitting = True
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ the HTTP side's calls (any thread)
+
+    @property
+    def slots(self) -> int:
+        return self.spec.slots
+
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._run, name="vffn-serve-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def submit(self, request: Request, sink: Callable[[Event], None]) -> Handle:
+        n = len(request.prompt_ids)
+        if not 1 <= n <= self.served.context:
+            raise ValueError(f"a prompt holds 1..{self.served.context} tokens, not {n}")
+        with self._cv:
+            if not self._admitting:
+                raise EngineClosed("the server is shutting down")
+            h = Handle(next(self._ids), request, sink, self.clock())
+            self._queue.append(h)
+            self._cv.notify_all()
+        return h
+
+    def cancel(self, h: Handle) -> None:
+        with self._cv:
+            if not h.done:
+                h.cancelled = True
+                self._cv.notify_all()
+
+    def busy(self) -> tuple[int, int]:
+        """(queued requests, slots in use)."""
+        with self._cv:
+            return len(self._queue), sum(x is not None for x in self._live)
+
+    def stop_admitting(self) -> None:
+        with self._cv:
+            self._admitting = False
+
+    def drain(self, seconds: float) -> bool:
+        """Stops admitting, waits up to `seconds` for in-flight requests, cancels what is left and stops the
+        thread; True when everything finished on its own."""
+        self.stop_admitting()
+        deadline = self.clock() + seconds
+        clean = True
+        while self.busy() != (0, 0):
+            if self.clock() >= deadline:
+                clean = False
+                with self._cv:
+                    for h in list(self._queue) + [x.handle for x in self._live if x is not None]:
+                        h.cancelled = True
+                    self._cv.notify_all()
+                break
+            time.sleep(0.02)
+        self.close(timeout=max(5.0, seconds))
+        return clean
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._admitting = False
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def warmup(self) -> None:
+        """Compiles the decode step and the shortest prefill bucket now, not at the first request."""
+        done = threading.Event()
+        h = self.submit(Request((self.served.eos_id,), max_tokens=2, temperature=0.0),
+                        lambda ev: done.set() if ev.finish_reason else None)
+        if self._thread is None:
+            raise RuntimeError("start() the engine before warmup()")
+        done.wait(600)
+        del h
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._queue and not any(self._live):
+                    self._cv.wait(0.5)
+                if self._stopping and not self._queue and not any(self._live):
+                    break
+                stopping = self._stopping
+            try:
+                if stopping:  # close() without drain(): nothing more runs
+                    self._cancel_all("cancelled")
+                    break
+                self._drop_cancelled()
+                decoding = any(x is not None for x in self._live)
+                while self._admit_group():
+                    if decoding:
+                        break  # one group per decode step: the others keep decoding
+                if any(x is not None for x in self._live):
+                    self._decode_step()
+            except Exception:  # a bug must not take the server down: fail what was in flight, start afresh
+                log.error("serve engine step failed:\n%s", traceback.format_exc())
+                self._cancel_all("error", "internal error in the decode engine; see the server log")
+                self._cache = self.programs.empty_cache(self.served.params)
+            self._publish_gauges()
+        self._publish_gauges()
+
+    def _publish_gauges(self) -> None:
+        q, used = self.busy()
+        self.metrics.gauges(q, used)
+
+    def _emit(self, h: Handle, ev: Event) -> None:
+        if ev.finish_reason is not None:
+            h.done = True
+            self.metrics.request_done(ev.finish_reason)
+        try:
+            h.sink(ev)
+        except Exception:  # a sink that fails (its client went away) must not stop the others
+            log.debug("sink of request %d failed", h.id, exc_info=True)
+
+    def _free(self, slot: int) -> None:
+        self._live[slot] = None
+        self._st["active"][slot] = False
+        self._st["pos"][slot] = self.served.context  # out of range: an idle row writes nothing to the cache
+
+    def _finish(self, slot: int | None, live: _Live, reason: str, error: str | None = None) -> None:
+        if slot is not None:
+            self._free(slot)
+        t = live.text
+        self._emit(live.handle, Event(
+            t.delta(final=True), [], reason, len(live.handle.request.prompt_ids), live.generated,
+            t.kept_tokens(), list(t.ids), live.depth_sum / max(live.generated, 1) / self.n_layers, error))
+
+    def _cancel_all(self, reason: str, error: str | None = None) -> None:
+        with self._cv:
+            queued = list(self._queue)
+            self._queue.clear()
+        for h in queued:
+            if not h.done:
+                self._emit(h, Event(finish_reason=reason, prompt_tokens=len(h.request.prompt_ids), error=error))
+        for slot, live in enumerate(self._live):
+            if live is not None:
+                self._finish(slot, live, reason, error)
+
+    def _drop_cancelled(self) -> None:
+        with self._cv:
+            gone = [h for h in self._queue if h.cancelled]
+            for h in gone:
+                self._queue.remove(h)
+        for h in gone:
+            self._emit(h, Event(finish_reason="cancelled", prompt_tokens=len(h.request.prompt_ids)))
+        for slot, live in enumerate(self._live):
+            if live is not None and live.handle.cancelled:
+                self._finish(slot, live, "cancelled")
+
+    def _admit_group(self) -> bool:
+        """Prefills one group of queued requests (same length bucket and echo) into free slots; False when
+        nothing could be admitted."""
+        ctx = self.served.context
+        free = [i for i, x in enumerate(self._live) if x is None]
+        group: list[Handle] = []
+        with self._cv:
+            key = None
+            for h in list(self._queue):
+                r = h.request
+                k = (decode_lib.bucket(len(r.prompt_ids), ctx), r.echo)
+                if key is not None and k != key:
+                    continue
+                if needs_slot(r, ctx) and len(free) <= sum(needs_slot(g.request, ctx) for g in group):
+                    continue
+                key = k
+                group.append(h)
+                self._queue.remove(h)
+                if len(group) == self.spec.prefill_rows:
+                    break
+        if not group:
+            return False
+        self._prefill(group, key[0], key[1], free)
+        return True
+
+    def _prefill(self, group: list[Handle], t_pad: int, echo: bool, free: list[int]) -> None:
+        spec, ctx = self.spec, self.served.context
+        r_rows = spec.prefill_rows
+        tokens = np.zeros((r_rows, t_pad), np.int32)
+        lengths = np.zeros((r_rows,), np.int32)
+        slot_r = np.full((r_rows,), spec.slots, np.int32)  # out of range: writes nothing
+        samp = {"temperature": np.zeros((r_rows,), np.float32), "top_k": np.zeros((r_rows,), np.int32),
+                "top_p": np.ones((r_rows,), np.float32), "seed": np.zeros((r_rows,), np.int32),
+                "t": np.zeros((r_rows,), np.int32)}
+        free = list(free)
+        for i, h in enumerate(group):
+            r = h.request
+            tokens[i, :len(r.prompt_ids)] = r.prompt_ids
+            lengths[i] = len(r.prompt_ids)
+            if needs_slot(r, ctx):
+                slot_r[i] = free.pop(0)
+            samp["temperature"][i], samp["top_k"][i], samp["top_p"][i] = r.temperature, r.top_k, r.top_p
+            samp["seed"][i] = r.seed % SEED_MOD
+        self._cache, out = self.programs.prefill(t_pad, echo)(self.served.params, self._cache, tokens, lengths,
+                                                              slot_r, samp)
+        out = {k: np.asarray(v) for k, v in out.items()}
+        self.metrics.prefill()
+        for i, h in enumerate(group):
+            r = h.request
+            n = len(r.prompt_ids)
+            self.metrics.tokens(0, prompt=n)
+            live = _Live(h, textout.TextState(self.served.tokenizer.decode, r.stop))
+            echoed = self._echo_tokens(r, out, i) if echo else []
+            echo_text = self.served.tokenizer.decode(list(r.prompt_ids)) if echo else ""
+            if r.max_tokens == 0:
+                self._emit(h, Event(echo_text, echoed))
+                self._finish(None, live, "length")
+                continue
+            slot = int(slot_r[i]) if slot_r[i] < spec.slots else None
+            if slot is not None:
+                self._live[slot] = live
+                st = self._st
+                st["pos"][slot], st["seg"][slot], st["active"][slot] = n, out["next_seg"][i], True
+                st["temperature"][slot], st["top_k"][slot], st["top_p"][slot] = r.temperature, r.top_k, r.top_p
+                st["seed"][slot], st["t"][slot] = r.seed % SEED_MOD, 1  # the next token's index
+                st["budget"][slot], st["stop_eos"][slot] = r.max_tokens, r.stop_at_eos
+            self._take_token(slot, live, out, i, n, prefix_text=echo_text, prefix_tokens=echoed)
+
+    def _echo_tokens(self, r: Request, out: dict, i: int) -> list:
+        dec, n_top = self.served.tokenizer.decode, r.logprobs or 0
+        toks = []
+        for j, tid in enumerate(r.prompt_ids):
+            first = j == 0
+            top = None if first or r.logprobs is None else textout.top_dict(
+                dec, out["prompt_top_ids"][i, j], out["prompt_top_lps"][i, j], n_top)
+            toks.append(textout.TokenInfo(int(tid), dec([int(tid)]), None if first else float(out["prompt_logprob"][i, j]),
+                                          top))
+        return toks
+
+    def _take_token(self, slot: int | None, live: _Live, out: dict, i: int, pos: int, prefix_text: str = "",
+                    prefix_tokens: list | None = None, keep_state: bool = False) -> None:
+        """Hands row i's sampled token to its request; `pos` is where that token would be fed next."""
+        r, ctx = live.handle.request, self.served.context
+        tok = int(out["tok"][i])
+        live.generated += 1
+        live.depth_sum += float(np.sum(out["depth"][i]))
+        self.metrics.tokens(1)
+        tokens = list(prefix_tokens or [])
+        reason = None
+        if r.stop_at_eos and tok == self.served.eos_id:
+            reason = "stop"
+        else:
+            live.text.add(tok)
+            dec = self.served.tokenizer.decode
+            top = None if r.logprobs is None else textout.top_dict(dec, out["top_ids"][i], out["top_lps"][i],
+                                                                  r.logprobs)
+            tokens.append(textout.TokenInfo(tok, dec([tok]), float(out["logprob"][i]), top))
+            if live.text.stopped:
+                reason = "stop"
+            elif live.generated >= r.max_tokens or pos >= ctx:
+                reason = "length"
+        if reason is None and slot is None:  # a slot-less request ends at its first token
+            reason = "length"
+        if reason is None:
+            if not keep_state:  # after a decode call the device's state is already the host's
+                self._st["tok"][slot] = tok
+            self._emit(live.handle, Event(prefix_text + live.text.delta(final=False), tokens))
+        else:
+            if prefix_text or tokens:
+                self._emit(live.handle, Event(prefix_text, tokens))
+            self._finish(slot, live, reason)
+
+    def _decode_step(self) -> None:
+        """K decode steps on the device, then each in-use slot's tokens in order (a request the host ends early —
+        a stop string, a cancellation — ignores the rest of its tokens)."""
+        st = self._st
+        in_use = [i for i, x in enumerate(self._live) if x is not None]
+        self._cache, new_st, out = self.programs.step(self.served.params, self._cache, dict(st))
+        out = {k: np.asarray(v) for k, v in out.items()}
+        for k, v in new_st.items():
+            if k in ("tok", "pos", "seg", "t"):
+                st[k][in_use] = np.asarray(v)[in_use]
+        for j in range(self.spec.steps_per_call):
+            act = out["active"][j]
+            if not act.any():
+                break
+            rows_j = np.flatnonzero(act)
+            self.metrics.step(out["loops"][j], float(np.sum(out["depth"][j][rows_j])), len(rows_j), self.n_layers)
+            step_out = {k: out[k][j] for k in ("tok", "logprob", "top_ids", "top_lps", "depth")}
+            for slot in rows_j:
+                live = self._live[slot]
+                if live is None:  # the host ended it at an earlier step of this call
+                    continue
+                pos = len(live.handle.request.prompt_ids) + live.generated  # where this token would be fed
+                self._take_token(slot, live, step_out, slot, pos, keep_state=True)
