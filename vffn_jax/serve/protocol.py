@@ -165,12 +165,17 @@ def _stream(body: dict) -> tuple[bool, bool]:
     return stream, bool(opts.get("include_usage", False))
 
 
-def parse_completion(body: Any, served, default_max_tokens: int) -> Call:
+def _common(body: Any, served, default_max_tokens: int) -> tuple[str, dict]:
+    """What completions and chat check alike: a JSON object, the model, no unsupported field; (model, sampling)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
     model = check_model(body, served)
     _check_unsupported(body)
-    settings = _sampling(body, default_max_tokens)
+    return model, _sampling(body, default_max_tokens)
+
+
+def parse_completion(body: Any, served, default_max_tokens: int) -> Call:
+    model, settings = _common(body, served, default_max_tokens)
     logprobs = _int(body, "logprobs", None, lo=0, hi=TOP_N)
     echo = _bool(body, "echo")
     stream, usage = _stream(body)
@@ -205,11 +210,7 @@ def render_chat(messages: Any, served) -> tuple[int, ...]:
 
 
 def parse_chat(body: Any, served, default_max_tokens: int) -> Call:
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
-    model = check_model(body, served)
-    _check_unsupported(body)
-    settings = _sampling(body, default_max_tokens)
+    model, settings = _common(body, served, default_max_tokens)
     if body.get("max_completion_tokens") is not None:
         settings["max_tokens"] = _int(body, "max_completion_tokens", default_max_tokens, lo=0)
     stream, usage = _stream(body)
