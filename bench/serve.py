@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import sys
 import time
@@ -108,7 +109,8 @@ def main(argv=None) -> int:
     p.add_argument("--run", default=None, metavar="DIR", help="serve a trained run instead")
     p.add_argument("--clients", default="1,8,32", help="comma-separated concurrent clients (default 1,8,32)")
     p.add_argument("--slots", type=int, default=None, help="server slots (default: the most clients)")
-    p.add_argument("--steps-per-call", type=int, default=4, help="decode steps per device call (default 4)")
+    p.add_argument("--steps-per-call", type=int, default=8, help="decode steps per device call (default 8, as "
+                   "vffn-serve's)")
     p.add_argument("--requests", type=int, default=2, help="requests per client per round (default 2)")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -150,6 +152,7 @@ def main(argv=None) -> int:
     for c in clients:  # compile and warm up
         serve_once(c)
         generate_once(c)
+    gc.freeze()  # as vffn-serve does once warm: the collector's full passes skip the long-lived heap
     res = {c: {"serve": [], "gen": [], "gen_loop": [], "loops": []} for c in clients}
     for _ in range(args.rounds):
         for c in clients:

@@ -26,6 +26,7 @@ Exit status: 0 stopped by SIGTERM/SIGINT, 2 bad input (a missing run or step, a 
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import os
 import signal
@@ -48,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "printed at start)")
     p.add_argument("--slots", type=int, default=8, metavar="N", help="decode slots: requests generated together "
                    "(default 8; rounded up to the data-parallel size); more wait in a queue")
-    p.add_argument("--steps-per-call", type=int, default=4, metavar="K",
-                   help="decode steps per device call (default 4): one host round trip per K tokens; a finished "
-                        "request's slot and a new request wait at most K steps")
+    p.add_argument("--steps-per-call", type=int, default=8, metavar="K",
+                   help="decode steps per device call (default 8): one host round trip per K tokens; a finished "
+                        "request's slot and a new request wait at most K steps (lower K for a shorter time to "
+                        "first token under load, raise it for throughput)")
     p.add_argument("--max-tokens-default", type=int, default=16, metavar="N",
                    help="max_tokens of a request that gives none (default 16, as OpenAI's completions)")
     p.add_argument("--api-key", default=None, metavar="KEY",
@@ -130,6 +132,9 @@ def main(argv=None, *, ready=None, stop: threading.Event | None = None) -> int:
     else:
         previous = {}
     try:
+        # the loaded model's and compiled programs' Python objects live as long as the server: out of the
+        # collector's sight, its full passes stop stalling every slot (one took 150 ms on the tiny model)
+        gc.freeze()
         print(f"serving {served.model_id} on {server.url} ({engine.slots} slots, context {served.context})",
               flush=True)
         if ready is not None:
@@ -142,6 +147,7 @@ def main(argv=None, *, ready=None, stop: threading.Event | None = None) -> int:
             print("stopped: requests still in flight after --drain-seconds were cancelled", file=sys.stderr,
                   flush=True)
     finally:
+        gc.unfreeze()  # a caller in the same process (a test, a notebook) gets its collector back
         for s, h in previous.items():
             signal.signal(s, h)
     return 0

@@ -1,7 +1,7 @@
 """The HTTP routes (aiohttp): POST /v1/completions, POST /v1/chat/completions, GET /v1/models, /health, /metrics.
 
-Every request to the engine becomes a `Stream`: its events come from the engine thread through
-`loop.call_soon_threadsafe` into an asyncio queue. Streaming answers are server-sent events (`data: {...}` per
+Every request to the engine becomes a `Stream`: its events come from the engine thread through a `Mailbox` into
+an asyncio queue. Streaming answers are server-sent events (`data: {...}` per
 chunk, then `data: [DONE]`); a client that goes away mid-stream cancels its request, which frees its slot before
 the next decode step. Whatever goes wrong in a request is answered as an OpenAI-style JSON error, never by
 stopping the server.
@@ -9,10 +9,12 @@ stopping the server.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hmac
 import json
 import logging
+import threading
 import time
 
 from aiohttp import web
@@ -73,12 +75,39 @@ def auth_middleware(api_key: str | None):
     return check
 
 
+class Mailbox:
+    """Carries events from the engine thread to one event loop. The engine hands out a decode call's events to
+    every slot's request in one burst; each `call_soon_threadsafe` writes to the loop's wake-up pipe, so a burst
+    wakes the loop once (the first event schedules the delivery, the others join it) instead of once per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue, item) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, collections.deque()
+            self._scheduled = False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class Stream:
     """One engine request's events on the event loop (`queue` may be shared by several: items are (index, ev))."""
 
-    def __init__(self, engine: Engine, request, index: int, queue: asyncio.Queue, loop):
+    def __init__(self, engine: Engine, request, index: int, queue: asyncio.Queue, mailbox: Mailbox):
         self.request, self.index = request, index
-        self.handle = engine.submit(request, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (index, ev)))
+        self.handle = engine.submit(request, lambda ev: mailbox.put(queue, (index, ev)))
 
 
 async def read_json(request: web.Request):
@@ -108,6 +137,7 @@ def _extra(ev: Event) -> dict:
 class Routes:
     def __init__(self, engine: Engine, served, options: AppOptions, state: AppState):
         self.engine, self.served, self.options, self.state = engine, served, options, state
+        self._mailbox: Mailbox | None = None  # made on the server's loop, at its first request
 
     def _admit(self):
         if self.state.draining:
@@ -117,10 +147,12 @@ class Routes:
     def _start(self, call: protocol.Call) -> tuple[list[Stream], asyncio.Queue]:
         self._admit()
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = Mailbox(loop)
         streams: list[Stream] = []
         try:
             for i, r in enumerate(call.requests):
-                streams.append(Stream(self.engine, r, i, queue, loop))
+                streams.append(Stream(self.engine, r, i, queue, self._mailbox))
         except EngineClosed:
             for s in streams:
                 self.engine.cancel(s.handle)
@@ -198,7 +230,7 @@ class Routes:
                 if r.logprobs is not None and call.kind == "completion":
                     lp = textout.logprobs_object(ev.tokens, offsets[i])
                     offsets[i] += sum(len(t.text) for t in ev.tokens)
-                if not ev.text and not ev.tokens and ev.finish_reason is None:
+                if not ev.text and not ev.tokens and not ev.generated and ev.finish_reason is None:
                     continue
                 extra = _extra(ev) if ev.finish_reason else None
                 c = protocol.choice(call.kind, i, ev.text, ev.finish_reason, lp, extra, delta=True, first=first[i])

@@ -6,8 +6,9 @@ Each turn of the engine thread
      decode; as many groups as fit while nothing decodes) into free slots — a request that needs no decode
      step (max_tokens <= 1, or a prompt that fills the context) takes no slot;
   3. runs K decode steps over every slot in one device call (`programs.decode_slots`: each the model's one
-     forward pass, free slots inactive rows of the depth compaction) and hands each in-use slot's tokens to
-     its request.
+     forward pass, free slots inactive rows of the depth compaction) and hands each in-use slot's tokens of the
+     call to its request as one event (one detokenisation, one HTTP chunk: per-token Python was the server's
+     largest cost).
 
 A request's tokens depend on its own prompt, settings and seed only: every row of a prefill or decode step is
 computed independently (per-row positions, per-row keys), so its greedy output is `generate.py --temperature 0`'s
@@ -62,7 +63,8 @@ class Event:
     the last event has `finish_reason` ("stop", "length", "cancelled" or "error") and the totals."""
 
     text: str = ""
-    tokens: list = dataclasses.field(default_factory=list)  # [textout.TokenInfo]
+    tokens: list = dataclasses.field(default_factory=list)  # [textout.TokenInfo], where the request asks logprobs
+    generated: int = 0  # tokens generated since the last event (its text may still be held back)
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -100,7 +102,7 @@ def needs_slot(r: Request, context: int) -> bool:
 
 
 class Engine:
-    def __init__(self, served: Served, slots: int = 8, *, steps_per_call: int = 4, prefill_rows: int | None = None,
+    def __init__(self, served: Served, slots: int = 8, *, steps_per_call: int = 8, prefill_rows: int | None = None,
                  clock=time.monotonic):
         dp = decode_lib.batch_multiple(served.mesh)
         slots = -(-max(1, slots) // dp) * dp
@@ -252,8 +254,9 @@ class Engine:
             self._free(slot)
         t = live.text
         self._emit(live.handle, Event(
-            t.delta(final=True), [], reason, len(live.handle.request.prompt_ids), live.generated,
-            t.kept_tokens(), list(t.ids), live.depth_sum / max(live.generated, 1) / self.n_layers, error))
+            t.delta(final=True), finish_reason=reason, prompt_tokens=len(live.handle.request.prompt_ids),
+            completion_tokens=live.generated, kept_tokens=t.kept_tokens(), ids=list(t.ids),
+            mean_depth=live.depth_sum / max(live.generated, 1) / self.n_layers, error=error))
 
     def _cancel_all(self, reason: str, error: str | None = None) -> None:
         with self._cv:
@@ -286,6 +289,8 @@ class Engine:
         with self._cv:
             key = None
             for h in list(self._queue):
+                if h.cancelled:  # left for the next turn's `_drop_cancelled`
+                    continue
                 r = h.request
                 k = (decode_lib.bucket(len(r.prompt_ids), ctx), r.echo)
                 if key is not None and k != key:
@@ -343,7 +348,9 @@ class Engine:
                 st["temperature"][slot], st["top_k"][slot], st["top_p"][slot] = r.temperature, r.top_k, r.top_p
                 st["seed"][slot], st["t"][slot] = r.seed % SEED_MOD, 1  # the next token's index
                 st["budget"][slot], st["stop_eos"][slot] = r.max_tokens, r.stop_at_eos
-            self._take_token(slot, live, out, i, n, prefix_text=echo_text, prefix_tokens=echoed)
+                st["tok"][slot] = out["tok"][i]
+            self._take_tokens(slot, live, out["tok"][i:i + 1], out["logprob"][i:i + 1], out["top_ids"][i:i + 1],
+                              out["top_lps"][i:i + 1], out["depth"][i:i + 1].sum(axis=-1), echo_text, echoed)
 
     def _echo_tokens(self, r: Request, out: dict, i: int) -> list:
         dec, n_top = self.served.tokenizer.decode, r.logprobs or 0
@@ -356,42 +363,51 @@ class Engine:
                                           top))
         return toks
 
-    def _take_token(self, slot: int | None, live: _Live, out: dict, i: int, pos: int, prefix_text: str = "",
-                    prefix_tokens: list | None = None, keep_state: bool = False) -> None:
-        """Hands row i's sampled token to its request; `pos` is where that token would be fed next."""
-        r, ctx = live.handle.request, self.served.context
-        tok = int(out["tok"][i])
-        live.generated += 1
-        live.depth_sum += float(np.sum(out["depth"][i]))
-        self.metrics.tokens(1)
-        tokens = list(prefix_tokens or [])
-        reason = None
-        if r.stop_at_eos and tok == self.served.eos_id:
-            reason = "stop"
+    def _take_tokens(self, slot: int | None, live: _Live, toks, lps, top_ids, top_lps, depth_n,
+                     prefix_text: str = "", prefix_tokens: list | None = None) -> None:
+        """Hands one request the tokens a device call sampled for it (`toks [n]`, in order, with their
+        log-probabilities, top log-probabilities `[n, TOP_N]` and depths summed over layers `[n]`) as one event. The device
+        stops a row at EOS, its budget or the context's end, so only the last token can end the request
+        there; a stop string can end it earlier, and the tokens after that one are dropped."""
+        r, ctx, eos = live.handle.request, self.served.context, self.served.eos_id
+        toks = [int(t) for t in toks]
+        if r.stop:  # a stop string can fall inside the call: text token by token, stop where it ends
+            n = 0
+            for n, tok in enumerate(toks, 1):
+                if r.stop_at_eos and tok == eos:
+                    break
+                live.text.add(tok)
+                if live.text.stopped:
+                    break
+            toks = toks[:n]
         else:
-            live.text.add(tok)
+            live.text.extend(toks[:-1] if r.stop_at_eos and toks[-1] == eos else toks)
+        n = len(toks)
+        live.generated += n
+        live.depth_sum += float(np.sum(depth_n[:n]))
+        self.metrics.tokens(n)
+        tokens = list(prefix_tokens or [])
+        ended_eos = r.stop_at_eos and toks[-1] == eos
+        if r.logprobs is not None:  # token records only where the answer reports them
             dec = self.served.tokenizer.decode
-            top = None if r.logprobs is None else textout.top_dict(dec, out["top_ids"][i], out["top_lps"][i],
-                                                                  r.logprobs)
-            tokens.append(textout.TokenInfo(tok, dec([tok]), float(out["logprob"][i]), top))
-            if live.text.stopped:
-                reason = "stop"
-            elif live.generated >= r.max_tokens or pos >= ctx:
-                reason = "length"
-        if reason is None and slot is None:  # a slot-less request ends at its first token
-            reason = "length"
+            for j, tok in enumerate(toks[:n - 1] if ended_eos else toks):
+                tokens.append(textout.TokenInfo(tok, dec([tok]), float(lps[j]),
+                                                textout.top_dict(dec, top_ids[j], top_lps[j], r.logprobs)))
+        reason = None
+        if ended_eos or live.text.stopped:
+            reason = "stop"
+        elif live.generated >= r.max_tokens or len(r.prompt_ids) + live.generated - 1 >= ctx or slot is None:
+            reason = "length"  # (a slot-less request ends at its first token)
         if reason is None:
-            if not keep_state:  # after a decode call the device's state is already the host's
-                self._st["tok"][slot] = tok
-            self._emit(live.handle, Event(prefix_text + live.text.delta(final=False), tokens))
+            self._emit(live.handle, Event(prefix_text + live.text.delta(final=False), tokens, n))
         else:
             if prefix_text or tokens:
-                self._emit(live.handle, Event(prefix_text, tokens))
+                self._emit(live.handle, Event(prefix_text, tokens, n))
             self._finish(slot, live, reason)
 
     def _decode_step(self) -> None:
-        """K decode steps on the device, then each in-use slot's tokens in order (a request the host ends early —
-        a stop string, a cancellation — ignores the rest of its tokens)."""
+        """K decode steps on the device, then each in-use slot's tokens of the call as one event (a request the
+        host ends early — a stop string — ignores the rest of its tokens)."""
         st = self._st
         in_use = [i for i, x in enumerate(self._live) if x is not None]
         self._cache, new_st, out = self.programs.step(self.served.params, self._cache, dict(st))
@@ -399,16 +415,16 @@ class Engine:
         for k, v in new_st.items():
             if k in ("tok", "pos", "seg", "t"):
                 st[k][in_use] = np.asarray(v)[in_use]
+        active_kb = out["active"]
+        depth_kb = out["depth"].sum(axis=-1)  # [K, B]: each row's depth summed over layers
         for j in range(self.spec.steps_per_call):
-            act = out["active"][j]
-            if not act.any():
+            rows_j = np.flatnonzero(active_kb[j])
+            if not rows_j.size:
                 break
-            rows_j = np.flatnonzero(act)
-            self.metrics.step(out["loops"][j], float(np.sum(out["depth"][j][rows_j])), len(rows_j), self.n_layers)
-            step_out = {k: out[k][j] for k in ("tok", "logprob", "top_ids", "top_lps", "depth")}
-            for slot in rows_j:
-                live = self._live[slot]
-                if live is None:  # the host ended it at an earlier step of this call
-                    continue
-                pos = len(live.handle.request.prompt_ids) + live.generated  # where this token would be fed
-                self._take_token(slot, live, step_out, slot, pos, keep_state=True)
+            self.metrics.step(out["loops"][j], float(depth_kb[j, rows_j].sum()), len(rows_j), self.n_layers)
+        taken_b = active_kb.sum(axis=0)  # a row stays inactive once it stops: its tokens are steps 0..n-1
+        for slot in in_use:
+            n = int(taken_b[slot])
+            if n:
+                self._take_tokens(slot, self._live[slot], out["tok"][:n, slot], out["logprob"][:n, slot],
+                                  out["top_ids"][:n, slot], out["top_lps"][:n, slot], depth_kb[:n, slot])

@@ -43,7 +43,7 @@ class ProgramSpec:
     cache_len: int  # S: positions per slot (the context, train.seq_len)
     valid_vocab: int  # the tokenizer's vocabulary: logits beyond it are never sampled
     eos_id: int  # a row that samples it stops (unless its request ignores EOS)
-    steps_per_call: int = 4  # K: decode steps per device call (one host round trip per K tokens)
+    steps_per_call: int = 8  # K: decode steps per device call (one host round trip per K tokens)
 
 
 def _first_token(spec: ProgramSpec, logits_rv, samp):

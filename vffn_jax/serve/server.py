@@ -46,8 +46,10 @@ class ServerThread:
     def _run(self) -> None:
         loop = self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
+        # handler_cancellation: a client that hangs up cancels its handler, whose request then leaves the engine
+        # (its slot is free at the next step) instead of generating an answer nobody reads
         runner = web.AppRunner(build_app(self.engine, self.served, self.options, self.state), handle_signals=False,
-                               access_log=None, shutdown_timeout=SHUTDOWN_S)
+                               access_log=None, shutdown_timeout=SHUTDOWN_S, handler_cancellation=True)
         try:
             loop.run_until_complete(runner.setup())
             site = web.TCPSite(runner, self.host, self.port)

@@ -53,6 +53,15 @@ class TextState:
     emitted: int = 0  # characters of `text` already sent
     stopped: bool = False  # a stop string ended the text (it and what follows are cut)
 
+    def extend(self, token_ids) -> None:
+        """Several tokens at once, decoding once (for a request without stop strings: with them, `add` each so the
+        text stops at the token that completes one)."""
+        if self.stops:
+            raise ValueError("extend() is for requests without stop strings; add() each token")
+        if len(token_ids):
+            self.ids.extend(int(t) for t in token_ids)
+            self.text = self.decode(self.ids)
+
     def add(self, token_id: int) -> None:
         self.ids.append(int(token_id))
         text = self.decode(self.ids)

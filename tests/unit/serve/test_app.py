@@ -292,3 +292,42 @@ def test_lm_eval_local_completions_scores_like_our_backend(lm_eval_run, tmp_path
     assert _per_request(theirs, "vffn_arc_easy") == pytest.approx(_per_request(ours, "vffn_arc_easy"), abs=1e-4)
     for metric in ("acc,none", "acc_norm,none"):
         assert theirs["results"]["vffn_arc_easy"][metric] == ours["results"]["vffn_arc_easy"][metric]
+
+
+def test_a_client_that_hangs_up_cancels_its_request(server, engine, served):
+    """Not only streams: a plain completion whose client goes away leaves the engine instead of running to its end.
+    The engine thread is held inside a sink so the request is certainly still queued when its client hangs up."""
+    import socket
+    import threading
+
+    from vffn_jax.serve.engine import Request
+
+    release, held = threading.Event(), threading.Event()
+
+    def blocking_sink(ev):
+        held.set()
+        release.wait(60)
+
+    before = engine.metrics.snapshot()["requests"].get("cancelled", 0)
+    engine.submit(Request((served.eos_id, 65), 2, temperature=0.0), blocking_sink)
+    try:
+        assert held.wait(60)
+        body = json.dumps({"prompt": PROMPT, "max_tokens": 8}).encode()
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 30
+            while engine.busy()[0] < 1:
+                assert time.monotonic() < deadline, "the request never reached the queue"
+                time.sleep(0.005)
+        deadline = time.monotonic() + 30
+        while not any(h.cancelled for h in list(engine._queue)):
+            assert time.monotonic() < deadline, "hanging up did not cancel the queued request"
+            time.sleep(0.005)
+    finally:
+        release.set()
+    deadline = time.monotonic() + 30
+    while engine.busy() != (0, 0):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert engine.metrics.snapshot()["requests"].get("cancelled", 0) == before + 1

@@ -108,3 +108,26 @@ def test_cancel_frees_the_slot_at_once(engine, served):
 
 def test_slots_round_up_to_the_data_parallel_size(engine, served):
     assert engine.slots % decode.batch_multiple(served.mesh) == 0 and engine.slots >= 8
+
+
+def test_a_stop_string_inside_a_decode_call_ends_at_its_token(engine, served):
+    """The engine hands out a call's tokens together; a stop string completed by one of them still ends the request
+    at that token, as if it had been checked token by token: the later tokens of the call are not counted."""
+    enc, (g,) = reference(served, ["And God said"], 12)
+    dec, k = served.tokenizer.decode, engine.spec.steps_per_call
+    full = dec(g.ids)
+
+    def ends_at(stop):  # the token that completes the stop string's first occurrence
+        return next(n for n in range(1, len(g.ids) + 1) if stop in dec(g.ids[:n]))
+
+    # token 1 comes from the prefill, tokens 2..k+1 from the first decode call, and so on: pick a stop string
+    # completed by a token that is not its call's last, so the call has later tokens to drop
+    stop = next(full[i:i + 2] for i in range(len(full) - 1) if "\ufffd" not in full[i:i + 2]
+                and ends_at(full[i:i + 2]) >= 2 and (ends_at(full[i:i + 2]) - 1) % k)
+    n_stop = ends_at(stop)
+    _, (col,) = submit_all(engine, [Request(tuple(enc[0]), 12, temperature=0.0, stop=(stop,), logprobs=0)])
+    wait([col])
+    f = col.final
+    assert f.finish_reason == "stop" and col.text() == full[:full.index(stop)]
+    assert f.completion_tokens == n_stop and f.ids == g.ids[:n_stop]
+    assert [t.id for e in col.events for t in e.tokens] == g.ids[:n_stop]

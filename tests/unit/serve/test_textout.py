@@ -1,5 +1,7 @@
 """One request's text (vffn_jax/serve/textout.py): stop strings cut exactly, nothing of a stop string or of a
 half UTF-8 character is streamed early, logprob objects."""
+import pytest
+
 from vffn_jax.data.tokenizer import ByteTokenizer
 from vffn_jax.serve import textout
 
@@ -48,3 +50,16 @@ def test_logprobs_object():
     assert obj == {"tokens": ["ab", "c"], "token_logprobs": [None, -0.5], "top_logprobs": [None, {"c": -0.5}],
                    "text_offset": [3, 5]}
     assert textout.top_dict(TOK.decode, [65, 66], [-0.1, -2.0], 1) == {"A": -0.1}
+
+
+def test_several_tokens_at_once_stream_whole_characters():
+    """The engine hands a decode call's tokens over together: a character split across two calls is held back
+    until its last byte comes, and a request with stop strings must go token by token."""
+    data = "a✓b".encode()  # the check mark is 3 bytes: split it across two calls
+    st = textout.TextState(TOK.decode, ())
+    st.extend(list(data[:3]))
+    first = st.delta(final=False)
+    st.extend(list(data[3:]))
+    assert first == "a" and first + st.delta(final=True) == "a✓b" and st.kept_tokens() == len(data)
+    with pytest.raises(ValueError, match="stop strings"):
+        textout.TextState(TOK.decode, ("x",)).extend([65])
