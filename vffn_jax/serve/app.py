@@ -20,7 +20,8 @@ import time
 from aiohttp import web
 
 from vffn_jax.serve import protocol, textout
-from vffn_jax.serve.engine import Engine, EngineClosed, Event
+from vffn_jax.serve.engine import Engine, EngineClosed
+from vffn_jax.serve.request import Event
 from vffn_jax.serve.metrics import prometheus
 from vffn_jax.serve.protocol import ApiError
 

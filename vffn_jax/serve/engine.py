@@ -5,10 +5,11 @@ Each turn of the engine thread
   2. prefills queued requests (one group of up to `prefill_rows` prompts of one length bucket while others
      decode; as many groups as fit while nothing decodes) into free slots — a request that needs no decode
      step (max_tokens <= 1, or a prompt that fills the context) takes no slot;
-  3. runs K decode steps over every slot in one device call (`programs.decode_slots`: each the model's one
-     forward pass, free slots inactive rows of the depth compaction) and hands each in-use slot's tokens of the
-     call to its request as one event (one detokenisation, one HTTP chunk: per-token Python was the server's
-     largest cost).
+  3. runs K decode steps in one device call over the slots up to the highest in use, rounded up to a row bucket
+     (`programs.decode_rows`: each step the model's one forward pass, free slots inactive rows of the depth
+     compaction; new requests take the lowest free slots, so few requests mean few rows) and hands each in-use
+     slot's tokens of the call to its request as one event (one detokenisation, one HTTP chunk: per-token
+     Python was the server's largest cost).
 
 A request's tokens depend on its own prompt, settings and seed only: every row of a prefill or decode step is
 computed independently (per-row positions, per-row keys), so its greedy output is `generate.py --temperature 0`'s
@@ -33,6 +34,7 @@ from vffn_jax.infer import decode as decode_lib
 from vffn_jax.serve import programs as programs_lib
 from vffn_jax.serve import textout
 from vffn_jax.serve.metrics import Metrics
+from vffn_jax.serve.request import Event, Handle, Request
 from vffn_jax.serve.served import Served
 
 log = logging.getLogger(__name__)
@@ -41,49 +43,6 @@ SEED_MOD = 2 ** 31  # seeds are int32 on the device
 
 class EngineClosed(RuntimeError):
     """The engine no longer admits requests (draining or stopped)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    prompt_ids: tuple[int, ...]
-    max_tokens: int
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None  # top log-probabilities per token (0..5); None: no logprobs object
-    echo: bool = False
-    stop_at_eos: bool = True
-
-
-@dataclasses.dataclass
-class Event:
-    """Part of a request's output. `text` is the new text; `tokens` the new tokens (the echoed prompt first);
-    the last event has `finish_reason` ("stop", "length", "cancelled" or "error") and the totals."""
-
-    text: str = ""
-    tokens: list = dataclasses.field(default_factory=list)  # [textout.TokenInfo], where the request asks logprobs
-    generated: int = 0  # tokens generated since the last event (its text may still be held back)
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    kept_tokens: int = 0  # generated tokens the final text covers (a stop string cuts later ones)
-    ids: list = dataclasses.field(default_factory=list)  # every generated token id (EOS not included)
-    mean_depth: float = 0.0  # the generated tokens' mean depth over layers
-    error: str | None = None
-
-
-@dataclasses.dataclass
-class Handle:
-    """One submitted request (what the HTTP side holds to cancel it)."""
-
-    id: int
-    request: Request
-    sink: Callable[[Event], None]
-    submitted: float
-    cancelled: bool = False
-    done: bool = False
 
 
 @dataclasses.dataclass
@@ -113,6 +72,7 @@ class Engine:
         self.spec = programs_lib.ProgramSpec(slots, rows, served.context, served.valid_vocab, served.eos_id,
                                              max(1, steps_per_call))
         self.programs = programs_lib.Programs(served.m, self.spec, served.mesh)
+        self.row_buckets = programs_lib.row_buckets(slots, dp)
         self.metrics = Metrics(slots, clock)
         self.n_layers = served.m.n_layers
         self._cache = self.programs.empty_cache(served.params)
@@ -127,6 +87,7 @@ class Engine:
         self._ids = itertools.count(1)
         self._admitting = True
         self._stopping = False
+        self._compile_all = False  # warmup() asks the engine thread to compile every decode row bucket
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ the HTTP side's calls (any thread)
@@ -194,7 +155,10 @@ class Engine:
             self._thread.join(timeout)
 
     def warmup(self) -> None:
-        """Compiles the decode step and the shortest prefill bucket now, not at the first request."""
+        """Compiles the decode step of every row bucket and the shortest prefill bucket now, not when the
+        traffic first needs them (a compile stalls every slot)."""
+        with self._cv:
+            self._compile_all = True
         done = threading.Event()
         h = self.submit(Request((self.served.eos_id,), max_tokens=2, temperature=0.0),
                         lambda ev: done.set() if ev.finish_reason else None)
@@ -217,6 +181,9 @@ class Engine:
                 if stopping:  # close() without drain(): nothing more runs
                     self._cancel_all("cancelled")
                     break
+                if self._compile_all:
+                    self._compile_all = False
+                    self._compile_decode_buckets()
                 self._drop_cancelled()
                 decoding = any(x is not None for x in self._live)
                 while self._admit_group():
@@ -405,12 +372,23 @@ class Engine:
                 self._emit(live.handle, Event(prefix_text, tokens, n))
             self._finish(slot, live, reason)
 
+    def _compile_decode_buckets(self) -> None:
+        """Runs every row bucket's decode program once on idle rows (inactive, positioned past the cache: they
+        write nothing), so none compiles under load; the host state and the requests in flight are untouched."""
+        for rows in self.row_buckets:
+            idle = {k: v[:rows].copy() for k, v in self._st.items()}
+            idle["active"][:], idle["pos"][:] = False, self.served.context
+            self._cache, _, out = self.programs.step(self.served.params, self._cache, idle, rows)
+            np.asarray(out["tok"])
+
     def _decode_step(self) -> None:
         """K decode steps on the device, then each in-use slot's tokens of the call as one event (a request the
         host ends early — a stop string — ignores the rest of its tokens)."""
         st = self._st
         in_use = [i for i, x in enumerate(self._live) if x is not None]
-        self._cache, new_st, out = self.programs.step(self.served.params, self._cache, dict(st))
+        rows = next(n for n in self.row_buckets if n > in_use[-1])  # the slots up to the highest in use
+        self._cache, new_st, out = self.programs.step(self.served.params, self._cache,
+                                                      {k: v[:rows] for k, v in st.items()}, rows)
         out = {k: np.asarray(v) for k, v in out.items()}
         for k, v in new_st.items():
             if k in ("tok", "pos", "seg", "t"):
@@ -421,7 +399,7 @@ class Engine:
             rows_j = np.flatnonzero(active_kb[j])
             if not rows_j.size:
                 break
-            self.metrics.step(out["loops"][j], float(depth_kb[j, rows_j].sum()), len(rows_j), self.n_layers)
+            self.metrics.step(out["loops"][j], float(depth_kb[j, rows_j].sum()), len(rows_j), self.n_layers, rows)
         taken_b = active_kb.sum(axis=0)  # a row stays inactive once it stops: its tokens are steps 0..n-1
         for slot in in_use:
             n = int(taken_b[slot])

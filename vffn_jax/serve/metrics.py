@@ -2,8 +2,9 @@
 `WINDOW_S` seconds, queue depth, slots in use, and the FFN work of the decode steps.
 
 FFN loops: in a decode step each layer reports the loops it executed per row (`kv_cache.decode_step`'s `loops`,
-float) over all `slots` rows, free ones included (a free slot is an inactive row: one loop, never extended).
-`vffn_ffn_loops_executed_total` counts loop-rows summed over layers (`loops * slots`), and
+float) over the rows the step computed (the slots up to the highest in use, rounded up to a bucket), free ones
+included (a free slot is an inactive row: one loop, never extended).
+`vffn_ffn_loops_executed_total` counts loop-rows summed over layers (`loops * rows`), and
 `vffn_ffn_token_depth_total` the in-use rows' own depth summed over layers. Per token and layer (divided by
 `vffn_ffn_token_layers_total`): `vffn_ffn_executed_loops_per_token` is the in-use rows' executed loops (the
 compaction's padding rows included, the free slots' single loop not), `..._all_slots` charges the free slots'
@@ -55,13 +56,15 @@ class Metrics:
             if n:
                 self._recent.append((self.clock(), n))
 
-    def step(self, loops_per_layer, depth_sum: float, in_use: int, n_layers: int) -> None:
-        """One decode step: per-layer executed loops per row, the in-use rows' depth summed over layers."""
-        executed = float(sum(loops_per_layer)) * self.slots
+    def step(self, loops_per_layer, depth_sum: float, in_use: int, n_layers: int, rows: int | None = None) -> None:
+        """One decode step over `rows` slots (default all): per-layer executed loops per row, the in-use rows' depth
+        summed over layers."""
+        rows = self.slots if rows is None else rows
+        executed = float(sum(loops_per_layer)) * rows
         with self._lock:
             self.c.decode_steps += 1
             self.c.loops_executed += executed
-            self.c.loops_free_slots += float((self.slots - in_use) * n_layers)
+            self.c.loops_free_slots += float((rows - in_use) * n_layers)
             self.c.token_depth += depth_sum
             self.c.token_layers += in_use * n_layers
 

@@ -12,8 +12,9 @@
   `generate.py`'s on-device `while_loop` pays it once per batch; the price is up to K - 1 wasted steps for a row
   that ends inside a call and up to K steps before a new request is admitted.
 
-Shapes are fixed by (slots, cache length, T, echo), so a server compiles one step program and at most
-2 x log2(context) prefill programs, whatever its traffic. Log-probabilities of generated tokens are the model's own
+Shapes are fixed by (rows, cache length, T, echo), so a server compiles one step program per row bucket
+(`row_buckets`: the data-parallel size times powers of two, up to the slots) and at most 2 x log2(context)
+prefill programs, whatever its traffic. Log-probabilities of generated tokens are the model's own
 (temperature 1, unfiltered) over the tokenizer's vocabulary, as `generate.py --json` reports them; prompt
 (echo) log-probabilities are a float32 log-softmax over the model's whole vocabulary, as the project's lm-eval
 backend and transformers score.
@@ -110,6 +111,30 @@ def decode_slots(m: ModelConfig, spec: ProgramSpec, params, cache, st):
     return cache, st, outs
 
 
+def row_buckets(slots: int, multiple: int) -> tuple[int, ...]:
+    """The row counts a decode call may compute: `multiple` (the data-parallel size) times powers of two, below
+    `slots`, then `slots`."""
+    out, n = [], multiple
+    while n < slots:
+        out.append(n)
+        n *= 2
+    return tuple(out) + (slots,)
+
+
+def decode_rows(m: ModelConfig, spec: ProgramSpec, rows: int, params, cache, st):
+    """`decode_slots` over the first `rows` slots only (`st` holds those rows): with few requests in flight, a
+    step computes the slots in use (the engine fills the lowest free slots first), not all of them. The other
+    slots' cache rows pass through untouched."""
+    if rows == spec.slots:
+        return decode_slots(m, spec, params, cache, st)
+    part = {"k": cache["k"][:, :rows], "v": cache["v"][:, :rows], "seg": cache["seg"][:rows]}
+    part, st, outs = decode_slots(m, spec, params, part, st)
+    cache = {"k": constrain(cache["k"].at[:, :rows].set(part["k"]), *kv_cache.CACHE_AXES),
+             "v": constrain(cache["v"].at[:, :rows].set(part["v"]), *kv_cache.CACHE_AXES),
+             "seg": cache["seg"].at[:rows].set(part["seg"])}
+    return cache, st, outs
+
+
 def empty_cache(m: ModelConfig, spec: ProgramSpec, params):
     """The persistent cache: zeros shaped like `kv_cache.prefill`'s, with `slots` rows of `cache_len`."""
     toks = jax.ShapeDtypeStruct((spec.prefill_rows, spec.cache_len), jnp.int32)
@@ -134,8 +159,9 @@ class Programs:
     mesh: Any
     _prefill: dict = dataclasses.field(default_factory=dict)
 
+    _step: dict = dataclasses.field(default_factory=dict)
+
     def __post_init__(self):
-        self._step = self._wrap(jax.jit(functools.partial(decode_slots, self.m, self.spec), donate_argnums=(1,)))
         self._empty = self._wrap(jax.jit(functools.partial(empty_cache, self.m, self.spec)))
 
     def _wrap(self, fn):
@@ -155,6 +181,11 @@ class Programs:
                                                     donate_argnums=(1,)))
         return self._prefill[key]
 
-    def step(self, params, cache, st):
-        """K decode steps: (cache, state after them, outputs [K, ...])."""
-        return self._step(params, cache, st)
+    def step(self, params, cache, st, rows: int | None = None):
+        """K decode steps over the first `rows` slots (default all; `st` holds those rows): (cache, their state
+        after the steps, outputs [K, rows, ...])."""
+        rows = self.spec.slots if rows is None else rows
+        if rows not in self._step:
+            self._step[rows] = self._wrap(jax.jit(functools.partial(decode_rows, self.m, self.spec, rows),
+                                                  donate_argnums=(1,)))
+        return self._step[rows](params, cache, st)

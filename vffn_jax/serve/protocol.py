@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any
 
-from vffn_jax.serve.engine import Request
+from vffn_jax.serve.request import Request
 from vffn_jax.serve.programs import TOP_N
 
 MAX_STOPS = 16

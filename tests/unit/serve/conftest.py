@@ -24,6 +24,14 @@ def engine(served):
     eng.close()
 
 
+@pytest.fixture(scope="session")
+def bucketed_engine(served):
+    """Twice the slots of the data-parallel size, so a decode call computes 8 or 16 rows by what is in flight."""
+    eng = Engine(served, slots=16).start()
+    yield eng
+    eng.close()
+
+
 def start_server(engine, served, *, api_key=None, owns_engine=False, max_tokens_default=16) -> ServerThread:
     return ServerThread(engine, served, AppOptions(api_key, max_tokens_default), "127.0.0.1", 0,
                         owns_engine=owns_engine).start()

@@ -300,7 +300,7 @@ def test_a_client_that_hangs_up_cancels_its_request(server, engine, served):
     import socket
     import threading
 
-    from vffn_jax.serve.engine import Request
+    from vffn_jax.serve.request import Request
 
     release, held = threading.Event(), threading.Event()
 

@@ -7,10 +7,11 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from vffn_jax.infer import decode, sampling
 from vffn_jax.infer import text as text_lib
-from vffn_jax.serve.engine import Request
+from vffn_jax.serve.request import Request
 
 DEADLINE_S = 120
 EOS = 256  # the byte tokenizer's
@@ -59,12 +60,15 @@ def ids_of(col):
     return f.ids + ([EOS] if f.finish_reason == "stop" else [])
 
 
-def test_greedy_equals_generate_whatever_is_in_flight(engine, served):
+@pytest.mark.parametrize("engine_name", ["engine", "bucketed_engine"])
+def test_greedy_equals_generate_whatever_is_in_flight(engine_name, served, request):
+    engine = request.getfixturevalue(engine_name)
     prompts = ["And God said", "In the beginning was", "x", "Let there be light, and there was " + "l" * 12]
     enc, gens = reference(served, prompts, 12)
     # other traffic first: long sampled requests occupying slots while the greedy ones come and go
     noise_h, noise = submit_all(engine, [Request(tuple(enc[i % 2]), 30, temperature=1.0, seed=i) for i in range(5)])
     _, cols = submit_all(engine, [Request(tuple(ids), 12, temperature=0.0, logprobs=1) for ids in enc])
+    engine.warmup()  # runs every row bucket's program on idle rows while these decode: it must not touch them
     wait(cols + noise)
     for g, col in zip(gens, cols):
         assert ids_of(col) == g.ids, (g.ids, col.final)
@@ -131,3 +135,17 @@ def test_a_stop_string_inside_a_decode_call_ends_at_its_token(engine, served):
     assert f.finish_reason == "stop" and col.text() == full[:full.index(stop)]
     assert f.completion_tokens == n_stop and f.ids == g.ids[:n_stop]
     assert [t.id for e in col.events for t in e.tokens] == g.ids[:n_stop]
+
+
+def test_few_requests_compute_only_their_rows(bucketed_engine, served):
+    """With few requests in flight a decode step computes the smallest row bucket holding their slots (the lowest
+    free slots are taken first), not every slot: the free slots' loops are charged for 8 rows, not 16."""
+    engine = bucketed_engine
+    assert engine.row_buckets == (8, 16)
+    before = engine.metrics.snapshot()
+    _, cols = submit_all(engine, [Request((served.eos_id, 65), 6, temperature=0.0)] * 3)
+    wait(cols)
+    after = engine.metrics.snapshot()
+    d = {k: after[k] - before[k] for k in ("decode_steps", "loops_free_slots", "token_layers")}
+    assert d["decode_steps"] > 0  # each step charges its in-use rows' layers and its free rows' single loops
+    assert d["loops_free_slots"] + d["token_layers"] == d["decode_steps"] * 8 * served.m.n_layers
