@@ -5,11 +5,11 @@ Each turn of the engine thread
   2. prefills queued requests (one group of up to `prefill_rows` prompts of one length bucket while others
      decode; as many groups as fit while nothing decodes) into free slots — a request that needs no decode
      step (max_tokens <= 1, or a prompt that fills the context) takes no slot;
-  3. runs K decode steps in one device call over the slots up to the highest in use, rounded up to a row bucket
-     (`programs.decode_rows`: each step the model's one forward pass, free slots inactive rows of the depth
-     compaction; new requests take the lowest free slots, so few requests mean few rows) and hands each in-use
-     slot's tokens of the call to its request as one event (one detokenisation, one HTTP chunk: per-token
-     Python was the server's largest cost).
+  3. runs K decode steps in one device call over the smallest bucket of slots holding those in use
+     (`programs.decode_bucket`, `programs.SlotLayout`: each step the model's one forward pass, free slots
+     inactive rows of the depth compaction; new requests take the lowest free places, so few requests mean few
+     rows) and hands each in-use slot's tokens of the call to its request as one event (one detokenisation,
+     one HTTP chunk: per-token Python was the server's largest cost).
 
 A request's tokens depend on its own prompt, settings and seed only: every row of a prefill or decode step is
 computed independently (per-row positions, per-row keys), so its greedy output is `generate.py --temperature 0`'s
@@ -70,9 +70,9 @@ class Engine:
         rows = -(-max(1, prefill_rows or min(slots, 8)) // dp) * dp
         self.served, self.clock = served, clock
         self.spec = programs_lib.ProgramSpec(slots, rows, served.context, served.valid_vocab, served.eos_id,
-                                             max(1, steps_per_call))
+                                             max(1, steps_per_call), dp)
         self.programs = programs_lib.Programs(served.m, self.spec, served.mesh)
-        self.row_buckets = programs_lib.row_buckets(slots, dp)
+        self.layout = self.spec.layout
         self.metrics = Metrics(slots, clock)
         self.n_layers = served.m.n_layers
         self._cache = self.programs.empty_cache(served.params)
@@ -87,7 +87,7 @@ class Engine:
         self._ids = itertools.count(1)
         self._admitting = True
         self._stopping = False
-        self._compile_all = False  # warmup() asks the engine thread to compile every decode row bucket
+        self._compile_all = False  # warmup() asks the engine thread to compile every bucket of slots
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ the HTTP side's calls (any thread)
@@ -155,7 +155,7 @@ class Engine:
             self._thread.join(timeout)
 
     def warmup(self) -> None:
-        """Compiles the decode step of every row bucket and the shortest prefill bucket now, not when the
+        """Compiles the decode step of every bucket of slots and the shortest prefill bucket now, not when the
         traffic first needs them (a compile stalls every slot)."""
         with self._cv:
             self._compile_all = True
@@ -251,7 +251,7 @@ class Engine:
         """Prefills one group of queued requests (same length bucket and echo) into free slots; False when
         nothing could be admitted."""
         ctx = self.served.context
-        free = [i for i, x in enumerate(self._live) if x is None]
+        free = self.layout.fill_order([i for i, x in enumerate(self._live) if x is None])
         group: list[Handle] = []
         with self._cv:
             key = None
@@ -333,9 +333,9 @@ class Engine:
     def _take_tokens(self, slot: int | None, live: _Live, toks, lps, top_ids, top_lps, depth_n,
                      prefix_text: str = "", prefix_tokens: list | None = None) -> None:
         """Hands one request the tokens a device call sampled for it (`toks [n]`, in order, with their
-        log-probabilities, top log-probabilities `[n, TOP_N]` and depths summed over layers `[n]`) as one event. The device
-        stops a row at EOS, its budget or the context's end, so only the last token can end the request
-        there; a stop string can end it earlier, and the tokens after that one are dropped."""
+        log-probabilities, top log-probabilities `[n, TOP_N]` and depths summed over layers `[n]`) as one event.
+        The device stops a row at EOS, its budget or the context's end, so only the last token can end the
+        request there; a stop string can end it earlier, and the tokens after that one are dropped."""
         r, ctx, eos = live.handle.request, self.served.context, self.served.eos_id
         toks = [int(t) for t in toks]
         if r.stop:  # a stop string can fall inside the call: text token by token, stop where it ends
@@ -373,36 +373,38 @@ class Engine:
             self._finish(slot, live, reason)
 
     def _compile_decode_buckets(self) -> None:
-        """Runs every row bucket's decode program once on idle rows (inactive, positioned past the cache: they
-        write nothing), so none compiles under load; the host state and the requests in flight are untouched."""
-        for rows in self.row_buckets:
-            idle = {k: v[:rows].copy() for k, v in self._st.items()}
+        """Runs every bucket's decode program once on idle rows (inactive, positioned past the cache: they write
+        nothing), so none compiles under load; the host state and the requests in flight are untouched."""
+        for q in self.layout.buckets:
+            idle = {k: v[self.layout.members(q)] for k, v in self._st.items()}
             idle["active"][:], idle["pos"][:] = False, self.served.context
-            self._cache, _, out = self.programs.step(self.served.params, self._cache, idle, rows)
+            self._cache, _, out = self.programs.step(self.served.params, self._cache, idle, q)
             np.asarray(out["tok"])
 
     def _decode_step(self) -> None:
         """K decode steps on the device, then each in-use slot's tokens of the call as one event (a request the
         host ends early — a stop string — ignores the rest of its tokens)."""
         st = self._st
-        in_use = [i for i, x in enumerate(self._live) if x is not None]
-        rows = next(n for n in self.row_buckets if n > in_use[-1])  # the slots up to the highest in use
+        in_use = np.array([i for i, x in enumerate(self._live) if x is not None])
+        q = self.layout.bucket_for(in_use)  # the smallest bucket of slots holding every one in use
+        at = self.layout.row_of(q, in_use)  # their rows in the call's arrays
         self._cache, new_st, out = self.programs.step(self.served.params, self._cache,
-                                                      {k: v[:rows] for k, v in st.items()}, rows)
+                                                      {k: v[self.layout.members(q)] for k, v in st.items()}, q)
         out = {k: np.asarray(v) for k, v in out.items()}
         for k, v in new_st.items():
             if k in ("tok", "pos", "seg", "t"):
-                st[k][in_use] = np.asarray(v)[in_use]
+                st[k][in_use] = np.asarray(v)[at]
+        rows = self.layout.data_parallel * q
         active_kb = out["active"]
-        depth_kb = out["depth"].sum(axis=-1)  # [K, B]: each row's depth summed over layers
+        depth_kb = out["depth"].sum(axis=-1)  # [K, rows]: each row's depth summed over layers
         for j in range(self.spec.steps_per_call):
             rows_j = np.flatnonzero(active_kb[j])
             if not rows_j.size:
                 break
             self.metrics.step(out["loops"][j], float(depth_kb[j, rows_j].sum()), len(rows_j), self.n_layers, rows)
         taken_b = active_kb.sum(axis=0)  # a row stays inactive once it stops: its tokens are steps 0..n-1
-        for slot in in_use:
-            n = int(taken_b[slot])
+        for slot, r in zip(in_use.tolist(), at.tolist()):
+            n = int(taken_b[r])
             if n:
-                self._take_tokens(slot, self._live[slot], out["tok"][:n, slot], out["logprob"][:n, slot],
-                                  out["top_ids"][:n, slot], out["top_lps"][:n, slot], depth_kb[:n, slot])
+                self._take_tokens(slot, self._live[slot], out["tok"][:n, r], out["logprob"][:n, r],
+                                  out["top_ids"][:n, r], out["top_lps"][:n, r], depth_kb[:n, r])

@@ -2,8 +2,8 @@
 `WINDOW_S` seconds, queue depth, slots in use, and the FFN work of the decode steps.
 
 FFN loops: in a decode step each layer reports the loops it executed per row (`kv_cache.decode_step`'s `loops`,
-float) over the rows the step computed (the slots up to the highest in use, rounded up to a bucket), free ones
-included (a free slot is an inactive row: one loop, never extended).
+float) over the rows the step computed (the bucket of slots holding those in use: `programs.SlotLayout`), free
+ones included (a free slot is an inactive row: one loop, never extended).
 `vffn_ffn_loops_executed_total` counts loop-rows summed over layers (`loops * rows`), and
 `vffn_ffn_token_depth_total` the in-use rows' own depth summed over layers. Per token and layer (divided by
 `vffn_ffn_token_layers_total`): `vffn_ffn_executed_loops_per_token` is the in-use rows' executed loops (the

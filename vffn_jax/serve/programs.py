@@ -12,8 +12,8 @@
   `generate.py`'s on-device `while_loop` pays it once per batch; the price is up to K - 1 wasted steps for a row
   that ends inside a call and up to K steps before a new request is admitted.
 
-Shapes are fixed by (rows, cache length, T, echo), so a server compiles one step program per row bucket
-(`row_buckets`: the data-parallel size times powers of two, up to the slots) and at most 2 x log2(context)
+Shapes are fixed by (rows, cache length, T, echo), so a server compiles one step program per bucket of slots
+(`SlotLayout`: the data-parallel size times powers of two, up to the slots) and at most 2 x log2(context)
 prefill programs, whatever its traffic. Log-probabilities of generated tokens are the model's own
 (temperature 1, unfiltered) over the tokenizer's vocabulary, as `generate.py --json` reports them; prompt
 (echo) log-probabilities are a float32 log-softmax over the model's whole vocabulary, as the project's lm-eval
@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vffn_jax.infer import sampling
 from vffn_jax.model import kv_cache
@@ -45,6 +46,11 @@ class ProgramSpec:
     valid_vocab: int  # the tokenizer's vocabulary: logits beyond it are never sampled
     eos_id: int  # a row that samples it stops (unless its request ignores EOS)
     steps_per_call: int = 8  # K: decode steps per device call (one host round trip per K tokens)
+    data_parallel: int = 1  # devices the slot axis is split over
+
+    @property
+    def layout(self) -> "SlotLayout":
+        return SlotLayout(self.slots, self.data_parallel)
 
 
 def _first_token(spec: ProgramSpec, logits_rv, samp):
@@ -111,27 +117,76 @@ def decode_slots(m: ModelConfig, spec: ProgramSpec, params, cache, st):
     return cache, st, outs
 
 
-def row_buckets(slots: int, multiple: int) -> tuple[int, ...]:
-    """The row counts a decode call may compute: `multiple` (the data-parallel size) times powers of two, below
-    `slots`, then `slots`."""
-    out, n = [], multiple
-    while n < slots:
-        out.append(n)
-        n *= 2
-    return tuple(out) + (slots,)
+@dataclasses.dataclass(frozen=True)
+class SlotLayout:
+    """Which slots a decode call computes. The cache's slot axis is split over the data-parallel devices in
+    blocks of `per` slots (slot s lives on device s // per, at place s % per). A call computes the first q places
+    of every device's block, q a power of two below `per` or `per` itself (`buckets`): a bucket of the slot axis
+    that stays evenly sharded, with no data moved between devices. The engine gives new requests the lowest free
+    place on any device, so few requests in flight keep q small."""
+
+    slots: int
+    data_parallel: int
+
+    @property
+    def per(self) -> int:
+        return self.slots // self.data_parallel
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        out, q = [], 1
+        while q < self.per:
+            out.append(q)
+            q *= 2
+        return tuple(out) + (self.per,)
+
+    def bucket_for(self, in_use) -> int:
+        """The smallest q whose places hold every slot in `in_use`."""
+        deepest = max(int(s) % self.per for s in in_use)
+        return next(q for q in self.buckets if q > deepest)
+
+    def members(self, q: int) -> np.ndarray:
+        """The slots bucket q computes, in the order of its rows."""
+        return (np.arange(self.data_parallel)[:, None] * self.per + np.arange(q)[None, :]).reshape(-1)
+
+    def row_of(self, q: int, slot):
+        """A slot's row in bucket q's arrays (the inverse of `members`)."""
+        return (slot // self.per) * q + slot % self.per
+
+    def fill_order(self, free) -> list[int]:
+        """Free slots in the order new requests take them: the lowest place first, across devices."""
+        return sorted(free, key=lambda s: (s % self.per, s // self.per))
 
 
-def decode_rows(m: ModelConfig, spec: ProgramSpec, rows: int, params, cache, st):
-    """`decode_slots` over the first `rows` slots only (`st` holds those rows): with few requests in flight, a
-    step computes the slots in use (the engine fills the lowest free slots first), not all of them. The other
-    slots' cache rows pass through untouched."""
-    if rows == spec.slots:
+def _bucket_view(x, axis: int, layout: SlotLayout, q: int):
+    """x's slot axis as [devices, per] cut to [devices, q] and flattened back (a slice within each device)."""
+    shape = x.shape
+    split = x.reshape(shape[:axis] + (layout.data_parallel, layout.per) + shape[axis + 1:])
+    part = jax.lax.slice_in_dim(split, 0, q, axis=axis + 1)
+    return part.reshape(shape[:axis] + (layout.data_parallel * q,) + shape[axis + 1:])
+
+
+def _bucket_write(x, part, axis: int, layout: SlotLayout, q: int):
+    """x with bucket q's slots replaced by `part` (the inverse of `_bucket_view`)."""
+    shape = x.shape
+    split = x.reshape(shape[:axis] + (layout.data_parallel, layout.per) + shape[axis + 1:])
+    part = part.reshape(shape[:axis] + (layout.data_parallel, q) + shape[axis + 1:])
+    return jax.lax.dynamic_update_slice_in_dim(split, part, 0, axis=axis + 1).reshape(shape)
+
+
+def decode_bucket(m: ModelConfig, spec: ProgramSpec, q: int, params, cache, st):
+    """`decode_slots` over bucket q of the slots only (`st` holds that bucket's rows, in `SlotLayout.members`
+    order): with few requests in flight, a step computes the slots in use, not all of them. The other slots'
+    cache rows pass through untouched."""
+    layout = spec.layout
+    if q == layout.per:
         return decode_slots(m, spec, params, cache, st)
-    part = {"k": cache["k"][:, :rows], "v": cache["v"][:, :rows], "seg": cache["seg"][:rows]}
+    part = {"k": _bucket_view(cache["k"], 1, layout, q), "v": _bucket_view(cache["v"], 1, layout, q),
+            "seg": _bucket_view(cache["seg"], 0, layout, q)}
     part, st, outs = decode_slots(m, spec, params, part, st)
-    cache = {"k": constrain(cache["k"].at[:, :rows].set(part["k"]), *kv_cache.CACHE_AXES),
-             "v": constrain(cache["v"].at[:, :rows].set(part["v"]), *kv_cache.CACHE_AXES),
-             "seg": cache["seg"].at[:rows].set(part["seg"])}
+    cache = {name: _bucket_write(cache[name], part[name], 0 if name == "seg" else 1, layout, q) for name in cache}
+    cache["k"] = constrain(cache["k"], *kv_cache.CACHE_AXES)
+    cache["v"] = constrain(cache["v"], *kv_cache.CACHE_AXES)
     return cache, st, outs
 
 
@@ -181,11 +236,11 @@ class Programs:
                                                     donate_argnums=(1,)))
         return self._prefill[key]
 
-    def step(self, params, cache, st, rows: int | None = None):
-        """K decode steps over the first `rows` slots (default all; `st` holds those rows): (cache, their state
-        after the steps, outputs [K, rows, ...])."""
-        rows = self.spec.slots if rows is None else rows
-        if rows not in self._step:
-            self._step[rows] = self._wrap(jax.jit(functools.partial(decode_rows, self.m, self.spec, rows),
-                                                  donate_argnums=(1,)))
-        return self._step[rows](params, cache, st)
+    def step(self, params, cache, st, q: int | None = None):
+        """K decode steps over bucket q of the slots (default all; `st` holds its rows, see `SlotLayout`):
+        (cache, their state after the steps, outputs [K, rows, ...])."""
+        q = self.spec.layout.per if q is None else q
+        if q not in self._step:
+            self._step[q] = self._wrap(jax.jit(functools.partial(decode_bucket, self.m, self.spec, q),
+                                               donate_argnums=(1,)))
+        return self._step[q](params, cache, st)

@@ -68,7 +68,7 @@ def test_greedy_equals_generate_whatever_is_in_flight(engine_name, served, reque
     # other traffic first: long sampled requests occupying slots while the greedy ones come and go
     noise_h, noise = submit_all(engine, [Request(tuple(enc[i % 2]), 30, temperature=1.0, seed=i) for i in range(5)])
     _, cols = submit_all(engine, [Request(tuple(ids), 12, temperature=0.0, logprobs=1) for ids in enc])
-    engine.warmup()  # runs every row bucket's program on idle rows while these decode: it must not touch them
+    engine.warmup()  # runs every bucket's program on idle rows while these decode: it must not touch them
     wait(cols + noise)
     for g, col in zip(gens, cols):
         assert ids_of(col) == g.ids, (g.ids, col.final)
@@ -138,10 +138,10 @@ def test_a_stop_string_inside_a_decode_call_ends_at_its_token(engine, served):
 
 
 def test_few_requests_compute_only_their_rows(bucketed_engine, served):
-    """With few requests in flight a decode step computes the smallest row bucket holding their slots (the lowest
+    """With few requests in flight a decode step computes the smallest bucket holding their slots (the lowest
     free slots are taken first), not every slot: the free slots' loops are charged for 8 rows, not 16."""
     engine = bucketed_engine
-    assert engine.row_buckets == (8, 16)
+    assert engine.layout.data_parallel * engine.layout.buckets[0] == 8 and engine.slots == 16
     before = engine.metrics.snapshot()
     _, cols = submit_all(engine, [Request((served.eos_id, 65), 6, temperature=0.0)] * 3)
     wait(cols)
