@@ -20,7 +20,6 @@ the HTTP loop keeps answering.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import itertools
 import logging
 import threading
@@ -32,7 +31,7 @@ import numpy as np
 
 from vffn_jax.infer import decode as decode_lib
 from vffn_jax.serve import programs as programs_lib
-from vffn_jax.serve import textout
+from vffn_jax.serve.generation import Generation
 from vffn_jax.serve.metrics import Metrics
 from vffn_jax.serve.request import Event, Handle, Request
 from vffn_jax.serve.served import Served
@@ -43,16 +42,6 @@ SEED_MOD = 2 ** 31  # seeds are int32 on the device
 
 class EngineClosed(RuntimeError):
     """The engine no longer admits requests (draining or stopped)."""
-
-
-@dataclasses.dataclass
-class _Live:
-    """A request being generated (engine thread only)."""
-
-    handle: Handle
-    text: textout.TextState
-    generated: int = 0
-    depth_sum: float = 0.0
 
 
 def needs_slot(r: Request, context: int) -> bool:
@@ -76,7 +65,7 @@ class Engine:
         self.metrics = Metrics(slots, clock)
         self.n_layers = served.m.n_layers
         self._cache = self.programs.empty_cache(served.params)
-        self._live: list[_Live | None] = [None] * slots
+        self._live: list[Generation | None] = [None] * slots
         z = lambda dt: np.zeros((slots,), dt)  # noqa: E731
         self._st = {"tok": z(np.int32), "pos": np.full((slots,), served.context, np.int32), "seg": z(np.int32),
                     "active": z(bool), "temperature": z(np.float32), "top_k": z(np.int32),
@@ -216,14 +205,10 @@ class Engine:
         self._st["active"][slot] = False
         self._st["pos"][slot] = self.served.context  # out of range: an idle row writes nothing to the cache
 
-    def _finish(self, slot: int | None, live: _Live, reason: str, error: str | None = None) -> None:
+    def _finish(self, slot: int | None, live: Generation, reason: str, error: str | None = None) -> None:
         if slot is not None:
             self._free(slot)
-        t = live.text
-        self._emit(live.handle, Event(
-            t.delta(final=True), finish_reason=reason, prompt_tokens=len(live.handle.request.prompt_ids),
-            completion_tokens=live.generated, kept_tokens=t.kept_tokens(), ids=list(t.ids),
-            mean_depth=live.depth_sum / max(live.generated, 1) / self.n_layers, error=error))
+        self._emit(live.handle, live.final(reason, error))
 
     def _cancel_all(self, reason: str, error: str | None = None) -> None:
         with self._cv:
@@ -300,8 +285,9 @@ class Engine:
             r = h.request
             n = len(r.prompt_ids)
             self.metrics.tokens(0, prompt=n)
-            live = _Live(h, textout.TextState(self.served.tokenizer.decode, r.stop))
-            echoed = self._echo_tokens(r, out, i) if echo else []
+            live = Generation(h, self.served.tokenizer.decode, self.served.eos_id, self.served.context, self.n_layers)
+            echoed = live.echo_tokens(out["prompt_logprob"][i], out["prompt_top_ids"][i],
+                                      out["prompt_top_lps"][i]) if echo else []
             echo_text = self.served.tokenizer.decode(list(r.prompt_ids)) if echo else ""
             if r.max_tokens == 0:
                 self._emit(h, Event(echo_text, echoed))
@@ -316,60 +302,17 @@ class Engine:
                 st["seed"][slot], st["t"][slot] = r.seed % SEED_MOD, 1  # the next token's index
                 st["budget"][slot], st["stop_eos"][slot] = r.max_tokens, r.stop_at_eos
                 st["tok"][slot] = out["tok"][i]
-            self._take_tokens(slot, live, out["tok"][i:i + 1], out["logprob"][i:i + 1], out["top_ids"][i:i + 1],
-                              out["top_lps"][i:i + 1], out["depth"][i:i + 1].sum(axis=-1), echo_text, echoed)
+            self._hand_out(slot, live, out["tok"][i:i + 1], out["logprob"][i:i + 1], out["top_ids"][i:i + 1],
+                           out["top_lps"][i:i + 1], out["depth"][i:i + 1].sum(axis=-1), prefix_text=echo_text,
+                           prefix_tokens=echoed)
 
-    def _echo_tokens(self, r: Request, out: dict, i: int) -> list:
-        dec, n_top = self.served.tokenizer.decode, r.logprobs or 0
-        toks = []
-        for j, tid in enumerate(r.prompt_ids):
-            first = j == 0
-            top = None if first or r.logprobs is None else textout.top_dict(
-                dec, out["prompt_top_ids"][i, j], out["prompt_top_lps"][i, j], n_top)
-            toks.append(textout.TokenInfo(int(tid), dec([int(tid)]), None if first else float(out["prompt_logprob"][i, j]),
-                                          top))
-        return toks
-
-    def _take_tokens(self, slot: int | None, live: _Live, toks, lps, top_ids, top_lps, depth_n,
-                     prefix_text: str = "", prefix_tokens: list | None = None) -> None:
-        """Hands one request the tokens a device call sampled for it (`toks [n]`, in order, with their
-        log-probabilities, top log-probabilities `[n, TOP_N]` and depths summed over layers `[n]`) as one event.
-        The device stops a row at EOS, its budget or the context's end, so only the last token can end the
-        request there; a stop string can end it earlier, and the tokens after that one are dropped."""
-        r, ctx, eos = live.handle.request, self.served.context, self.served.eos_id
-        toks = [int(t) for t in toks]
-        if r.stop:  # a stop string can fall inside the call: text token by token, stop where it ends
-            n = 0
-            for n, tok in enumerate(toks, 1):
-                if r.stop_at_eos and tok == eos:
-                    break
-                live.text.add(tok)
-                if live.text.stopped:
-                    break
-            toks = toks[:n]
-        else:
-            live.text.extend(toks[:-1] if r.stop_at_eos and toks[-1] == eos else toks)
-        n = len(toks)
-        live.generated += n
-        live.depth_sum += float(np.sum(depth_n[:n]))
+    def _hand_out(self, slot: int | None, live: Generation, *sampled, **prefix) -> None:
+        """Gives a request the tokens a call sampled for it (`Generation.take`); ends it where they end it."""
+        ev, reason, n = live.take(*sampled, has_slot=slot is not None, **prefix)
         self.metrics.tokens(n)
-        tokens = list(prefix_tokens or [])
-        ended_eos = r.stop_at_eos and toks[-1] == eos
-        if r.logprobs is not None:  # token records only where the answer reports them
-            dec = self.served.tokenizer.decode
-            for j, tok in enumerate(toks[:n - 1] if ended_eos else toks):
-                tokens.append(textout.TokenInfo(tok, dec([tok]), float(lps[j]),
-                                                textout.top_dict(dec, top_ids[j], top_lps[j], r.logprobs)))
-        reason = None
-        if ended_eos or live.text.stopped:
-            reason = "stop"
-        elif live.generated >= r.max_tokens or len(r.prompt_ids) + live.generated - 1 >= ctx or slot is None:
-            reason = "length"  # (a slot-less request ends at its first token)
-        if reason is None:
-            self._emit(live.handle, Event(prefix_text + live.text.delta(final=False), tokens, n))
-        else:
-            if prefix_text or tokens:
-                self._emit(live.handle, Event(prefix_text, tokens, n))
+        if ev is not None:
+            self._emit(live.handle, ev)
+        if reason is not None:
             self._finish(slot, live, reason)
 
     def _compile_decode_buckets(self) -> None:
@@ -406,5 +349,5 @@ class Engine:
         for slot, r in zip(in_use.tolist(), at.tolist()):
             n = int(taken_b[r])
             if n:
-                self._take_tokens(slot, self._live[slot], out["tok"][:n, r], out["logprob"][:n, r],
-                                  out["top_ids"][:n, r], out["top_lps"][:n, r], depth_kb[:n, r])
+                self._hand_out(slot, self._live[slot], out["tok"][:n, r], out["logprob"][:n, r],
+                               out["top_ids"][:n, r], out["top_lps"][:n, r], depth_kb[:n, r])
