@@ -302,13 +302,14 @@ class Engine:
                 st["seed"][slot], st["t"][slot] = r.seed % SEED_MOD, 1  # the next token's index
                 st["budget"][slot], st["stop_eos"][slot] = r.max_tokens, r.stop_at_eos
                 st["tok"][slot] = out["tok"][i]
-            self._hand_out(slot, live, out["tok"][i:i + 1], out["logprob"][i:i + 1], out["top_ids"][i:i + 1],
-                           out["top_lps"][i:i + 1], out["depth"][i:i + 1].sum(axis=-1), prefix_text=echo_text,
-                           prefix_tokens=echoed)
+            self._deliver(slot, live, live.take(
+                out["tok"][i:i + 1], out["logprob"][i:i + 1], out["top_ids"][i:i + 1], out["top_lps"][i:i + 1],
+                out["depth"][i:i + 1].sum(axis=-1), has_slot=slot is not None, prefix_text=echo_text,
+                prefix_tokens=echoed))
 
-    def _hand_out(self, slot: int | None, live: Generation, *sampled, **prefix) -> None:
-        """Gives a request the tokens a call sampled for it (`Generation.take`); ends it where they end it."""
-        ev, reason, n = live.take(*sampled, has_slot=slot is not None, **prefix)
+    def _deliver(self, slot: int | None, live: Generation, taken: tuple[Event | None, str | None, int]) -> None:
+        """Sends what `Generation.take` made of a call's tokens for one request, and ends it where they end it."""
+        ev, reason, n = taken
         self.metrics.tokens(n)
         if ev is not None:
             self._emit(live.handle, ev)
@@ -349,5 +350,6 @@ class Engine:
         for slot, r in zip(in_use.tolist(), at.tolist()):
             n = int(taken_b[r])
             if n:
-                self._hand_out(slot, self._live[slot], out["tok"][:n, r], out["logprob"][:n, r],
-                               out["top_ids"][:n, r], out["top_lps"][:n, r], depth_kb[:n, r])
+                live = self._live[slot]
+                self._deliver(slot, live, live.take(out["tok"][:n, r], out["logprob"][:n, r], out["top_ids"][:n, r],
+                                                    out["top_lps"][:n, r], depth_kb[:n, r]))
